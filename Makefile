@@ -1,0 +1,103 @@
+# rlhf-overlay — every target is thin: it calls setup.sh, training_scripts/*.sh or `python -m rlhf_overlay...`.
+# `make` (or `make help`) lists the targets; the line after `##` above a target is its help text.
+# Variables use ?= so the environment and the command line override them, e.g. `make rm-llama2 MODEL=/path`.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV       ?= .venv
+PYTHON     ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+UPSTREAM_MIRROR ?=
+# 1 = move user edits inside upstream/ to a backup folder instead of refusing
+FORCE      ?= 0
+# policy / reward base model folder or hub id (empty = embedded tiny model)
+MODEL      ?=
+# DeepSpeed-Chat step 3 actor (empty = embedded tiny LLaMA)
+ACTOR      ?=
+# DeepSpeed-Chat step 3 critic = a step-2 reward model (empty = train/use the tiny one)
+CRITIC     ?=
+# trlx PPO reward checkpoint
+RM         ?=
+# ppo-smoke-test reward: rule (learnable rule) or model (untrained value-head RM)
+REWARD     ?= rule
+# preference / prompt data file or folder (empty = embedded synthetic data)
+DATA       ?=
+# run folder (empty = a new folder under runs/)
+OUTPUT     ?=
+# 1 = allow writing into a non-empty OUTPUT
+OVERWRITE  ?= 0
+# DeepSpeed ZeRO stage (empty = 0 on CPU, the upstream recipe's on GPU)
+ZERO_STAGE ?=
+# LoRA rank (empty = the recipe's default)
+LORA_DIM   ?=
+# ranks per node (CPU: processes)
+NUM_GPUS   ?=
+# DeepSpeed-format hostfile (`host slots=N`) for multi-node
+HOSTFILE   ?=
+# run folder(s) for `make report`
+RUN        ?=
+PYTEST_ARGS ?=
+
+export UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE
+
+.PHONY: help
+help: ## List the targets with one line each
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# ---------------------------------------------------------------- foundation
+.PHONY: setup upstream verify lock assets test
+setup: ## Create .venv with pinned deps, clone upstreams at the pin, apply overlays (UPSTREAM_MIRROR=dir, FORCE=1)
+	bash setup.sh
+
+upstream: ## Only the git + overlay part of setup (no pip): clone/verify pins and apply overlays
+	bash setup.sh --upstream-only
+
+verify: ## Check each upstream work tree is exactly pin + overlays and report drifted overlays/patches
+	$(PYTHON) -m rlhf_overlay.setup_engine verify
+
+lock: ## Recompute the digests and upstream bases of every overlay file and patch into upstream.lock
+	$(PYTHON) -m rlhf_overlay.setup_engine lock
+
+assets: ## Build the embedded tiny models, tokenizers and synthetic data into assets/ (deterministic, offline)
+	$(PYTHON) -m rlhf_overlay.tiny_assets
+
+test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
+	bash setup.sh --for-tests
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------- training targets
+# Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
+TRAINING_TARGETS := rm-llama2 ppo-llama2 rm-bloom rm-gptj ppo-bloom ppo-gptj ppo-smoke-test dpo-llama2 eval-rm chat
+.PHONY: $(TRAINING_TARGETS)
+rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model (MODEL, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
+	@bash training_scripts/run.sh rm_llama2
+ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (ACTOR, CRITIC, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
+	@bash training_scripts/run.sh ppo_llama2
+rm-bloom: ## trlx recipe: BLOOM value-head reward model (MODEL, DATA, OUTPUT)
+	@bash training_scripts/run.sh rm_bloom
+rm-gptj: ## trlx recipe: GPT-J value-head reward model (MODEL, DATA, OUTPUT)
+	@bash training_scripts/run.sh rm_gptj
+ppo-bloom: ## trlx PPO on BLOOM with a trained reward model (MODEL, RM, DATA, OUTPUT)
+	@bash training_scripts/run.sh ppo_bloom
+ppo-gptj: ## trlx PPO on GPT-J with a trained reward model (MODEL, RM, DATA, OUTPUT)
+	@bash training_scripts/run.sh ppo_gptj
+ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the embedded tiny BLOOM; prints `mean reward: a -> b` (MODEL, REWARD, OUTPUT)
+	@bash training_scripts/run.sh ppo_smoke_test
+dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2 (MODEL, DATA, OUTPUT, LORA_DIM)
+	@bash training_scripts/run.sh dpo_llama2
+eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram (RM, DATA)
+	@bash training_scripts/run.sh eval_rm
+chat: ## Chat with a trained actor; PROMPT="..." answers once and exits (MODEL)
+	@bash training_scripts/run.sh chat
+
+# ---------------------------------------------------------------- reports
+.PHONY: report
+report: ## Curves (report.png) and summary.md for one or more run folders (RUN="runs/a runs/b")
+	$(PYTHON) -m rlhf_overlay.report $(RUN)
+
+# ---------------------------------------------------------------- converters (toolkits/)
+# >>> converters
+.PHONY: convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg
+convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg: ## Megatron <-> HF checkpoint conversion (not yet implemented)
+	@echo "$@: not yet implemented" >&2; exit 1
+# <<< converters

@@ -1,0 +1,136 @@
+"""Run folders: one per training run, holding the model, logs, the exact command and the resolved config.
+
+Every training entry point does the same four things, so they live here once:
+    run_dir = prepare_run_dir("rm-llama2", output=args.output, overwrite=args.overwrite)
+    record_invocation(run_dir, sys.argv, config_dict)
+    env = runtime_env()                       # caches, thread counts, CPU accelerator
+    rc = run_logged(cmd, run_dir, env=env)    # terminal + run_dir/training.log
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rlhf_overlay.paths import RUNS_DIR, cache_dir
+
+
+class RunDirError(RuntimeError):
+    """A run folder that cannot be used as asked (e.g. it holds a previous run)."""
+
+
+def prepare_run_dir(kind: str, output: str | os.PathLike | None = None, overwrite: bool = False,
+                    runs_root: Path | None = None) -> Path:
+    """Return a folder for this run, creating it.
+
+    With no `output`, a new `runs/<kind>-<YYYYmmdd-HHMMSS>` folder (suffixed -2, -3... if taken).
+    An existing non-empty `output` is refused unless `overwrite` is set, so a previous model is never
+    silently replaced.
+    """
+    if output:
+        run_dir = Path(output).expanduser().resolve()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"OUTPUT={run_dir} exists and is a file, not a folder; pass another OUTPUT")
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+            raise RunDirError(
+                f"OUTPUT={run_dir} is not empty (it holds an earlier run). Choose a new OUTPUT, leave OUTPUT "
+                f"unset for a fresh folder under runs/, or pass OVERWRITE=1 (--overwrite) to write into it.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    root = Path(runs_root) if runs_root else RUNS_DIR
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{kind}-{stamp}"
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def record_invocation(run_dir: Path, argv: Sequence[str], config: Mapping, cwd: str | None = None) -> None:
+    """Write `command.txt` (paste-able, with the working folder) and `config.json` (the resolved settings)."""
+    run_dir = Path(run_dir)
+    command = "cd " + shlex.quote(cwd or os.getcwd()) + " && " + shlex.join([str(a) for a in argv])
+    _atomic_write_text(run_dir / "command.txt", command + "\n")
+    _atomic_write_text(run_dir / "config.json", json.dumps(dict(config), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken: treat as CPU, the caller fails later with a real error
+        return False
+
+
+def runtime_env(base: Mapping[str, str] | None = None, offline: bool = True, cpu: bool | None = None) -> dict:
+    """Environment for training subprocesses.
+
+    - caches stay in the user cache folder, not scattered (TORCH_EXTENSIONS_DIR holds DeepSpeed's
+      JIT-built CPU Adam, ~80 s to build once);
+    - offline (HF_HUB_OFFLINE=1) for the embedded tiny runs, so nothing tries the hub;
+    - on CPU: DS_ACCELERATOR=cpu, and OMP_NUM_THREADS=1 unless the user set it — on 2-core machines one
+      thread per rank made tiny-model steps ~100x faster than the default oversubscription.
+    """
+    env = dict(os.environ if base is None else base)
+    cache = cache_dir()
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
+    env.setdefault("HF_HOME", str(cache / "hf"))
+    if offline:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cpu is None:
+        cpu = not has_cuda()
+    if cpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # Our package must be importable in upstream scripts launched from their own folders.
+    from rlhf_overlay import PROJECT_ROOT
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(PROJECT_ROOT), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None,
+               cwd: str | os.PathLike | None = None, log_name: str = "training.log") -> int:
+    """Run `cmd`, streaming its output to the terminal and appending it to `run_dir/log_name`.
+
+    Output is passed through line by line (progress bars that use \\r pass through as they come), so a
+    long run shows progress live and the log holds the same text. Returns the exit code.
+    """
+    log_path = Path(run_dir) / log_name
+    with open(log_path, "ab") as log:
+        header = f"$ (cd {cwd or os.getcwd()} && {shlex.join([str(c) for c in cmd])})\n".encode()
+        log.write(header)
+        log.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=dict(env) if env else None,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+        assert proc.stdout is not None
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                if not chunk:
+                    break
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                log.write(chunk)
+                log.flush()
+        except KeyboardInterrupt:
+            proc.terminate()
+            raise
+        return proc.wait()
