@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+Markers (registered in pyproject.toml, --strict-markers):
+  upstream — needs the real upstream work trees made by `make setup`; such tests are skipped, with the reason,
+             when the work tree is absent (no mirror and no setup cache on this machine).
+  slow     — trains or converts for more than a few seconds (CPU only; still part of `make test`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rlhf_overlay import PROJECT_ROOT
+
+# Tests never touch the network or the hub, and tiny models run fastest with one thread per process.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _upstream_problem(name: str, probe: str) -> str | None:
+    """Why the upstream work tree `name` cannot be used, or None when it is ready."""
+    from rlhf_overlay.paths import upstream_dir
+    tree = upstream_dir(name)
+    if not (tree / ".git").exists():
+        return (f"upstream {name} is not set up at {tree}: no upstream mirror or setup cache was available "
+                f"(run `UPSTREAM_MIRROR=<dir with {name}.git> make setup` to enable these tests)")
+    if not (tree / probe).exists():
+        return f"upstream {name} at {tree} lacks {probe}; re-run `make upstream`"
+    status_file = PROJECT_ROOT / "upstream" / f".{name}.status"
+    if status_file.exists() and status_file.read_text().strip() != "ok":
+        return f"upstream {name}: last setup reported: {status_file.read_text().strip()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def dschat_dir() -> Path:
+    """DeepSpeed-Chat folder of the set-up DeepSpeedExamples work tree (skips, with the reason, if absent)."""
+    problem = _upstream_problem("DeepSpeedExamples", "applications/DeepSpeed-Chat/dschat")
+    if problem:
+        pytest.skip(problem)
+    from rlhf_overlay.paths import dschat_dir as _d
+    return _d()
+
+
+@pytest.fixture(scope="session")
+def trlx_dir() -> Path:
+    """The set-up trlx work tree (skips, with the reason, if absent)."""
+    problem = _upstream_problem("trlx", "trlx/__init__.py")
+    if problem:
+        pytest.skip(problem)
+    from rlhf_overlay.paths import trlx_dir as _d
+    return _d()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets() -> Path:
+    """The embedded tiny models/tokenizers/data (built once, deterministically, offline)."""
+    from rlhf_overlay.tiny_assets import ensure_tiny_assets
+    return ensure_tiny_assets()
