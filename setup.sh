@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# setup.sh — one environment for DeepSpeed-Chat and trlx at their pinned commits, with our overlays.
+#
+#   bash setup.sh                   # venv + pinned deps + upstream checkouts + overlays + editable installs
+#   bash setup.sh --upstream-only   # only git + overlays (no pip): for clusters with a prepared environment
+#   bash setup.sh --for-tests       # like setup, but an upstream with no reachable source is skipped (its
+#                                   # tests then report why) instead of failing
+#   UPSTREAM_MIRROR=/srv/mirrors bash setup.sh   # air-gapped: DeepSpeedExamples(.git) and trlx(.git) there
+#   FORCE=1 bash setup.sh           # move edits found inside upstream/ to upstream/.backup/ instead of refusing
+#
+# Environment knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3),
+# TORCH_SPEC (default torch==2.13.0; e.g. a CUDA build on GPU nodes), PIP_EXTRA_ARGS.
+# Everything is idempotent: stamps in the venv skip pip when nothing changed, and the overlay engine does
+# nothing when the work trees already are pin + overlays.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$root"
+
+mode=full
+for arg in "$@"; do
+    case "$arg" in
+        --upstream-only) mode=upstream ;;
+        --for-tests) mode=tests ;;
+        --force) export FORCE=1 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # the CPU build lies on local disk here; GPU nodes may pass a CUDA build
+py="$VENV/bin/python"
+say() { printf '[setup] %s\n' "$*"; }
+
+ensure_venv() {
+    if [[ ! -x "$py" ]]; then
+        if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            echo "setup.sh: $PYTHON is missing or older than 3.10; install Python 3.10+ or pass PYTHON=/path/to/python3.11" >&2
+            exit 2
+        fi
+        say "creating $VENV with $("$PYTHON" --version 2>&1)"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp_file="$VENV/.rlhf-overlay-deps" want
+    want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-64) $TORCH_SPEC"
+    if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$want" ]]; then
+        return 0
+    fi
+    say "installing pinned dependencies into $VENV (first time: a few minutes)"
+    # torch first and on its own, so nothing later resolves `torch` to a multi-GB CUDA build.
+    "$py" -m pip install ${PIP_EXTRA_ARGS:-} "$TORCH_SPEC"
+    "$py" -m pip install ${PIP_EXTRA_ARGS:-} wheel setuptools
+    # DS_BUILD_OPS=0: DeepSpeed JIT-builds the ops it needs at first use (cached in TORCH_EXTENSIONS_DIR);
+    # --no-build-isolation: deepspeed's setup.py imports the torch installed above.
+    DS_BUILD_OPS=0 "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-build-isolation -r requirements.txt
+    "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --no-build-isolation -e .
+    echo "$want" > "$stamp_file"
+}
+
+install_upstreams() {
+    # `pip install -e` each folder the lock lists under `install`, once per pinned commit.
+    # --no-deps: requirements.txt already pins everything both need (trlx's declared ray/wandb/tritonclient are
+    # made optional by our patches). compat mode: DeepSpeed-Chat's `dschat` has no __init__.py, and the
+    # default (strict, import-hook) editable mode does not expose such namespace packages.
+    "$py" - <<'EOF' | while read -r name commit path; do
+from rlhf_overlay.lock import load_lock
+from rlhf_overlay.paths import LOCK_FILE, UPSTREAM_DIR
+for name, spec in load_lock(LOCK_FILE).upstreams.items():
+    status = UPSTREAM_DIR / f".{name}.status"
+    if status.exists() and status.read_text().strip() == "ok":
+        for p in spec.install:
+            print(name, spec.commit, p)
+EOF
+        local stamp="$VENV/.rlhf-overlay-editable-${name}-${path//\//_}"
+        [[ -f "$stamp" && "$(cat "$stamp")" == "$commit" ]] && continue
+        say "pip install -e upstream/$name/$path"
+        "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --no-build-isolation --use-pep517 \
+            --config-settings editable_mode=compat -e "upstream/$name/$path" >/dev/null
+        echo "$commit" > "$stamp"
+    done
+}
+
+prebuild_deepspeed_cpu_ops() {
+    # On CPU, DeepSpeed JIT-compiles its CPU Adam at the first training step (~80 s). Do it once here, into the
+    # user cache, so training runs and tests start straight away.
+    local ext
+    ext="${TORCH_EXTENSIONS_DIR:-${RLHF_OVERLAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rlhf-overlay}/torch_extensions}"
+    if compgen -G "$ext/cpu_adam/cpu_adam*.so" >/dev/null; then
+        return 0
+    fi
+    if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        return 0
+    fi
+    say "building DeepSpeed's CPU Adam once into $ext (~1-2 min)"
+    TORCH_EXTENSIONS_DIR="$ext" DS_ACCELERATOR=cpu "$py" -c \
+        'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' >/dev/null 2>&1 \
+        || say "warning: could not pre-build CPU Adam; DeepSpeed will try again at the first training step"
+}
+
+sync_args=()
+[[ "$mode" == tests ]] && sync_args+=(--best-effort)
+
+if [[ "$mode" == upstream ]]; then
+    # No pip here: use the venv if it exists (gitpython), else the system python with gitpython installed.
+    runner="$py"; [[ -x "$runner" ]] || runner="$PYTHON"
+    exec "$runner" -m rlhf_overlay.setup_engine sync "${sync_args[@]}"
+fi
+
+ensure_venv
+"$py" -m rlhf_overlay.setup_engine sync "${sync_args[@]}"
+install_upstreams
+prebuild_deepspeed_cpu_ops
+[[ "$mode" == full ]] && say "ready. Next: make ppo-smoke-test (or make help)"
+exit 0
