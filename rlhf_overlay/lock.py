@@ -73,11 +73,12 @@ class UpstreamSpec:
 
     def sparse_patterns(self) -> list[str]:
         """Non-cone sparse-checkout patterns: `/path/` includes, `!/path/` excludes."""
+        # An include without a trailing slash matches a file or a whole folder; an exclude is written both
+        # ways, since a folder-only pattern (`/x/`) would not match a file and vice versa.
         out = []
         for p in self.sparse:
-            neg = p.startswith("!")
-            path = p[1:] if neg else p
-            out.append(("!" if neg else "") + "/" + path.strip("/") + "/")
+            path = "/" + p.lstrip("!").strip("/")
+            out += [f"!{path}", f"!{path}/"] if p.startswith("!") else [path]
         return out
 
     def tree_paths(self) -> list[str]:

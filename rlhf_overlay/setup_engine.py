@@ -263,7 +263,7 @@ def expected_tree(spec: UpstreamSpec, ov: OverlaySet, repo: Path) -> str:
 
 def inputs_digest(spec: UpstreamSpec, ov: OverlaySet) -> str:
     h = hashlib.sha256()
-    h.update(f"{spec.commit}\n{spec.sparse}\n".encode())
+    h.update(f"{spec.commit}\n{spec.sparse_patterns()}\n".encode())
     for rel, f in sorted(ov.files.items()):
         h.update(f"F {rel} {os.access(f, os.X_OK)} {sha256_file(f)}\n".encode())
     for pname, pfile in ov.patches:
