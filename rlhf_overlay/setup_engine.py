@@ -394,14 +394,17 @@ def sync_upstream(spec: UpstreamSpec, lock_path: Path, force: bool = False, log=
         _git("update-ref", "--no-deref", "HEAD", spec.commit, cwd=tree)
         if spec.sparse:
             _git("sparse-checkout", "set", "--no-cone", *spec.sparse_patterns(), cwd=tree)
-    elif old_tree != new_tree:
-        _git("read-tree", "-m", "-u", old_tree, new_tree, cwd=tree)
+    else:
+        if old_tree != new_tree:
+            _git("read-tree", "-m", "-u", old_tree, new_tree, cwd=tree)
+        if spec.sparse and state.get("sparse") != spec.sparse_patterns():
+            _git("sparse-checkout", "set", "--no-cone", *spec.sparse_patterns(), cwd=tree)
     changed = _git("diff", "--name-only", old_tree, new_tree, cwd=tree).splitlines() if old_tree != new_tree else []
     missing = [rel for rel in ov.files if not (tree / rel).is_file()]
     if missing:
         raise SetupError(f"[{spec.name}] overlay paths outside the sparse checkout ({', '.join(spec.sparse)}): "
                          f"{', '.join(missing)}; widen `sparse` in {lock_path} or move the overlays")
-    _write_state(tree, {"commit": spec.commit, "inputs": digest, "tree": new_tree})
+    _write_state(tree, {"commit": spec.commit, "inputs": digest, "tree": new_tree, "sparse": spec.sparse_patterns()})
     return SyncResult(spec.name, changed, new_tree, created=created)
 
 
