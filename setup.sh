@@ -50,7 +50,8 @@ ensure_venv() {
     fi
     say "installing pinned dependencies into $VENV (first time: a few minutes)"
     # torch first and on its own, so nothing later resolves `torch` to a multi-GB CUDA build.
-    "$py" -m pip install ${PIP_EXTRA_ARGS:-} "$TORCH_SPEC"
+    # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options, e.g. --index-url
+    "$py" -m pip install ${PIP_EXTRA_ARGS:-} $TORCH_SPEC
     "$py" -m pip install ${PIP_EXTRA_ARGS:-} wheel setuptools
     # DS_BUILD_OPS=0: DeepSpeed JIT-builds the ops it needs at first use (cached in TORCH_EXTENSIONS_DIR);
     # --no-build-isolation: deepspeed's setup.py imports the torch installed above.
