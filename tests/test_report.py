@@ -1,0 +1,95 @@
+"""Reports from tensorboard event files: a PNG with a panel per metric and a summary with the right numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from rlhf_overlay import report
+
+
+def _fake_run(folder, reward_slope=1.0, subdir="tb"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "command.txt").write_text("cd /w && make ppo-smoke-test\n")
+    (folder / "config.json").write_text(json.dumps({"model": "tiny-bloom", "steps": 5}))
+    w = SummaryWriter(str(folder / subdir))
+    for step in range(5):
+        w.add_scalar("ppo/reward_mean", 0.1 + reward_slope * 0.1 * step, step)
+        w.add_scalar("ppo/kl", 0.01 * step, step)
+        w.add_scalar("rm/loss", 1.0 - 0.1 * step, step)
+        w.add_scalar("trlx/own_metric", 3.0, step)
+    w.close()
+    return folder
+
+
+def test_report_png_and_summary(tmp_path):
+    run = _fake_run(tmp_path / "run-a")
+    png, md = report.write_report([run])
+    assert png == run / "report.png" and md == run / "summary.md"
+    img = np.asarray(Image.open(png).convert("L"), dtype=float)
+    # 4 metrics -> 2 rows x 3 columns at 5x3.2 inches, 80 dpi.
+    assert img.shape == (512, 1200)
+    assert img.std() > 10, "the image must not be blank"
+    text = md.read_text()
+    assert "| ppo/reward_mean | 5 | 0.1 | 0.5 | 0.5 | 4 |" in text
+    assert "| rm/loss | 5 | 1 | 0.6 | 0.6 | 4 |" in text       # lower is better for a loss
+    assert "| ppo/kl | 5 | 0 | 0.04 | 0 | 0 |" in text
+    assert "make ppo-smoke-test" in text and "| model | `tiny-bloom` |" in text
+    # common metrics come first, the framework's own after
+    tags, left = report.choose_panels([report.read_scalars(run)])
+    assert tags == ["rm/loss", "ppo/reward_mean", "ppo/kl", "trlx/own_metric"] and left == []
+
+
+def test_two_runs_overlay_and_panel_cap(tmp_path):
+    a, b = _fake_run(tmp_path / "a"), _fake_run(tmp_path / "b", reward_slope=2.0)
+    png, md = report.write_report([a, b], out_dir=tmp_path / "cmp", max_panels=2)
+    assert png.exists()
+    text = md.read_text()
+    assert "## a" in text and "## b" in text and "| ppo/reward_mean | 5 | 0.1 | 0.9 |" in text
+    assert "Not drawn (over the panel cap; pass --max-panels): ppo/kl, trlx/own_metric" in text
+
+
+def test_same_tag_in_two_folders_keeps_both(tmp_path):
+    run = tmp_path / "run"
+    for sub in ("actor", "critic"):
+        w = SummaryWriter(str(run / sub))
+        w.add_scalar("loss", 1.0 if sub == "actor" else 2.0, 0)
+        w.close()
+    scalars = report.read_scalars(run)
+    assert set(scalars.series) == {"actor:loss", "critic:loss"}
+
+
+def test_clear_errors(tmp_path, capsys):
+    with pytest.raises(report.ReportError, match="does not exist"):
+        report.write_report([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="no tensorboard event files"):
+        report.write_report([tmp_path / "empty"])
+    w = SummaryWriter(str(tmp_path / "started"))
+    w.flush()
+    w.close()
+    with pytest.raises(report.ReportError, match="no scalars yet"):
+        report.write_report([tmp_path / "started"])
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "report: " in capsys.readouterr().err
+    assert report.main([]) == 2
+
+
+def test_run_in_progress_can_be_reported(tmp_path):
+    w = SummaryWriter(str(tmp_path / "live"))
+    w.add_scalar("ppo/reward_mean", 0.2, 0)
+    w.flush()  # writer still open, as during training
+    png, md = report.write_report([tmp_path / "live"])
+    assert "| ppo/reward_mean | 1 | 0.2 | 0.2 |" in md.read_text()
+    w.close()
+
+
+def test_help_is_instant():
+    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.report", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--max-panels" in out
