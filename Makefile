@@ -34,11 +34,13 @@ LORA_DIM   ?=
 NUM_GPUS   ?=
 # DeepSpeed-format hostfile (`host slots=N`) for multi-node
 HOSTFILE   ?=
+# chat: answer this prompt once and exit (empty = interactive)
+PROMPT     ?=
 # run folder(s) for `make report`
 RUN        ?=
 PYTEST_ARGS ?=
 
-export UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE
+export PROMPT UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE
 
 .PHONY: help
 help: ## List the targets with one line each
