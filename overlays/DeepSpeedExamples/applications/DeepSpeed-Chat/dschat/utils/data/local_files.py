@@ -1,0 +1,170 @@
+# rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Lets `--data_path` name the user's own JSON/JSONL
+# files or folder instead of only <DeepSpeed-Chat>/data/{train,eval}.json (`local/jsonfile`), and validates
+# every row through rlhf_overlay.preference_data so a bad row is reported as `file:line: what is wrong`.
+# Used by dschat/utils/data/data_utils.py (patch 0004-local-preference-files.patch).
+"""Local JSON/JSONL data for DeepSpeed-Chat.
+
+`--data_path` may be
+  - a folder holding train.jsonl/train.json and eval.jsonl/eval.json (eval optional: then the train file is
+    used for both, as DeepSpeed-Chat's split still applies per phase),
+  - one .json/.jsonl file (used for train and eval),
+  - `local/jsonfile` (upstream's fixed <DeepSpeed-Chat>/data/{train,eval}.json, kept for compatibility).
+Rows: {"prompt", "chosen", "rejected"} (phases 1-3), or {"prompt"} plus optional other keys for a prompt-only
+file (phase 3 PPO prompts). JSON files hold a list of rows; JSONL one row per line.
+"""
+import hashlib
+import os
+
+from datasets import Dataset
+
+from dschat.utils.data.raw_datasets import PromptRawDataset
+
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+class LocalDataError(ValueError):
+    """A local data path that cannot be used; the message names the file (and line) and what to fix."""
+
+
+def _find_split_file(folder, split):
+    for suffix in DATA_SUFFIXES:
+        candidate = os.path.join(folder, split + suffix)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def is_local_data_path(dataset_name):
+    """True when `dataset_name` is a local JSON/JSONL file or a folder with train.json(l)."""
+    if os.path.isfile(dataset_name):
+        return dataset_name.endswith(DATA_SUFFIXES)
+    return os.path.isdir(dataset_name) and _find_split_file(
+        dataset_name, "train") is not None
+
+
+def resolve_local_files(dataset_name):
+    """{'train': path, 'eval': path} for a local data path (see the module docstring)."""
+    if os.path.isfile(dataset_name):
+        if not dataset_name.endswith(DATA_SUFFIXES):
+            raise LocalDataError(
+                f"{dataset_name}: not a .json or .jsonl file")
+        path = os.path.abspath(dataset_name)
+        return {"train": path, "eval": path}
+    if os.path.isdir(dataset_name):
+        train = _find_split_file(dataset_name, "train")
+        if train is None:
+            raise LocalDataError(
+                f"{dataset_name}: folder has no train.jsonl or train.json")
+        evaluation = _find_split_file(dataset_name, "eval") or train
+        return {
+            "train": os.path.abspath(train),
+            "eval": os.path.abspath(evaluation)
+        }
+    raise LocalDataError(f"{dataset_name}: no such file or folder")
+
+
+def data_fingerprint(paths):
+    """Changes when any file's path, size or modification time changes, so caches keyed by it go stale."""
+    h = hashlib.sha256()
+    for path in sorted(set(paths)):
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_rows(path, split):
+    """Validated rows of one file: preference rows via rlhf_overlay.preference_data, or prompt-only rows."""
+    try:
+        from rlhf_overlay.preference_data import load_preference_rows, load_prompt_rows
+    except ImportError as e:  # DeepSpeed-Chat used outside rlhf-overlay's environment
+        raise LocalDataError(
+            f"{path}: reading local data needs the rlhf_overlay package on PYTHONPATH "
+            f"(run through `make rm-llama2`/`make ppo-llama2` or `pip install -e <rlhf-overlay>`): {e}"
+        ) from e
+    if _first_row_has(path, "chosen") or _first_row_has(path, "rejected"):
+        return load_preference_rows(path, split=split)
+    return load_prompt_rows(path, split=split)
+
+
+def _first_row_has(path, key):
+    """Cheap peek used only to pick the validator; the validator itself reports any malformed row."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        return isinstance(row, dict) and key in row
+                return False
+            data = json.load(f)
+    except ValueError:
+        return True  # unreadable: let the preference validator report file:line
+    rows = data if isinstance(data, list) else [data]
+    return bool(rows) and isinstance(rows[0], dict) and key in rows[0]
+
+
+class LocalFileDataset(PromptRawDataset):
+    """DeepSpeed-Chat raw dataset over local JSON/JSONL files (same text format as upstream's local/jsonfile)."""
+
+    def __init__(self, output_path, seed, local_rank, dataset_name, files):
+        # PromptRawDataset would load_from_disk() an existing path: pass the compatibility name instead.
+        super().__init__(output_path, seed, local_rank, 'local/jsonfile')
+        self.files = files
+        self.dataset_name = dataset_name
+        # Unique per path *and* content, so split indices and tokenized caches never mix two data versions.
+        self.dataset_name_clean = "localfile_" + data_fingerprint(
+            files.values())
+        self.rows = {
+            split: load_rows(path, split)
+            for split, path in files.items()
+        }
+        self.has_pairs = all("chosen" in r and "rejected" in r
+                             for rows in self.rows.values() for r in rows)
+        self.raw_datasets = {
+            split: Dataset.from_list([{
+                "prompt": r["prompt"],
+                "chosen": r.get("chosen"),
+                "rejected": r.get("rejected")
+            } for r in rows])
+            for split, rows in self.rows.items()
+        }
+
+    def require_pairs(self, train_phase):
+        if train_phase in (1, 2) and not self.has_pairs:
+            raise LocalDataError(
+                f"{self.dataset_name}: phase {train_phase} needs rows with prompt, chosen and rejected; "
+                f"{', '.join(sorted(set(self.files.values())))} hold prompt-only rows (fit for PPO only)"
+            )
+
+    def get_train_data(self):
+        return self.raw_datasets["train"]
+
+    def get_eval_data(self):
+        return self.raw_datasets["eval"]
+
+    # Text format as upstream LocalJsonFileDataset: " " + prompt [+ " " + response].
+    def get_prompt(self, sample):
+        if sample['prompt'] is not None:
+            return " " + sample['prompt']
+        return None
+
+    def get_chosen(self, sample):
+        if sample['chosen'] is not None:
+            return " " + sample['chosen']
+        return None
+
+    def get_rejected(self, sample):
+        if sample['rejected'] is not None:
+            return " " + sample['rejected']
+        return None
+
+    def get_prompt_and_chosen(self, sample):
+        if sample['prompt'] is not None and sample['chosen'] is not None:
+            return " " + sample['prompt'] + " " + sample['chosen']
+        return None
+
+    def get_prompt_and_rejected(self, sample):
+        if sample['prompt'] is not None and sample['rejected'] is not None:
+            return " " + sample['prompt'] + " " + sample['rejected']
+        return None
