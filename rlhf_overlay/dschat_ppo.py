@@ -58,7 +58,7 @@ class PPOConfig:
     lora_dim: int | None = None       # LoRA rank of actor and critic (empty = the recipe's: 8 tiny, 64 7B)
     num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
     hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
-    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = bf16 on CPU, fp16 on GPU as upstream)
+    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
     data_split: str = ""              # phase shares a,b,c (empty = 0,0,1 for local files, the recipe's otherwise)
     epochs: int | None = None         # passes over the prompts (empty = the recipe's)
     batch_size: int | None = None     # per-device generation and training batch size (empty = the recipe's)
@@ -158,7 +158,7 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
             raise ConfigError("hybrid_engine=True: the DeepSpeed hybrid engine needs a GPU; drop it on CPU")
         r["hybrid_engine"] = False
         r["offload_reference_model"] = False
-    r["dtype"] = cfg.dtype or ("fp16" if cuda else "bf16")
+    r["dtype"] = cfg.dtype or ("fp16" if cuda else "fp32")   # CPU: fp32 measured ~2x faster than bf16 here
     if not cuda and r["dtype"] == "fp16":
         raise ConfigError("dtype='fp16': fp16 training is not supported on CPU; use bf16 or fp32")
     r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda else 1)
@@ -211,7 +211,7 @@ HELPS = {"actor": "SFT actor folder or hub id (empty: embedded tiny LLaMA)",
          "zero_stage": "ZeRO stage of actor and critic (default: 0 on CPU, the recipe's on GPU; 3 refused on CPU)",
          "lora_dim": "LoRA rank of actor and critic, 0 = full fine-tuning (default: the recipe's)",
          "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
-         "dtype": "bf16 | fp32 | fp16 (default: bf16 on CPU, fp16 on GPU)",
+         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
          "data_split": "phase shares a,b,c (default: 0,0,1 for local files, the recipe's otherwise)",
          "epochs": "passes over the prompts", "batch_size": "per-device generation/training batch size",
          "max_prompt_len": "prompt tokens", "max_answer_len": "generated tokens",
@@ -253,13 +253,13 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
-    folder = check_upstream(STEP_FOLDER)
     actor, data = cfg.actor, cfg.data or r["data"]
     if not actor or not data:
         tiny = tiny_paths()
         actor = actor or str(tiny["model"])
         data = data or str(tiny["prompts"])
     n_rows = validate_local_data(data, "data", need_pairs=False)
+    folder = check_upstream(STEP_FOLDER)
     if cfg.dry_run:
         run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{KIND}-<time>"
     else:

@@ -57,7 +57,7 @@ class RewardModelConfig:
     lora_dim: int | None = None       # LoRA rank, 0 = full fine-tuning (empty = the recipe's)
     num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
     hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
-    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = bf16 on CPU, fp16 on GPU as upstream)
+    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
     data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
     epochs: int | None = None         # training epochs (empty = the recipe's)
     batch_size: int | None = None     # per-device train and eval batch size (empty = the recipe's)
@@ -270,7 +270,7 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
         if r["zero_stage"] == 3:
             raise ConfigError("zero_stage=3: ZeRO stage 3 fails on CPU with this DeepSpeed; use ZERO_STAGE=0 or 2 on "
                               "CPU (stage 3 is kept for GPU recipes)")
-    r["dtype"] = cfg.dtype or ("fp16" if cuda else "bf16")
+    r["dtype"] = cfg.dtype or ("fp16" if cuda else "fp32")   # CPU: fp32 measured ~2x faster than bf16 here
     if not cuda and r["dtype"] == "fp16":
         raise ConfigError("dtype='fp16': fp16 training is not supported on CPU; use bf16 or fp32")
     if r["offload"] and r["zero_stage"] == 0:
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
              "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 3 refused on CPU)",
              "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's)",
              "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
-             "dtype": "bf16 | fp32 | fp16 (default: bf16 on CPU, fp16 on GPU)",
+             "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
              "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
              "epochs": "training epochs", "batch_size": "per-device batch size", "max_seq_len": "max tokens",
              "learning_rate": "learning rate", "eval_interval": "evaluate every N steps (0: per epoch only)",
@@ -348,13 +348,13 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
-    folder = check_upstream(STEP_FOLDER)
     model, data = cfg.model, cfg.data or r["data"]
     if not model or not data:
         tiny = tiny_paths()
         model = model or str(tiny["model"])
         data = data or str(tiny["preference"])
     n_rows = validate_local_data(data, "data", need_pairs=True)
+    folder = check_upstream(STEP_FOLDER)
     if cfg.dry_run:   # show what would run; create nothing
         from rlhf_overlay.paths import RUNS_DIR
         run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{KIND}-<time>"

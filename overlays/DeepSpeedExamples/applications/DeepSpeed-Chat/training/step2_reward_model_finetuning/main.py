@@ -4,7 +4,7 @@
 #   - tensorboard scalars in the output folder at every eval: train/loss, eval/reward_score, eval/acc (+ the
 #     project's common names rm/loss, rm/acc) and a final eval_results.json;
 #   - default --data_split 6,2,2; end-of-conversation token = the tokenizer's EOS (LLaMA2 has no <|endoftext|>);
-#   - --dtype fp32 (and bf16 by default on CPU); ZeRO-3 / fp16 refused on CPU with a clear message;
+#   - --dtype fp32 (the default on CPU); ZeRO-3 / fp16 refused on CPU with a clear message;
 #   - a local model folder is checked to exist; --num_padding_at_beginning defaults from the model (OPT 1, else 0);
 #   - BLOOM: the reward model's transformer is `rwtransformer` (upstream misspelled it `rwtranrsformer`);
 #   - progress lines (loss, seconds per step) in the terminal; no crash on an empty eval set.
@@ -165,7 +165,7 @@ def parse_args(argv=None):
         type=str,
         default=None,
         choices=list(run_checks.SUPPORTED_DTYPES),
-        help='Training data type (default: fp16 on GPU as upstream, bf16 on CPU '
+        help='Training data type (default: fp16 on GPU as upstream, fp32 on CPU '
         'where fp16 is unsupported; fp32 works everywhere)')
     parser.add_argument(
         '--zero_stage',

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # rlhf-overlay: REPLACES applications/DeepSpeed-Chat/training/step3_rlhf_finetuning/main.py at the pin (83757d9c).
 # Based on that file; changes:
-#   - --dtype fp32 (bf16 by default on CPU); ZeRO-3, --enable_hybrid_engine, mixed-precision LoRA and fp16 are
+#   - --dtype fp32 (the default on CPU); ZeRO-3, --enable_hybrid_engine, mixed-precision LoRA and fp16 are
 #     refused on CPU with a clear message (they stay available for GPU recipes);
 #   - --num_padding_at_beginning defaults from the critic's model type (OPT 1, else 0; the upstream LLaMA2
 #     scripts passed OPT's 1); actor/critic folders are checked (the critic must be a step-2 output);
@@ -253,7 +253,7 @@ def parse_args(argv=None):
         type=str,
         default=None,
         choices=list(run_checks.SUPPORTED_DTYPES),
-        help='Training data type (default: fp16 on GPU as upstream, bf16 on CPU '
+        help='Training data type (default: fp16 on GPU as upstream, fp32 on CPU '
         'where fp16 is unsupported; fp32 works everywhere)')
     parser.add_argument(
         '--offload_reference_model',
