@@ -1,0 +1,205 @@
+"""Shared pieces of the trlx targets (rm-bloom, rm-gptj, ppo-bloom, ppo-gptj, ppo-smoke-test).
+
+- where trlx comes from (the set-up `upstream/trlx`, pin + our patches) and a clear error when it is missing;
+- launch commands: plain `python -m` for one CPU process, `accelerate launch` (PPO) or `torchrun`/`deepspeed`
+  (reward models, HF Trainer) for several processes, GPUs, DeepSpeed and multi-node (a DeepSpeed hostfile);
+- the project's common tensorboard names, written next to the framework's own scalars;
+- the CPU/DeepSpeed process-group fix accelerate needs (see `cpu_deepspeed_backend_fix`).
+
+Nothing here imports torch/transformers/trlx at module import time, so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay.paths import trlx_dir
+
+ACCELERATE_CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
+# A function our patch series adds; its presence tells "trlx at the pin + our patches" from a plain trlx.
+_PATCH_MARKER = ("trlx/models/modeling_base.py", "_load_checkpoint_state_dict")
+
+
+class TrlxSetupError(RuntimeError):
+    """trlx is not importable or lacks our patches; the message says which command fixes it."""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting (field / make variable) and its value."""
+
+
+# ----------------------------------------------------------------------------------------------- locating trlx
+def trlx_source_root() -> Path:
+    """The folder that holds the `trlx` package: the installed one if pip knows it, else upstream/trlx."""
+    spec = importlib.util.find_spec("trlx")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parent.parent
+    tree = trlx_dir()
+    if (tree / "trlx" / "__init__.py").is_file():
+        return tree
+    raise TrlxSetupError(
+        f"trlx is not set up: {tree} does not exist and trlx is not installed. Run `make setup` (or "
+        f"`make upstream` to only check out trlx at the pin with our patches).")
+
+
+def check_trlx() -> Path:
+    """Return the trlx source root after checking it carries our patch series (overlays/trlx/patches)."""
+    root = trlx_source_root()
+    rel, marker = _PATCH_MARKER
+    f = root / rel
+    if not f.is_file() or marker not in f.read_text(errors="replace"):
+        raise TrlxSetupError(
+            f"trlx at {root} lacks our compatibility patches (overlays/trlx/patches): run `make upstream` "
+            f"(it checks out the pin and applies them), then `make verify`.")
+    return root
+
+
+def trlx_env(base: Mapping[str, str] | None = None, cpu: bool | None = None) -> dict:
+    """`runs.runtime_env()` plus trlx on PYTHONPATH (when it is not pip-installed) and quiet trlx/W&B."""
+    from rlhf_overlay.runs import runtime_env
+
+    env = runtime_env(base, cpu=cpu)
+    root = check_trlx()
+    if importlib.util.find_spec("trlx") is None:
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(root)])
+    env.setdefault("WANDB_DISABLED", "true")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    return env
+
+
+def import_trlx():
+    """Import trlx inside a worker (adds upstream/trlx to sys.path when it is not installed)."""
+    root = check_trlx()
+    if importlib.util.find_spec("trlx") is None:
+        sys.path.insert(0, str(root))
+    import trlx  # noqa: F401
+
+    return trlx
+
+
+# ------------------------------------------------------------------------------------------ launch commands
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """DeepSpeed-format hostfile: one `host slots=N` per line, `#` comments allowed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"HOSTFILE={p} does not exist; write one `host slots=N` line per node")
+    hosts = []
+    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = [x for x in parts[1:] if x.startswith("slots=")]
+        if len(parts) < 2 or not slots or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
+            raise ConfigError(f"{p}:{lineno}: expected `host slots=N` (N >= 1), got {raw!r}")
+        hosts.append((parts[0], int(slots[0][6:])))
+    if not hosts:
+        raise ConfigError(f"HOSTFILE={p} lists no hosts; write one `host slots=N` line per node")
+    return hosts
+
+
+def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
+    if deepspeed:
+        return ACCELERATE_CONFIGS / "zero2.yaml"
+    return ACCELERATE_CONFIGS / ("multi_gpu.yaml" if cuda else "cpu.yaml")
+
+
+def accelerate_command(module: str, args: Sequence[str], *, config_file: Path | None, num_processes: int,
+                       hostfile: str | None = None, mixed_precision: str | None = None,
+                       python: str | None = None) -> list[str]:
+    """How to start `python -m module args` for trlx: plain python for one process without a config file,
+    else `accelerate launch` with our config file (num_processes / hostfile override the file)."""
+    py = python or sys.executable
+    if config_file is None and num_processes == 1 and not hostfile:
+        return [py, "-m", module, *args]
+    cmd = [py, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        cmd += ["--config_file", str(config_file)]
+    if hostfile:
+        hosts = read_hostfile(hostfile)
+        cmd += ["--num_machines", str(len(hosts)), "--num_processes", str(sum(s for _, s in hosts)),
+                "--main_process_ip", hosts[0][0], "--main_process_port", "29500",
+                "--deepspeed_hostfile", str(Path(hostfile).resolve()), "--deepspeed_multinode_launcher", "pdsh"]
+    else:
+        cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    if mixed_precision:
+        cmd += ["--mixed_precision", mixed_precision]
+    return cmd + ["-m", module, *args]
+
+
+def trainer_command(module: str, args: Sequence[str], *, num_processes: int, deepspeed: bool,
+                    hostfile: str | None = None, python: str | None = None) -> list[str]:
+    """How to start an HF-Trainer worker: plain python for one process without DeepSpeed, `torchrun` on one
+    node (DeepSpeed reads the distributed env vars it sets), the `deepspeed` launcher with a hostfile."""
+    py = python or sys.executable
+    if hostfile:
+        read_hostfile(hostfile)  # validate early, with file:line errors
+        return [py, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(hostfile).resolve()),
+                "--master_port", "29500", "--module", module, *args]
+    if num_processes == 1 and not deepspeed:
+        return [py, "-m", module, *args]
+    return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
+
+
+def cpu_deepspeed_backend_fix() -> None:
+    """Under `accelerate launch` with DeepSpeed on CPU, accelerate picks no process-group backend (it only knows
+    GPU backends there), so it counts one process while DeepSpeed runs gloo with several: collectives then fail
+    ("invalid output tensor list"). Creating the shared state with backend="gloo" first fixes both views."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+
+
+# ------------------------------------------------------------------------------------------- common scalars
+class CommonScalars:
+    """Writes the project's common tensorboard names (rm/*, ppo/*) into `<run>/tensorboard/` (main process only);
+    `make report` reads them next to each framework's own scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None:
+                self.writer.add_scalar(k, float(v), global_step=int(step))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
