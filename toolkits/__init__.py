@@ -1,0 +1,1 @@
+"""Offline tools that sit beside the training recipes (checkpoint converters, ...)."""

@@ -1,0 +1,22 @@
+"""The one exception type the converters raise for bad input.
+
+Every message names what was wrong (file, tensor, expected vs actual) and what to do about it; the CLI prints
+it without a traceback and exits with status 2.
+"""
+
+
+class ConversionError(Exception):
+    """Input that cannot be converted as asked (missing ranks, shapes that do not fit, unsafe pickles, ...)."""
+
+
+def note(message: str) -> None:
+    """A one-line remark for the user (a default taken, an input ignored), on stderr so stdout stays clean."""
+    import sys
+    print(f"note: {message}", file=sys.stderr)
+
+
+def raise_if_problems(what: str, problems: list[str], limit: int = 25) -> None:
+    """Report every mismatch found (not just the first), so one run tells the user all that is wrong."""
+    if problems:
+        shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+        raise ConversionError(f"{what}:\n  " + "\n  ".join(shown))

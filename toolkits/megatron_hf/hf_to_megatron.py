@@ -1,0 +1,167 @@
+"""HuggingFace folder -> Megatron checkpoint (release/, TP x PP rank files, args Megatron accepts).
+
+Order of work: read config.json and the tensor names/shapes (no weights yet), check them all, then per pipeline
+stage: give every TP rank's tensors file-backed scratch memory, fill it layer by layer from the HF shards, and
+torch.save each rank. Memory stays at about one layer plus the embedding; see megatron_format.scratch_tensor.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
+from toolkits.megatron_hf.hf_format import (HFCheckpoint, copy_tokenizer_files, staged_output_folder,
+                                            tokenizer_files)
+from toolkits.megatron_hf.megatron_format import (CHECKPOINT_VERSION, LAYER_PREFIX, NORM_NAME_STYLES, TRACKER_FILE,
+                                                  expected_stage_layer_counts, padded_vocab_size, save_rank_file,
+                                                  scratch_tensor)
+from toolkits.megatron_hf.megatron_to_hf import resolve_preset
+from toolkits.megatron_hf.tensor_parallel import LayoutError, ModelDims, Param
+
+
+@dataclass
+class HFToMegatronOptions:
+    source: Path
+    target: Path
+    tp: int = 1
+    pp: int = 1
+    model_name: str | None = None              # only checked against the HF config (which has everything)
+    extra_vocab_size: int = 0                  # rows appended after the HF vocabulary (EXTRA_VOCAB_SIZE)
+    make_vocab_size_divisible_by: int = 128    # Megatron-LM's default; padded rows = multiple of this x TP
+    padded_vocab_size: int | None = None       # exact padded size, e.g. to match an existing training run
+    norm_names: str = "layernorm"              # "norm" for Megatron-LM >= 23.09 (input_norm, final_norm, ...)
+    first_stage_layers: int | None = None      # uneven pipeline split (Megatron-LM's decoder_first_...)
+    last_stage_layers: int | None = None
+    dtype: torch.dtype | None = None           # default: keep the HF tensors' dtype
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _check_hf_tensors(spec: ModuleType, hf: HFCheckpoint, names: dict[str, str], shapes: dict,
+                      dims: ModelDims) -> None:
+    expected = dict(spec.global_hf_shapes(dims))
+    for i in range(dims.num_layers):
+        prefix = spec.HF_LAYER_PREFIX.format(i)
+        expected.update({prefix + n: s for n, s in spec.layer_hf_shapes(dims).items()})
+    problems = [f"missing {n} (expected shape {s})" for n, s in expected.items() if n not in names]
+    problems += [f"unexpected tensor {names[n]}; refusing to drop weights silently"
+                 for n in sorted(names.keys() - expected.keys())]
+    for name in sorted(names.keys() & expected.keys()):
+        if shapes[name] != tuple(expected[name]):
+            problems.append(f"{names[name]} in {hf.weight_map[names[name]].name} has shape {shapes[name]}, expected "
+                            f"{tuple(expected[name])}")
+    raise_if_problems(f"{hf.folder} does not match its config.json ({spec.FAMILY}, {dims.num_layers} layers, hidden "
+                      f"{dims.hidden_size}, {dims.num_attention_heads} heads, {dims.num_query_groups} KV heads)",
+                      problems)
+
+
+def _megatron_args(spec: ModuleType, dims: ModelDims, opts: HFToMegatronOptions, dtype: torch.dtype,
+                   divisible_by: int) -> argparse.Namespace:
+    """What Megatron-LM reads back (load_args_from_checkpoint / check_checkpoint_args), nothing Megatron-specific
+    pickled, so any Megatron version (and this converter) loads it."""
+    return argparse.Namespace(
+        **spec.megatron_args(dims),
+        tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp,
+        virtual_pipeline_model_parallel_size=None,
+        decoder_first_pipeline_num_layers=opts.first_stage_layers,
+        decoder_last_pipeline_num_layers=opts.last_stage_layers,
+        padded_vocab_size=dims.megatron_vocab_size, vocab_size=dims.hf_vocab_size,
+        extra_vocab_size=dims.new_token_rows, make_vocab_size_divisible_by=divisible_by,
+        params_dtype=dtype, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
+
+
+def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
+    if opts.tp < 1 or opts.pp < 1:
+        raise ConversionError(f"TP and PP must be >= 1 (got TP={opts.tp}, PP={opts.pp})")
+    if opts.norm_names not in NORM_NAME_STYLES:
+        raise ConversionError(f"--norm-names {opts.norm_names!r}: use one of {', '.join(NORM_NAME_STYLES)}")
+    hf = HFCheckpoint(opts.source)
+    names = {}
+    for actual in hf.weight_map:
+        canonical = spec.canonical_hf_name(actual)
+        if canonical is not None:
+            names[canonical] = actual
+    shapes = {c: hf.shape_and_dtype(a)[0] for c, a in names.items()}  # header metadata only, no weights read
+    try:
+        dims = spec.dims_from_hf(hf.config, shapes)
+    except KeyError as exc:
+        raise ConversionError(f"{hf.folder}: config.json or the weights lack {exc}") from exc
+    preset = resolve_preset(spec, opts.model_name)
+    if preset and preset.get("hidden_size") != dims.hidden_size:
+        note(f"MODEL_NAME {opts.model_name} has hidden size {preset['hidden_size']}, this model {dims.hidden_size}; "
+             f"using the model's config.json")
+
+    dims.new_token_rows = opts.extra_vocab_size
+    rows = dims.hf_vocab_size + opts.extra_vocab_size
+    divisible_by = opts.make_vocab_size_divisible_by
+    dims.megatron_vocab_size = opts.padded_vocab_size or padded_vocab_size(rows, opts.tp, divisible_by)
+    if dims.megatron_vocab_size < rows or dims.megatron_vocab_size % opts.tp:
+        raise ConversionError(f"--padded-vocab-size {dims.megatron_vocab_size} must be >= the {rows} vocabulary rows "
+                              f"(HF {dims.hf_vocab_size} + {opts.extra_vocab_size} extra) and divisible by TP={opts.tp}")
+    raise_if_problems(f"cannot split {hf.folder} over TP={opts.tp}", dims.tensor_parallel_problems(opts.tp))
+    stage_counts = expected_stage_layer_counts(dims.num_layers, opts.pp, opts.first_stage_layers,
+                                               opts.last_stage_layers)
+    _check_hf_tensors(spec, hf, names, shapes, dims)
+
+    dtype_of = {c: opts.dtype or hf.shape_and_dtype(a)[1] for c, a in names.items()}
+    embedding_hf_name = spec.first_stage_params(dims)[0].hf[0]
+    args = _megatron_args(spec, dims, opts, dtype_of[embedding_hf_name], divisible_by)
+
+    from tqdm import tqdm
+    with staged_output_folder(opts.target, opts.overwrite, opts.source) as staging, \
+            tqdm(total=dims.num_layers, desc=f"{spec.FAMILY} HF->Megatron", unit="layer",
+                 disable=not opts.progress) as bar:
+        (staging / TRACKER_FILE).write_text("release")
+        iteration_dir = staging / "release"
+        first_layer = 0
+        for p, count in enumerate(stage_counts):
+            sections = []  # (megatron name prefix, hf name prefix, params)
+            if p == 0:
+                sections.append(("", "", spec.first_stage_params(dims)))
+            for i in range(first_layer, first_layer + count):
+                sections.append((f"{LAYER_PREFIX}{i - first_layer}.", spec.HF_LAYER_PREFIX.format(i),
+                                 spec.LAYER_PARAMS))
+            if p == opts.pp - 1:
+                sections.append(("", "", spec.last_stage_params(dims, opts.pp)
+                                 + spec.write_only_last_stage_params(dims, opts.pp)))
+            ranks = _allocate_stage(spec, dims, opts.tp, sections, dtype_of, staging)
+            for mg_prefix, hf_prefix, params in sections:
+                for param in params:
+                    hf_tensors = [hf.get(names[hf_prefix + n]) for n in param.hf]
+                    for rank, tensors in zip(ranks, param.layout.split(hf_tensors, dims, opts.tp)):
+                        for name, tensor in zip(param.megatron, tensors):
+                            rank[mg_prefix + name].copy_(tensor)
+                if hf_prefix:
+                    bar.update(1)
+            for t, rank in enumerate(ranks):
+                save_rank_file(iteration_dir, t, p, opts.pp, rank, args, opts.norm_names)
+            del ranks
+            first_layer += count
+        copy_tokenizer_files(tokenizer_files(opts.source), staging)
+    hf.close()
+    print(f"wrote {opts.target}: release/ with TP={opts.tp} x PP={opts.pp} rank files, checkpoint_version "
+          f"{CHECKPOINT_VERSION}, {dims.num_layers} layers, padded vocab {dims.megatron_vocab_size}")
+    return Path(opts.target)
+
+
+def _allocate_stage(spec: ModuleType, dims: ModelDims, tp: int, sections: list, dtype_of: dict,
+                    scratch_folder: Path) -> list[dict[str, torch.Tensor]]:
+    """Empty, file-backed tensors for every rank of one stage, in the order Megatron's state dict lists them."""
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for mg_prefix, hf_prefix, params in sections:
+        hf_shapes = spec.layer_hf_shapes(dims) if hf_prefix else spec.global_hf_shapes(dims)
+        for param in params:
+            try:
+                shapes = param.layout.rank_shapes([hf_shapes[n] for n in param.hf], dims, tp)
+            except LayoutError as exc:
+                raise ConversionError(f"{hf_prefix}{param.hf[0]}: {exc}") from exc
+            dtype = dtype_of[hf_prefix + param.hf[0]]
+            for rank in ranks:
+                for name, shape in zip(param.megatron, shapes):
+                    rank[mg_prefix + name] = scratch_tensor(scratch_folder, shape, dtype)
+    return ranks
