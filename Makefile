@@ -99,7 +99,30 @@ report: ## Curves (report.png) and summary.md for one or more run folders (RUN="
 
 # ---------------------------------------------------------------- converters (toolkits/)
 # >>> converters
+# Megatron checkpoint (mg2hf: root, iter_*/ or release/) or HF model folder (hf2mg) to convert
+SOURCE     ?=
+# folder to create; must be empty or absent unless OVERWRITE=1
+TARGET     ?=
+# tensor / pipeline parallel sizes to write (hf2mg; mg2hf reads them from the checkpoint)
+TP         ?= 1
+PP         ?= 1
+# LLaMA size preset that fills what a checkpoint lacks: llama2-7b, llama2-13b, llama2-70b, llama-7b, ... (empty = none)
+MODEL_NAME ?=
+# mg2hf: trained rows after the vocabulary to keep (empty = the checkpoint's); hf2mg: rows to add for new tokens
+EXTRA_VOCAB_SIZE ?=
+# more flags for python -m toolkits.megatron_hf.convert, e.g. CONVERT_FLAGS="--dtype bf16 --tokenizer /path"
+CONVERT_FLAGS ?=
+
+convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(if $(TARGET),,$(error $@ needs TARGET=<folder to create>))--source "$(SOURCE)" --target "$(TARGET)" $(if $(EXTRA_VOCAB_SIZE),--extra-vocab-size $(EXTRA_VOCAB_SIZE)) $(if $(filter 1,$(OVERWRITE)),--overwrite) $(CONVERT_FLAGS)
+llama_model_name = $(if $(MODEL_NAME),--model-name $(MODEL_NAME))
+
 .PHONY: convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg
-convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg: ## Megatron <-> HF checkpoint conversion (not yet implemented)
-	@echo "$@: not yet implemented" >&2; exit 1
+convert-llama2-mg2hf: ## Megatron -> HF LLaMA2 (SOURCE, TARGET, MODEL_NAME, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+	$(PYTHON) -m toolkits.megatron_hf.convert mg2hf --model llama2 $(llama_model_name) $(convert_common)
+convert-llama2-hf2mg: ## HF -> Megatron LLaMA2 at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+	$(PYTHON) -m toolkits.megatron_hf.convert hf2mg --model llama2 --tp $(TP) --pp $(PP) $(llama_model_name) $(convert_common)
+convert-bloom-mg2hf: ## Megatron -> HF BLOOM (SOURCE, TARGET, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+	$(PYTHON) -m toolkits.megatron_hf.convert mg2hf --model bloom $(convert_common)
+convert-bloom-hf2mg: ## HF -> Megatron BLOOM at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+	$(PYTHON) -m toolkits.megatron_hf.convert hf2mg --model bloom --tp $(TP) --pp $(PP) $(convert_common)
 # <<< converters

@@ -196,13 +196,9 @@ def tokenizer_facts(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- staged output
-@contextlib.contextmanager
-def staged_output_folder(target: Path, overwrite: bool, source: Path) -> Iterator[Path]:
-    """Yield a fresh folder next to `target`; on success it replaces `target`, on failure it is removed.
-
-    A half-written model is never left under the target's name, and a non-empty target is only replaced
-    when the user said so.
-    """
+def check_target(target: Path, overwrite: bool, source: Path) -> None:
+    """Refuse a TARGET that overlaps SOURCE, is a file, or holds something, unless --overwrite (checked before any
+    work, and again before the final rename)."""
     target, source = Path(target).absolute(), Path(source).resolve()
     if target.resolve() == source or source in target.resolve().parents or target.resolve() in source.parents:
         raise ConversionError(f"TARGET {target} overlaps SOURCE {source}; write to a separate folder")
@@ -211,12 +207,24 @@ def staged_output_folder(target: Path, overwrite: bool, source: Path) -> Iterato
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ConversionError(f"TARGET {target} is not empty; choose another folder or pass --overwrite "
                               f"(make: OVERWRITE=1) to replace it")
+
+
+@contextlib.contextmanager
+def staged_output_folder(target: Path, overwrite: bool, source: Path) -> Iterator[Path]:
+    """Yield a fresh folder next to `target`; on success it replaces `target`, on failure it is removed.
+
+    A half-written model is never left under the target's name, and a non-empty target is only replaced
+    when the user said so.
+    """
+    check_target(target, overwrite, source)
+    target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         yield staging
+        check_target(target, overwrite, source)  # someone may have written there meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

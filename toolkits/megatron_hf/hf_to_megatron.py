@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 
 from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
-from toolkits.megatron_hf.hf_format import (HFCheckpoint, copy_tokenizer_files, staged_output_folder,
+from toolkits.megatron_hf.hf_format import (HFCheckpoint, check_target, copy_tokenizer_files, staged_output_folder,
                                             tokenizer_files)
 from toolkits.megatron_hf.megatron_format import (CHECKPOINT_VERSION, LAYER_PREFIX, NORM_NAME_STYLES, TRACKER_FILE,
                                                   expected_stage_layer_counts, padded_vocab_size, save_rank_file,
@@ -80,6 +80,7 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
         raise ConversionError(f"TP and PP must be >= 1 (got TP={opts.tp}, PP={opts.pp})")
     if opts.norm_names not in NORM_NAME_STYLES:
         raise ConversionError(f"--norm-names {opts.norm_names!r}: use one of {', '.join(NORM_NAME_STYLES)}")
+    check_target(opts.target, opts.overwrite, opts.source)
     hf = HFCheckpoint(opts.source)
     names = {}
     for actual in hf.weight_map:

@@ -112,6 +112,9 @@ def _checkpoint_root_and_iteration_dir(source: Path, iteration: str | None) -> t
     """SOURCE may be the root (with the tracker file), an iteration folder, or `release/`."""
     if not source.is_dir():
         raise ConversionError(f"Megatron checkpoint {source} does not exist or is not a folder")
+    if re.fullmatch(r"mp_rank_\d{2}(_\d{3})*", source.name):
+        raise ConversionError(f"{source} is a single rank folder; pass the checkpoint root or {source.parent} "
+                              f"(all ranks are needed)")
     if any(source.glob("mp_rank_*")):
         tracker_root = source.parent if (source.parent / TRACKER_FILE).exists() else None
         return tracker_root, source

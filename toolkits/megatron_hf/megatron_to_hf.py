@@ -15,7 +15,7 @@ import torch
 
 from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
 from toolkits.megatron_hf.hf_format import (TOKENIZER_FILES, PlannedTensor, SafetensorsShardWriter, copy_tokenizer_files,
-                                            staged_output_folder, tokenizer_facts, tokenizer_files)
+                                            check_target, staged_output_folder, tokenizer_facts, tokenizer_files)
 from toolkits.megatron_hf.megatron_format import LAYER_PREFIX, MegatronCheckpoint, RankState, arg
 from toolkits.megatron_hf.tensor_parallel import REPLICATED, LayoutError, ModelDims, Param
 
@@ -103,6 +103,7 @@ def _resolve_vocab(opts: MegatronToHFOptions, args, preset: dict, tokenizer: dic
 
 
 def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
+    check_target(opts.target, opts.overwrite, opts.source)
     checkpoint = MegatronCheckpoint.open(opts.source, opts.iteration)
     tp, pp, args = checkpoint.tp, checkpoint.pp, checkpoint.args
     offsets, num_layers = checkpoint.stage_layer_offsets()

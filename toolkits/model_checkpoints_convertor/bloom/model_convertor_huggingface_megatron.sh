@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Megatron <-> HuggingFace conversion for BLOOM, with the seed's positional arguments:
+#
+#   model_convertor_huggingface_megatron.sh MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]
+#
+#   bash model_convertor_huggingface_megatron.sh /path/to/Megatron-LM /ckpt/bloom-sft /models/bloom-sft-hf 1 1 true
+#   bash model_convertor_huggingface_megatron.sh "" /models/bloom-7b1 /ckpt/bloom-7b1-tp4 4 1 false
+#
+# MEGATRON_PATH is ignored (Megatron-LM is not needed). MG2HF=true: Megatron -> HF, TP/PP read from the
+# checkpoint; false: HF -> Megatron at TP x PP. Further flags go to `python -m toolkits.megatron_hf.convert`,
+# e.g. --overwrite, --tokenizer DIR, --vocab-size N (see its --help).
+set -euo pipefail
+if [[ $# -lt 6 ]]; then
+    echo "usage: $0 MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]" >&2
+    exit 2
+fi
+megatron_path=$1 source=$2 target=$3 tp=$4 pp=$5 mg2hf=$6
+shift 6
+# shellcheck source=../common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+convert_command bloom "$megatron_path" "$tp" "$pp" "$mg2hf" || exit 2
+exec "$python" -m toolkits.megatron_hf.convert "${direction_flags[@]}" --source "$source" --target "$target" "$@"
