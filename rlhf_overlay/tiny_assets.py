@@ -173,7 +173,8 @@ def build_tiny_llama(dest: Path) -> dict:
     scratch.mkdir()
     (scratch / "tokenizer.model").write_bytes(train_sentencepiece(LLAMA_SP_VOCAB))
     common = dict(legacy=True, add_prefix_space=True, add_bos_token=True, add_eos_token=False,
-                  model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+                  model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False,
+                  unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast = LlamaTokenizerFast(vocab_file=str(scratch / "tokenizer.model"), from_slow=True, **common)
     fast.save_pretrained(dest)   # tokenizer.json, tokenizer.model, tokenizer_config.json, special_tokens_map.json
     shutil.rmtree(scratch)
