@@ -1,0 +1,187 @@
+"""preference_data: the one loader for preference/prompt rows. Accepts .json, .jsonl and train/eval folders;
+every bad row fails with `<file>:<line>: <what is wrong> — <what to do>`."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from rlhf_overlay.preference_data import PreferenceDataError, load_preference_rows, load_prompt_rows
+
+ROWS = [
+    {"prompt": "Human: tell me about the garden. Assistant:", "chosen": " the garden is calm.",
+     "rejected": " the garden is noisy."},
+    {"prompt": "Human: how was the river today? Assistant:", "chosen": " a lovely river.",
+     "rejected": " a dirty river."},
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")  # one field per line: objects span lines
+    return path
+
+
+def at(path: Path, line: int) -> str:
+    """The start of the expected message, as a regex."""
+    return "^" + re.escape(f"{path}:{line}: ")
+
+
+# ---------------------------------------------------------------------------------------------- accepted shapes
+def test_json_and_jsonl_give_the_same_rows(tmp_path):
+    a = load_preference_rows(write_jsonl(tmp_path / "rows.jsonl", ROWS))
+    b = load_preference_rows(write_json(tmp_path / "rows.json", ROWS))
+    assert a == b == ROWS
+
+
+def test_blank_lines_bom_and_extra_keys_are_fine(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\ufeff" + json.dumps({**ROWS[0], "id": 7}) + "\n\n   \n" + json.dumps(ROWS[1]) + "\n",
+                 encoding="utf-8")
+    assert load_preference_rows(f) == ROWS  # only the three fields come back
+
+
+def test_folder_with_train_and_eval(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
+    write_json(tmp_path / "eval.json", ROWS[:1])
+    assert load_preference_rows(tmp_path, split="train") == ROWS
+    assert load_preference_rows(str(tmp_path), split="eval") == ROWS[:1]
+    with pytest.raises(PreferenceDataError, match=r"is a folder — pass split="):
+        load_preference_rows(tmp_path)
+    with pytest.raises(PreferenceDataError, match=r"no test\.jsonl or test\.json"):
+        load_preference_rows(tmp_path, split="test")
+    write_jsonl(tmp_path / "train.json", ROWS)
+    with pytest.raises(PreferenceDataError, match=r"both train\.jsonl and train\.json"):
+        load_preference_rows(tmp_path, split="train")
+
+
+def test_misspelt_choosen_is_read_as_chosen_with_one_warning(tmp_path):
+    seed_rows = [{"prompt": r["prompt"], "choosen": r["chosen"], "rejected": r["rejected"]} for r in ROWS]
+    f = write_jsonl(tmp_path / "seed.jsonl", seed_rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = load_preference_rows(f)
+    assert rows == ROWS
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and messages[0].startswith(f"{f}:1: ") and "'choosen'" in messages[0]
+    with pytest.warns(UserWarning, match="choosen"):
+        assert load_prompt_rows(f)[0]["reference"] == ROWS[0]["chosen"]
+
+
+def test_prompt_rows(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Human: hi Assistant:"},
+                                           {"prompt": "Human: yo Assistant:", "reference": " hello."},
+                                           {"prompt": "Human: hm Assistant:", "reference": None}])
+    assert load_prompt_rows(f) == [{"prompt": "Human: hi Assistant:"},
+                                   {"prompt": "Human: yo Assistant:", "reference": " hello."},
+                                   {"prompt": "Human: hm Assistant:"}]
+    # a preference file works as prompts: the chosen answer is the reference
+    pref = write_json(tmp_path / "pref.json", ROWS)
+    assert load_prompt_rows(pref) == [{"prompt": r["prompt"], "reference": r["chosen"]} for r in ROWS]
+
+
+# ---------------------------------------------------------------------------------------------- bad rows
+GOOD = ROWS[0]
+BAD_ROWS = [
+    ("not an object", ["just a string"], "a row must be a JSON object, got a string"),
+    ("list row", [["a", "b", "c"]], "a row must be a JSON object, got a list"),
+    ("missing field", [{"prompt": "p", "chosen": "c"}], "missing field 'rejected'"),
+    ("near-miss key", [{"prompt": "p", "chosen": "c", "rejectd": "r"}], "did you mean 'rejectd'"),
+    ("non-string", [{"prompt": "p", "chosen": 1, "rejected": "r"}], "field 'chosen' is a number, not a string"),
+    ("null", [{"prompt": None, "chosen": "c", "rejected": "r"}], "field 'prompt' is null, not a string"),
+    ("empty", [{"prompt": "p", "chosen": "c", "rejected": ""}], "field 'rejected' is empty"),
+    ("blank", [{"prompt": "  \n", "chosen": "c", "rejected": "r"}], "field 'prompt' is empty"),
+    ("same answers", [{"prompt": "p", "chosen": " same", "rejected": " same "}], "are the same text"),
+    ("both spellings", [{"prompt": "p", "chosen": "c", "choosen": "c", "rejected": "r"}], "both 'chosen' and"),
+]
+
+
+@pytest.mark.parametrize("case,bad,what", BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+def test_bad_row_in_jsonl_names_file_and_line(tmp_path, case, bad, what):
+    f = write_jsonl(tmp_path / "rows.jsonl", [GOOD, GOOD] + bad)
+    with pytest.raises(PreferenceDataError, match=at(f, 3)) as info:
+        load_preference_rows(f)
+    assert what in str(info.value) and " — " in str(info.value)
+
+
+@pytest.mark.parametrize("case,bad,what", BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+def test_bad_row_in_json_names_the_line_where_the_object_starts(tmp_path, case, bad, what):
+    f = write_json(tmp_path / "rows.json", [GOOD] + bad)
+    # indent=2: "[" is line 1, GOOD spans lines 2-6, so the bad row starts on line 7
+    assert f.read_text().splitlines()[6].strip().startswith(("{", "[", '"'))
+    with pytest.raises(PreferenceDataError, match=at(f, 7)) as info:
+        load_preference_rows(f)
+    assert what in str(info.value)
+
+
+def test_every_error_is_a_value_error_with_a_remedy(tmp_path):
+    f = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "p"}])
+    with pytest.raises(ValueError) as info:
+        load_preference_rows(f)
+    assert isinstance(info.value, PreferenceDataError)
+    assert re.match(rf"{re.escape(str(f))}:1: .+ — .+", str(info.value))
+
+
+@pytest.mark.parametrize("suffix,text,line,what", [
+    (".jsonl", '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p",\n', 2, "invalid JSON"),
+    (".jsonl", '[\n{"prompt": "p"}\n]\n', 1, "looks like a JSON list: name the file .json"),
+    (".json", '[\n  {"prompt": "p", "chosen": "c", "rejected": "r"},\n  {"prompt": "p" "chosen": "c"}\n]', 3,
+     "invalid JSON: Expecting ',' delimiter"),
+    (".json", '[\n  {"prompt": "p", "chosen": "c", "rejected": "r"}\n', 3, "not closed"),
+    (".json", '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "q"}\n', 2,
+     "looks like JSON Lines"),
+    (".json", '\n{"rows": []}', 2, "the top level is an object, not a list of rows"),
+    (".json", '[{"prompt": "p", "chosen": "c", "rejected": "r"}]\n[]', 2, "extra data after the list"),
+    (".json", "", 1, "no rows"),
+    (".json", "[]", 1, "no rows"),
+    (".jsonl", "\n\n", 1, "no rows"),
+])
+def test_unusable_files(tmp_path, suffix, text, line, what):
+    f = tmp_path / f"rows{suffix}"
+    f.write_text(text, encoding="utf-8")
+    with pytest.raises(PreferenceDataError, match=at(f, line) + ".*" + re.escape(what)):
+        load_preference_rows(f)
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(PreferenceDataError, match=at(f, 2) + "not UTF-8"):
+        load_preference_rows(f)
+
+
+def test_missing_file_and_wrong_type(tmp_path):
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file or folder — ")):
+        load_preference_rows(tmp_path / "nope.jsonl")
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt,chosen,rejected\n")
+    with pytest.raises(PreferenceDataError, match=r"unknown data file type '\.csv' — use \.jsonl"):
+        load_preference_rows(csv)
+
+
+def test_prompt_row_errors(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"question": "where is the prompt"}])
+    with pytest.raises(PreferenceDataError, match=at(f, 2) + "missing field 'prompt'"):
+        load_prompt_rows(f)
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok", "reference": ["a"]}])
+    with pytest.raises(PreferenceDataError, match=at(f, 1) + "field 'reference' is a list, not a string"):
+        load_prompt_rows(f)
+
+
+def test_cli_validates_a_folder(tmp_path, capsys):
+    from rlhf_overlay.preference_data import main
+
+    write_jsonl(tmp_path / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "eval.jsonl", ROWS[:1])
+    assert main([str(tmp_path)]) == 0
+    assert "train.jsonl: 2 valid preference rows" in capsys.readouterr().out
+    write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "p"}])
+    assert main([str(tmp_path)]) == 1
+    assert f"{tmp_path / 'eval.jsonl'}:1: missing field 'chosen'" in capsys.readouterr().err
