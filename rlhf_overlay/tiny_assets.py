@@ -41,8 +41,9 @@ from typing import Callable, Sequence
 
 from rlhf_overlay import synthetic
 
-# Bump when a builder below changes what it writes (every part is rebuilt then).
-BUILDER_VERSION = 1
+# Bump when a builder below changes what it writes: the stamp only knows settings and versions, so without a
+# bump existing assets/ folders keep the old output. 2: LLaMA tokenizer legacy=True, add_prefix_space=True.
+BUILDER_VERSION = 2
 SEED = 1234
 STAMP_FILE = "BUILD_INFO.json"
 LOCK_FILE = ".build.lock"
@@ -359,6 +360,7 @@ def _build_part(root: Path, part: Part, old_entry: dict | None, force: bool) -> 
     dest = root / part.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the swapped-in folder should read like any other
     try:
         info = part.build(tmp)
         files = _file_hashes(tmp)
