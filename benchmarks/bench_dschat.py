@@ -91,8 +91,17 @@ def pristine_checkout(dest: Path) -> Path:
     return dest / "applications" / "DeepSpeed-Chat"
 
 
+def subset(source_folder: Path, dest: Path, sizes: dict[str, int]) -> Path:
+    """The first rows of the tiny data's train/eval files, as JSONL (ours) — a fixed, small number of steps."""
+    dest.mkdir(parents=True)
+    for split, n in sizes.items():
+        lines = [line for line in (source_folder / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        (dest / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n")
+    return dest
+
+
 def write_jsonfile_data(dschat: Path, source_folder: Path) -> None:
-    """Upstream's local/jsonfile reads <DeepSpeed-Chat>/data/{train,eval}.json (JSON lists)."""
+    """Upstream's local/jsonfile reads <DeepSpeed-Chat>/data/{train,eval}.json (JSON lists): the same rows."""
     data = dschat / "data"
     data.mkdir(exist_ok=True)
     for split in ("train", "eval"):
@@ -146,40 +155,42 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dschat-"))
     try:
         upstream = pristine_checkout(work / "pristine")
+        preference = subset(assets / "data" / "preference", work / "preference", {"train": 256, "eval": 64})
+        prompts = subset(assets / "data" / "prompts", work / "prompts", {"train": 64, "eval": 16})
         rm_common = ["--data_split", "0,1,0", "--model_name_or_path", str(model), "--per_device_train_batch_size", "8",
-                     "--per_device_eval_batch_size", "8", "--max_seq_len", "128", "--learning_rate", "5e-4",
+                     "--per_device_eval_batch_size", "8", "--max_seq_len", "48", "--learning_rate", "5e-4",
                      "--num_padding_at_beginning", "0", "--dtype", "bf16", "--zero_stage", "0", "--eval_iters", "2",
                      "--deepspeed", "--seed", "1234"]
         results: dict[str, list[dict]] = {"rm_ours": [], "rm_upstream": [], "ppo_ours": [], "ppo_upstream": []}
         rm_dir = work / "rm-ours-0"
         for rep in range(a.reps):
-            write_jsonfile_data(upstream, assets / "data" / "preference")
+            write_jsonfile_data(upstream, preference)
             results["rm_upstream"].append(timed_run(
                 upstream, "training/step2_reward_model_finetuning",
                 ["--data_path", "local/jsonfile", *rm_common, "--data_output_path", str(work / f"data-up-rm-{rep}"),
                  "--output_dir", str(work / f"rm-up-{rep}")], work, f"rm-upstream-{rep}"))
             results["rm_ours"].append(timed_run(
                 ours, "training/step2_reward_model_finetuning",
-                ["--data_path", str(assets / "data" / "preference"), *rm_common, "--data_output_path",
+                ["--data_path", str(preference), *rm_common, "--data_output_path",
                  str(work / f"data-ours-rm-{rep}"), "--output_dir", str(work / f"rm-ours-{rep}")],
                 work, f"rm-ours-{rep}"))
         ppo_common = ["--data_split", "0,0,1", "--actor_model_name_or_path", str(model),
                       "--critic_model_name_or_path", str(rm_dir), "--num_padding_at_beginning", "0",
                       "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
-                      "--max_answer_seq_len", "16", "--max_prompt_seq_len", "32", "--dtype", "bf16",
+                      "--max_answer_seq_len", "16", "--max_prompt_seq_len", "16", "--dtype", "bf16",
                       "--actor_zero_stage", "0", "--critic_zero_stage", "0", "--actor_lora_dim", "8",
                       "--critic_lora_dim", "8", "--actor_lora_module_name", "layers.",
                       "--critic_lora_module_name", "layers.", "--only_optimize_lora", "--num_warmup_steps", "0",
                       "--enable_test_mode", "--test_stop_step", str(a.ppo_steps), "--deepspeed", "--seed", "1234"]
         for rep in range(a.reps):
-            write_jsonfile_data(upstream, assets / "data" / "prompts")
+            write_jsonfile_data(upstream, prompts)
             results["ppo_upstream"].append(timed_run(
                 upstream, "training/step3_rlhf_finetuning",
                 ["--data_path", "local/jsonfile", *ppo_common, "--data_output_path", str(work / f"data-up-ppo-{rep}"),
                  "--output_dir", str(work / f"ppo-up-{rep}")], work, f"ppo-upstream-{rep}"))
             results["ppo_ours"].append(timed_run(
                 ours, "training/step3_rlhf_finetuning",
-                ["--data_path", str(assets / "data" / "prompts"), *ppo_common, "--data_output_path",
+                ["--data_path", str(prompts), *ppo_common, "--data_output_path",
                  str(work / f"data-ours-ppo-{rep}"), "--output_dir", str(work / f"ppo-ours-{rep}")],
                 work, f"ppo-ours-{rep}"))
     except RuntimeError as e:

@@ -129,8 +129,8 @@ LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=1, gene
                  gradient_checkpointing=True, lora_dim=64, lora_module_name="layers.", only_optimize_lora=False,
                  actor_dropout="0.0", max_steps=0)
 # The embedded tiny LLaMA on CPU: LoRA-only actor and critic with gradient checkpointing (the combination
-# patch 0002 fixes), 8 PPO steps of 4 prompts.
-TINY = dict(data="", data_split="0,0,1", batch_size=4, generation_batches=1, ppo_epochs=1, max_prompt_len=32,
+# patch 0002 fixes), 8 PPO steps of 4 prompts (the tiny prompts are at most 13 tokens).
+TINY = dict(data="", data_split="0,0,1", batch_size=4, generation_batches=1, ppo_epochs=1, max_prompt_len=16,
             max_answer_len=16, actor_lr=1e-5, critic_lr=1e-5, weight_decay=0.0, epochs=1, num_warmup_steps=0,
             zero_stage=0, hybrid_engine=False, offload_reference_model=False, gradient_checkpointing=True,
             lora_dim=8, lora_module_name="layers.", only_optimize_lora=True, actor_dropout="0.0", max_steps=8)

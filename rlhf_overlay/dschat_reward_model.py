@@ -60,6 +60,7 @@ class RewardModelConfig:
     dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
     data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
     epochs: int | None = None         # training epochs (empty = the recipe's)
+    max_steps: int | None = None      # stop after N optimizer steps, 0 = all epochs (empty = the recipe's)
     batch_size: int | None = None     # per-device train and eval batch size (empty = the recipe's)
     max_seq_len: int | None = None    # prompt + answer tokens (empty = the recipe's)
     learning_rate: float | None = None  # learning rate (empty = the recipe's)
@@ -81,6 +82,8 @@ class RewardModelConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name}={value!r}: must be >= 0 (0 = no LoRA)")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps={self.max_steps!r}: must be >= 0 (0 = all epochs)")
         for name in ("num_gpus", "epochs", "batch_size", "max_seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -104,13 +107,16 @@ class RewardModelConfig:
 # ---------------------------------------------------------------------------------------------- recipes
 # Values of the upstream scripts at the pin, training_scripts/llama2/run_llama2_7b.sh (LoRA: _lora.sh adds
 # --lora_dim 128 --lora_module_name "layers."), with --num_padding_at_beginning 0 as there.
-LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=8, max_seq_len=512, learning_rate=9.65e-6,
-                 weight_decay=0.1, epochs=1, zero_stage=3, offload=True, gradient_checkpointing=True, lora_dim=0,
-                 lora_module_name="layers.", eval_interval=0, print_interval=10, num_warmup_steps=0)
-# The embedded tiny LLaMA on CPU: a few hundred pairs, one epoch, evaluated every 10 steps (~1 min on 2 cores).
-TINY = dict(data="", data_split="0,1,0", batch_size=8, max_seq_len=128, learning_rate=5e-4, weight_decay=0.0,
-            epochs=1, zero_stage=0, offload=False, gradient_checkpointing=False, lora_dim=0,
-            lora_module_name="layers.", eval_interval=10, print_interval=5, num_warmup_steps=0)
+LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=8, eval_batch_size=8, max_seq_len=512,
+                 learning_rate=9.65e-6, weight_decay=0.1, epochs=1, max_steps=0, zero_stage=3, offload=True,
+                 gradient_checkpointing=True, lora_dim=0, lora_module_name="layers.", eval_interval=0, eval_iters=100,
+                 print_interval=10, num_warmup_steps=0)
+# The embedded tiny LLaMA on CPU: the first MAX_STEPS batches of its 4000 pairs, evaluated every 20 steps on
+# 160 held-out pairs (the tiny data's longest pair is 30 tokens).
+TINY = dict(data="", data_split="0,1,0", batch_size=8, eval_batch_size=16, max_seq_len=48, learning_rate=5e-4,
+            weight_decay=0.0, epochs=1, max_steps=60, zero_stage=0, offload=False, gradient_checkpointing=False,
+            lora_dim=0, lora_module_name="layers.", eval_interval=20, eval_iters=10, print_interval=10,
+            num_warmup_steps=0)
 
 
 def looks_local(name: str) -> bool:
@@ -166,38 +172,14 @@ def local_data_files(data: str) -> dict[str, Path] | None:
 
 def validate_local_data(data: str, field_name: str, need_pairs: bool) -> int:
     """Validate every row of a local data path before launching (errors say file:line); returns the row count.
-    Dataset names (hub) are left to DeepSpeed-Chat."""
+    Preference rows for the reward model; prompt rows (preference rows pass too) for PPO. Dataset names (hub)
+    are left to DeepSpeed-Chat."""
     files = local_data_files(data)
     if files is None:
         return 0
     from rlhf_overlay import preference_data
-    total = 0
-    for split, path in files.items():
-        if need_pairs or _has_key(path, "chosen"):
-            rows = preference_data.load_preference_rows(str(path), split=split)
-        else:
-            rows = preference_data.load_prompt_rows(str(path), split=split)
-        if not rows:
-            raise ConfigError(f"{field_name}={data!r}: {path} has no rows")
-        total += len(rows)
-    return total
-
-
-def _has_key(path: Path, key: str) -> bool:
-    """Peek at the first row to pick the validator (the validator reports any malformed row)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
-                for line in f:
-                    if line.strip():
-                        row = json.loads(line)
-                        return isinstance(row, dict) and key in row
-                return False
-            rows = json.load(f)
-    except ValueError:
-        return True
-    rows = rows if isinstance(rows, list) else [rows]
-    return bool(rows) and isinstance(rows[0], dict) and key in rows[0]
+    load = preference_data.load_preference_rows if need_pairs else preference_data.load_prompt_rows
+    return sum(len(load(str(path))) for path in set(files.values()))
 
 
 def free_port() -> int:
@@ -256,7 +238,7 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
     r = dict(LLAMA2_7B if recipe == "llama2-7b" else TINY)
     r["recipe"] = recipe
     r["model"] = cfg.model
-    for name in ("data", "data_split", "zero_stage", "lora_dim", "epochs", "batch_size", "max_seq_len",
+    for name in ("data", "data_split", "zero_stage", "lora_dim", "epochs", "max_steps", "batch_size", "max_seq_len",
                  "learning_rate", "eval_interval"):
         value = getattr(cfg, name)
         if value not in (None, ""):
@@ -288,13 +270,14 @@ def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: s
     args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
             "--model_name_or_path", model,
             "--per_device_train_batch_size", str(r["batch_size"]),
-            "--per_device_eval_batch_size", str(r["batch_size"]),
+            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
             "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
             "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
             "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
             "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]),
             "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
-            "--eval_interval", str(r["eval_interval"]), "--print_interval", str(r["print_interval"]),
+            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
+            "--print_interval", str(r["print_interval"]),
             "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
     if r["gradient_checkpointing"]:
         args.append("--gradient_checkpointing")
@@ -302,6 +285,8 @@ def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: s
         args.append("--offload")
     if r["lora_dim"]:
         args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"]]
+    if r["max_steps"]:
+        args += ["--max_steps", str(r["max_steps"])]
     return args
 
 
@@ -319,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
              "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
              "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
              "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
-             "epochs": "training epochs", "batch_size": "per-device batch size", "max_seq_len": "max tokens",
+             "epochs": "training epochs", "max_steps": "stop after N optimizer steps (0: all epochs)",
+             "batch_size": "per-device batch size", "max_seq_len": "max tokens",
              "learning_rate": "learning rate", "eval_interval": "evaluate every N steps (0: per epoch only)",
              "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
              "dry_run": "print the launch command and exit"}

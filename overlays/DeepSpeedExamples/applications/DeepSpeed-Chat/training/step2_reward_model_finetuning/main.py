@@ -7,7 +7,8 @@
 #   - --dtype fp32 (the default on CPU); ZeRO-3 / fp16 refused on CPU with a clear message;
 #   - a local model folder is checked to exist; --num_padding_at_beginning defaults from the model (OPT 1, else 0);
 #   - BLOOM: the reward model's transformer is `rwtransformer` (upstream misspelled it `rwtranrsformer`);
-#   - progress lines (loss, seconds per step) in the terminal; no crash on an empty eval set.
+#   - progress lines (loss, seconds per step) in the terminal; no crash on an empty eval set;
+#   - --max_steps stops after that many optimizer steps (then evaluates and saves as at the end of training).
 # Copyright (c) Microsoft Corporation.
 # SPDX-License-Identifier: Apache-2.0
 
@@ -201,6 +202,12 @@ def parse_args(argv=None):
                         type=int,
                         default=100,
                         help="Maximum evaluation iterations")
+    parser.add_argument(
+        "--max_steps",
+        type=int,
+        default=0,
+        help="If > 0, stop after this many optimizer steps (the lr schedule "
+        "is laid out for that many); 0 = all epochs")
     parser.add_argument(
         "--print_interval",
         type=int,
@@ -433,12 +440,15 @@ def main():
 
     num_update_steps_per_epoch = math.ceil(
         len(train_dataloader) / args.gradient_accumulation_steps)
+    num_training_steps = args.num_train_epochs * num_update_steps_per_epoch
+    if args.max_steps:
+        num_training_steps = min(num_training_steps, args.max_steps)
 
     lr_scheduler = get_scheduler(
         name=args.lr_scheduler_type,
         optimizer=optimizer,
         num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.num_train_epochs * num_update_steps_per_epoch,
+        num_training_steps=num_training_steps,
     )
 
     rm_model, optimizer, _, lr_scheduler = deepspeed.initialize(
@@ -512,6 +522,8 @@ def main():
                     f"diff: {reward_score - reject_score}, acc: {acc}",
                     args.global_rank)
                 rm_model.train()
+            if args.max_steps and gas_boundary and total_steps >= args.max_steps:
+                break
 
         print_rank_0(
             f"Epoch {epoch+1}/{args.num_train_epochs} with loss {mean_loss/max(step+1, 1)}",
@@ -528,6 +540,10 @@ def main():
             f"rejected_last_scores (lower is better) : {reject_score}, "
             f"acc (higher is better) : {acc}", args.global_rank)
         rm_model.tput_timer.update_epoch_count()
+        if args.max_steps and total_steps >= args.max_steps:
+            print_rank_0(f"Stopping after --max_steps {args.max_steps}",
+                         args.global_rank)
+            break
 
     if step_times:
         # The first step includes one-off warm-up (allocations, kernel selection); report it apart.

@@ -81,13 +81,14 @@ def load_rows(path, split):
             f"{path}: reading local data needs the rlhf_overlay package on PYTHONPATH "
             f"(run through `make rm-llama2`/`make ppo-llama2` or `pip install -e <rlhf-overlay>`): {e}"
         ) from e
-    if _first_row_has(path, "chosen") or _first_row_has(path, "rejected"):
+    if _first_row_has_any(path, ("chosen", "choosen", "rejected")):
         return load_preference_rows(path, split=split)
     return load_prompt_rows(path, split=split)
 
 
-def _first_row_has(path, key):
-    """Cheap peek used only to pick the validator; the validator itself reports any malformed row."""
+def _first_row_has_any(path, keys):
+    """Cheap peek used only to pick the validator; the validator itself reports any malformed row.
+    ("choosen" is the seed's misspelling, which the preference validator accepts with a warning.)"""
     import json
     try:
         with open(path, encoding="utf-8") as f:
@@ -95,13 +96,13 @@ def _first_row_has(path, key):
                 for line in f:
                     if line.strip():
                         row = json.loads(line)
-                        return isinstance(row, dict) and key in row
+                        return isinstance(row, dict) and any(k in row for k in keys)
                 return False
             data = json.load(f)
     except ValueError:
         return True  # unreadable: let the preference validator report file:line
     rows = data if isinstance(data, list) else [data]
-    return bool(rows) and isinstance(rows[0], dict) and key in rows[0]
+    return bool(rows) and isinstance(rows[0], dict) and any(k in rows[0] for k in keys)
 
 
 class LocalFileDataset(PromptRawDataset):
