@@ -107,6 +107,7 @@ def rss_anon_kib(pid: int) -> int | None:
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Wall time and peak RssAnon (bytes) of a child process."""
+    os.sync()  # every timed phase starts without a backlog of dirty pages from the previous one
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -133,10 +134,12 @@ def import_floor() -> tuple[float, int]:
 
 def copy_baselines(files: list[Path], scratch: Path) -> tuple[float, float]:
     scratch.mkdir()
+    os.sync()
     start = time.perf_counter()
     for i, f in enumerate(files):
         shutil.copyfile(f, scratch / f"cp-{i}")
     copyfile = time.perf_counter() - start
+    os.sync()
     start = time.perf_counter()
     for i, f in enumerate(files):
         with open(f, "rb") as src, open(scratch / f"rw-{i}", "wb") as dst:

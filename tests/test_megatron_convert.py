@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,8 @@ def test_written_checkpoint_has_what_megatron_loads(hf_models, tmp_path):
     assert "layers.1.input_norm.weight" in first["model"]["language_model"]["encoder"]
     assert "final_norm.weight" in last["model"]["language_model"]["encoder"]
     assert torch.equal(last["model"]["word_embeddings_for_head"]["weight"], word_embeddings["weight"])
+    for path in (tmp_path / "mg/release").glob("*/model_optim_rng.pt"):  # a valid zip, CRCs included
+        assert zipfile.ZipFile(path).testzip() is None
     args = first["args"]
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (4, 48, 12)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.padded_vocab_size) == (2, 2, 256)
@@ -397,11 +400,16 @@ def test_non_empty_target_needs_overwrite_and_failures_leave_it_alone(hf_models,
         hf_to_megatron(llama2, options)
 
     options.overwrite = True
-    import toolkits.megatron_hf.hf_to_megatron as module
+    from toolkits.megatron_hf.megatron_format import RankFileWriter
+    closed, close = [], RankFileWriter.close
 
-    def fail_on_second_stage(iteration_dir, tp_rank, pp_rank, *args):
-        raise OSError("disk full (simulated)")
-    monkeypatch.setattr(module, "save_rank_file", fail_on_second_stage)
+    def fail_in_second_stage(writer):
+        close(writer)
+        closed.append(writer.path)
+        if len(closed) == 3:
+            raise OSError("disk full (simulated)")
+    monkeypatch.setattr(RankFileWriter, "close", fail_in_second_stage)
+    options.pp = 2
     with pytest.raises(OSError, match="simulated"):
         hf_to_megatron(llama2, options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mg"]  # no partial folder left behind

@@ -1,8 +1,8 @@
 """HuggingFace folder -> Megatron checkpoint (release/, TP x PP rank files, args Megatron accepts).
 
 Order of work: read config.json and the tensor names/shapes (no weights yet), check them all, then per pipeline
-stage: give every TP rank's tensors file-backed scratch memory, fill it layer by layer from the HF shards, and
-torch.save each rank. Memory stays at about one layer plus the embedding; see megatron_format.scratch_tensor.
+stage: open every TP rank's file, and split each HF tensor as it is read straight into the rank files. Memory
+stays at about one layer plus the embedding; see megatron_format.RankFileWriter.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
 from toolkits.megatron_hf.hf_format import (HFCheckpoint, check_target, copy_tokenizer_files, staged_output_folder,
                                             tokenizer_files)
 from toolkits.megatron_hf.megatron_format import (CHECKPOINT_VERSION, LAYER_PREFIX, NORM_NAME_STYLES, TRACKER_FILE,
-                                                  expected_stage_layer_counts, padded_vocab_size, save_rank_file,
-                                                  scratch_tensor)
+                                                  RankFileWriter, expected_stage_layer_counts, padded_vocab_size,
+                                                  rank_file_path)
 from toolkits.megatron_hf.megatron_to_hf import resolve_preset
 from toolkits.megatron_hf.tensor_parallel import LayoutError, ModelDims, Param
 
@@ -130,18 +130,19 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
             if p == opts.pp - 1:
                 sections.append(("", "", spec.last_stage_params(dims, opts.pp)
                                  + spec.write_only_last_stage_params(dims, opts.pp)))
-            ranks = _allocate_stage(spec, dims, opts.tp, sections, dtype_of, staging)
+            specs = _stage_rank_specs(spec, dims, opts.tp, sections, dtype_of)
+            writers = [RankFileWriter(rank_file_path(iteration_dir, t, p, opts.pp), specs, args, opts.norm_names)
+                       for t in range(opts.tp)]
             for mg_prefix, hf_prefix, params in sections:
                 for param in params:
                     hf_tensors = [hf.get(names[hf_prefix + n]) for n in param.hf]
-                    for rank, tensors in zip(ranks, param.layout.split(hf_tensors, dims, opts.tp)):
+                    for writer, tensors in zip(writers, param.layout.split(hf_tensors, dims, opts.tp)):
                         for name, tensor in zip(param.megatron, tensors):
-                            rank[mg_prefix + name].copy_(tensor)
+                            writer.write(mg_prefix + name, tensor)
                 if hf_prefix:
                     bar.update(1)
-            for t, rank in enumerate(ranks):
-                save_rank_file(iteration_dir, t, p, opts.pp, rank, args, opts.norm_names)
-            del ranks
+            for writer in writers:
+                writer.close()
             first_layer += count
         copy_tokenizer_files(tokenizer_files(opts.source), staging)
     hf.close()
@@ -150,10 +151,9 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
     return Path(opts.target)
 
 
-def _allocate_stage(spec: ModuleType, dims: ModelDims, tp: int, sections: list, dtype_of: dict,
-                    scratch_folder: Path) -> list[dict[str, torch.Tensor]]:
-    """Empty, file-backed tensors for every rank of one stage, in the order Megatron's state dict lists them."""
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+def _stage_rank_specs(spec: ModuleType, dims: ModelDims, tp: int, sections: list, dtype_of: dict) -> dict:
+    """Name -> (shape, dtype) of one rank's tensors (the same on every TP rank), in the order they are written."""
+    specs = {}
     for mg_prefix, hf_prefix, params in sections:
         hf_shapes = spec.layer_hf_shapes(dims) if hf_prefix else spec.global_hf_shapes(dims)
         for param in params:
@@ -162,7 +162,5 @@ def _allocate_stage(spec: ModuleType, dims: ModelDims, tp: int, sections: list, 
             except LayoutError as exc:
                 raise ConversionError(f"{hf_prefix}{param.hf[0]}: {exc}") from exc
             dtype = dtype_of[hf_prefix + param.hf[0]]
-            for rank in ranks:
-                for name, shape in zip(param.megatron, shapes):
-                    rank[mg_prefix + name] = scratch_tensor(scratch_folder, shape, dtype)
-    return ranks
+            specs.update({mg_prefix + name: (shape, dtype) for name, shape in zip(param.megatron, shapes)})
+    return specs

@@ -18,7 +18,7 @@ argparse namespace of the run, pickled with Megatron classes in it), `checkpoint
 from __future__ import annotations
 
 import argparse
-import os
+import mmap
 import re
 import types
 from dataclasses import dataclass, field
@@ -393,41 +393,77 @@ def nest_model_state(flat: dict[str, torch.Tensor], norm_names: str = "layernorm
     return nested
 
 
-def scratch_tensor(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor backed by a shared mapping of an already-unlinked file in `folder`.
+class _DataRecordCollector:
+    """Stands in for torch's zip writer during torch.serialization._save: metadata records go to the real
+    writer, tensor-data records are only noted (name, storage) to be written later with the real bytes."""
 
-    Why: torch.save needs every tensor of a rank at once, and a rank of a large model is far bigger than a
-    layer. Pages of a file mapping live in the page cache (the kernel writes them out under pressure), not in
-    the process's anonymous memory, so filling ranks layer by layer keeps our footprint at about one layer.
-    """
+    def __init__(self, writer):
+        self.writer = writer
+        self.data_records: list[tuple[str, Any, int]] = []
+
+    def write_record(self, name, data, size):
+        if name.startswith("data/"):
+            self.data_records.append((name, data, size))
+        else:
+            self.writer.write_record(name, data, size)
+
+
+def _untouched_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor on its own anonymous mapping that is never written, so it occupies no memory and gives the
+    address space back when freed (a malloc'd placeholder would leave free but resident holes in the heap
+    that later allocations touch, growing the footprint layer after layer)."""
     nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    path = folder / f".scratch-{os.getpid()}-{next(_scratch_ids)}"
-    storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
-    path.unlink()  # the mapping keeps the data; the disk space goes when the tensor does
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
-def _counter():
-    n = 0
-    while True:
-        n += 1
-        yield n
+class RankFileWriter:
+    """Writes one Megatron rank file, in torch.save's format, tensor by tensor as they are produced.
+
+    Why: torch.save needs every tensor of a rank at once, and a rank of a large model is far bigger than a
+    layer. Its zip format keeps the pickle (names, shapes, dtypes, storage keys) in one record and each
+    tensor's bytes in a record of its own, so we run torch's own serializer on placeholder tensors (allocated
+    but never touched, so they take no memory), note the record name it gives each one, and write the real
+    bytes under that name when the tensor is ready. The file is what torch.save would write, CRCs included.
+    Tensors must arrive in the order the pickle lists them (the order of `specs`).
+    """
+
+    def __init__(self, path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 args: argparse.Namespace, norm_names: str):
+        import pickle
+        placeholders = {name: _untouched_tensor(shape, dtype) for name, (shape, dtype) in specs.items()}
+        state = {"model": nest_model_state(placeholders, norm_names), "args": args,
+                 "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._opener = torch.serialization._open_zipfile_writer(str(path))
+        self._zip = self._opener.__enter__()
+        collector = _DataRecordCollector(self._zip)
+        torch.serialization._save(state, collector, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+        name_of_storage = {t.untyped_storage()._cdata: name for name, t in placeholders.items()}
+        self._queue = [(record, name_of_storage[storage._cdata], size)
+                       for record, storage, size in collector.data_records]
+        self._specs = specs
+        self._written = 0
+        self.path = path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        record, expected, nbytes = self._queue[self._written]
+        shape, dtype = self._specs[name]
+        if name != expected or tuple(tensor.shape) != tuple(shape):
+            raise AssertionError(f"{self.path}: expected {expected} next, got {name} {tuple(tensor.shape)}")
+        data = tensor.to(dtype).contiguous()
+        self._zip.write_record(record, data.data_ptr(), nbytes)
+        self._written += 1
+
+    def close(self) -> None:
+        if self._written != len(self._queue):
+            raise AssertionError(f"{self.path}: closed after {self._written} of {len(self._queue)} tensors")
+        self._opener.__exit__(None, None, None)
 
 
-_scratch_ids = _counter()
-
-
-def save_rank_file(iteration_dir: Path, tp_rank: int, pp_rank: int, pp: int, flat: dict[str, torch.Tensor],
-                   args: argparse.Namespace, norm_names: str) -> Path:
-    folder = iteration_dir / rank_folder_name(tp_rank, pp_rank, pp)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {"model": nest_model_state(flat, norm_names), "args": args,
-             "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
-    path = folder / RANK_FILE_NAMES[0]
-    torch.save(state, path)
-    return path
+def rank_file_path(iteration_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return iteration_dir / rank_folder_name(tp_rank, pp_rank, pp) / RANK_FILE_NAMES[0]
 
 
 def padded_vocab_size(vocab_rows: int, tp: int, divisible_by: int) -> int:
