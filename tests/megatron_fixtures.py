@@ -455,7 +455,7 @@ def reference_logits(ranks: dict, tiny: TinyModel, tp: int, pp: int, tokens: tor
             y = F.layer_norm(x, (tiny.hidden,), w[0]["input_layernorm.weight"], w[0]["input_layernorm.bias"], tiny.eps)
             attn = w[0]["self_attention.dense.bias"]
             for t in range(tp):
-                qkv = (y @ w[t]["self_attention.query_key_value.weight"].T + w[t]["self_attention.query_key_value.bias"])
+                qkv = y @ w[t]["self_attention.query_key_value.weight"].T + w[t]["self_attention.query_key_value.bias"]
                 q, k, v = qkv.unflatten(-1, (heads_r, 3, hd)).unbind(dim=3)
                 alibi = (slopes[t * heads_r:(t + 1) * heads_r, None, None] * key_positions)[None]
                 attn = attn + _attention(q, k, v, alibi) @ w[t]["self_attention.dense.weight"].T

@@ -221,6 +221,39 @@ def test_written_checkpoint_has_what_megatron_loads(hf_models, tmp_path):
     assert args.params_dtype == torch.bfloat16 and args.bf16 and args.position_embedding_type == "alibi"
 
 
+def test_streamed_rank_file_reads_like_torch_save(tmp_path):
+    """RankFileWriter writes tensor records one at a time; torch.load (with and without mmap) must read back
+    what torch.save of the same state reads back, and the zip must be valid."""
+    import argparse
+    from toolkits.megatron_hf.megatron_format import RankFileWriter
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"language_model.embedding.word_embeddings.weight": torch.randn(8, 4, generator=gen),
+               "language_model.encoder.layers.0.input_layernorm.weight": torch.randn(4, generator=gen),
+               "language_model.encoder.layers.0.mlp.dense_4h_to_h.weight": torch.randn(4, 6, generator=gen)[:, :3],
+               "language_model.encoder.final_layernorm.weight": torch.randn(4, generator=gen).bfloat16(),
+               "language_model.output_layer.weight": torch.randn(8, 4, generator=gen)}
+    args = argparse.Namespace(hidden_size=4, params_dtype=torch.float32)
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    writer = RankFileWriter(tmp_path / "mp_rank_00" / "model_optim_rng.pt", specs, args, "layernorm")
+    with pytest.raises(AssertionError, match="expected language_model.embedding.word_embeddings.weight next"):
+        writer.write("language_model.output_layer.weight", tensors["language_model.output_layer.weight"])
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    path = tmp_path / "mp_rank_00" / "model_optim_rng.pt"
+    assert zipfile.ZipFile(path).testzip() is None
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        for mmap in (False, True):
+            state = torch.load(path, weights_only=True, mmap=mmap)
+            assert state["checkpoint_version"] == 3.0 and state["args"].hidden_size == 4
+            encoder = state["model"]["language_model"]["encoder"]
+            assert torch.equal(encoder["layers.0.mlp.dense_4h_to_h.weight"],
+                               tensors["language_model.encoder.layers.0.mlp.dense_4h_to_h.weight"])
+            assert encoder["final_layernorm.weight"].dtype == torch.bfloat16
+            assert torch.equal(state["model"]["language_model"]["output_layer"]["weight"],
+                               tensors["language_model.output_layer.weight"])
+
+
 # ----------------------------------------------------------------------------- vocabulary and tokenizer
 def save_tiny_tokenizer(folder: Path, size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers

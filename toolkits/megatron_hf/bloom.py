@@ -170,22 +170,13 @@ def hf_config(d: ModelDims, dtype: torch.dtype) -> dict:
         "n_head": d.num_attention_heads, "layer_norm_epsilon": d.norm_epsilon,
         "apply_residual_connection_post_layernorm": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
         "initializer_range": 0.02, "pretraining_tp": 1, "slow_but_exact": False, "use_cache": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": d.bos_token_id, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "tie_word_embeddings": True, "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
     }
 
 
 def megatron_args(d: ModelDims) -> dict:
-    return {
-        "num_layers": d.num_layers, "hidden_size": d.hidden_size, "ffn_hidden_size": d.ffn_hidden_size,
-        "num_attention_heads": d.num_attention_heads, "kv_channels": d.head_dim,
-        "group_query_attention": False, "num_query_groups": d.num_attention_heads,
-        "max_position_embeddings": d.max_position_embeddings, "seq_length": d.max_position_embeddings,
-        "position_embedding_type": "alibi", "add_position_embedding": False, "embed_layernorm": True,
-        "normalization": "LayerNorm", "layernorm_epsilon": d.norm_epsilon, "norm_epsilon": d.norm_epsilon,
-        "swiglu": False, "add_bias_linear": True, "add_qkv_bias": True, "bias_gelu_fusion": True,
-        "openai_gelu": False, "apply_residual_connection_post_layernorm": False,
-        "untie_embeddings_and_output_weights": False,
-        "bos_token_id": d.bos_token_id, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id,
-    }
+    """Megatron args of a BLOOM run (the driver adds parallelism, vocab, dtype)."""
+    return {**d.megatron_architecture_args(),
+            "position_embedding_type": "alibi", "embed_layernorm": True, "normalization": "LayerNorm",
+            "swiglu": False, "add_bias_linear": True, "add_qkv_bias": True, "bias_gelu_fusion": True,
+            "openai_gelu": False, "apply_residual_connection_post_layernorm": False}

@@ -27,10 +27,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def parse_size(text: str) -> int:
     """'5GB' / '500MB' / '1000' -> bytes (HF's max_shard_size spelling, decimal units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", text.upper())

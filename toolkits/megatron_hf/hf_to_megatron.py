@@ -20,7 +20,7 @@ from toolkits.megatron_hf.megatron_format import (CHECKPOINT_VERSION, LAYER_PREF
                                                   RankFileWriter, expected_stage_layer_counts, padded_vocab_size,
                                                   rank_file_path)
 from toolkits.megatron_hf.megatron_to_hf import resolve_preset
-from toolkits.megatron_hf.tensor_parallel import LayoutError, ModelDims, Param
+from toolkits.megatron_hf.tensor_parallel import LayoutError, ModelDims
 
 
 @dataclass
@@ -103,7 +103,8 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
     dims.megatron_vocab_size = opts.padded_vocab_size or padded_vocab_size(rows, opts.tp, divisible_by)
     if dims.megatron_vocab_size < rows or dims.megatron_vocab_size % opts.tp:
         raise ConversionError(f"--padded-vocab-size {dims.megatron_vocab_size} must be >= the {rows} vocabulary rows "
-                              f"(HF {dims.hf_vocab_size} + {opts.extra_vocab_size} extra) and divisible by TP={opts.tp}")
+                              f"(HF {dims.hf_vocab_size} + {opts.extra_vocab_size} extra) and divisible by "
+                              f"TP={opts.tp}")
     raise_if_problems(f"cannot split {hf.folder} over TP={opts.tp}", dims.tensor_parallel_problems(opts.tp))
     stage_counts = expected_stage_layer_counts(dims.num_layers, opts.pp, opts.first_stage_layers,
                                                opts.last_stage_layers)

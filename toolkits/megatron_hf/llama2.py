@@ -211,23 +211,13 @@ def hf_config(d: ModelDims, dtype: torch.dtype) -> dict:
         "rope_theta": d.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
         "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
         "vocab_size": d.hf_vocab_size, "tie_word_embeddings": d.tie_word_embeddings,
-        "bos_token_id": d.bos_token_id, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
     }
 
 
 def megatron_args(d: ModelDims) -> dict:
-    """Architecture fields of the Megatron args namespace (the driver adds parallelism, vocab, dtype)."""
-    return {
-        "num_layers": d.num_layers, "hidden_size": d.hidden_size, "ffn_hidden_size": d.ffn_hidden_size,
-        "num_attention_heads": d.num_attention_heads, "kv_channels": d.head_dim,
-        "group_query_attention": d.num_query_groups != d.num_attention_heads,
-        "num_query_groups": d.num_query_groups,
-        "max_position_embeddings": d.max_position_embeddings, "seq_length": d.max_position_embeddings,
-        "position_embedding_type": "rope", "use_rotary_position_embeddings": True, "add_position_embedding": False,
-        "rotary_base": d.rope_theta, "rotary_percent": 1.0,
-        "normalization": "RMSNorm", "norm_epsilon": d.norm_epsilon, "layernorm_epsilon": d.norm_epsilon,
-        "swiglu": True, "add_bias_linear": False, "add_qkv_bias": False,
-        "untie_embeddings_and_output_weights": not d.tie_word_embeddings,
-        "bos_token_id": d.bos_token_id, "eos_token_id": d.eos_token_id, "pad_token_id": d.pad_token_id,
-    }
+    """Megatron args of a LLaMA2 run (the driver adds parallelism, vocab, dtype)."""
+    return {**d.megatron_architecture_args(),
+            "position_embedding_type": "rope", "use_rotary_position_embeddings": True, "rotary_base": d.rope_theta,
+            "rotary_percent": 1.0, "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
+            "add_qkv_bias": False}

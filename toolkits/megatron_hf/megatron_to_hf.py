@@ -14,8 +14,9 @@ from types import ModuleType
 import torch
 
 from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
-from toolkits.megatron_hf.hf_format import (TOKENIZER_FILES, PlannedTensor, SafetensorsShardWriter, copy_tokenizer_files,
-                                            check_target, staged_output_folder, tokenizer_facts, tokenizer_files)
+from toolkits.megatron_hf.hf_format import (TOKENIZER_FILES, PlannedTensor, SafetensorsShardWriter, check_target,
+                                            copy_tokenizer_files, staged_output_folder, tokenizer_facts,
+                                            tokenizer_files)
 from toolkits.megatron_hf.megatron_format import LAYER_PREFIX, MegatronCheckpoint, RankState, arg
 from toolkits.megatron_hf.tensor_parallel import REPLICATED, LayoutError, ModelDims, Param
 
@@ -127,7 +128,15 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
     tokenizer_paths = tokenizer_files(tokenizer_dir)
     if opts.tokenizer and not tokenizer_paths:
         raise ConversionError(f"--tokenizer {opts.tokenizer} holds none of {', '.join(TOKENIZER_FILES)}")
-    tokenizer = tokenizer_facts(tokenizer_dir) if tokenizer_paths else None
+    tokenizer = None
+    if tokenizer_paths:
+        try:
+            tokenizer = tokenizer_facts(tokenizer_dir)
+        except ConversionError as exc:
+            if opts.tokenizer:
+                raise
+            note(f"{exc}; copying the tokenizer files found in {tokenizer_dir} without taking the vocabulary "
+                 f"size from them")
     dims.hf_vocab_size = _resolve_vocab(opts, args, preset, tokenizer, dims.megatron_vocab_size)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if tokenizer and tokenizer[key] is not None:
@@ -154,7 +163,8 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
                 expected_layer = _expected_rank_shapes(params, hf_layer_shapes, dims, tp)
                 problems += _compare(rank.path, expected_layer, tensors, label=f"{LAYER_PREFIX}{i - offsets[p]}.")
     if sorted(layer_params) != list(range(num_layers)):
-        problems.append(f"{checkpoint.iteration_dir}: layers found {sorted(layer_params)}, expected 0..{num_layers - 1}")
+        problems.append(f"{checkpoint.iteration_dir}: layers found {sorted(layer_params)}, expected "
+                        f"0..{num_layers - 1}")
     raise_if_problems(f"{checkpoint.iteration_dir} does not match a {spec.FAMILY} model with {dims.num_layers} layers, "
                       f"hidden {dims.hidden_size}, {dims.num_attention_heads} heads, {dims.num_query_groups} "
                       f"query groups, FFN {dims.ffn_hidden_size}, TP={tp}, PP={pp}", problems)

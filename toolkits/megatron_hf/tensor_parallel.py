@@ -38,6 +38,21 @@ class ModelDims:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
 
+    def special_tokens(self) -> dict:
+        return {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
+
+    def megatron_architecture_args(self) -> dict:
+        """The Megatron args both families share (each family adds its own, the driver adds parallelism)."""
+        return {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "ffn_hidden_size": self.ffn_hidden_size, "num_attention_heads": self.num_attention_heads,
+                "kv_channels": self.head_dim,
+                "group_query_attention": self.num_query_groups != self.num_attention_heads,
+                "num_query_groups": self.num_query_groups, "max_position_embeddings": self.max_position_embeddings,
+                "seq_length": self.max_position_embeddings, "add_position_embedding": False,
+                "norm_epsilon": self.norm_epsilon, "layernorm_epsilon": self.norm_epsilon,
+                "untie_embeddings_and_output_weights": not self.tie_word_embeddings, **self.special_tokens()}
+
     def tensor_parallel_problems(self, tp: int) -> list[str]:
         """Why these dims cannot be split over `tp` ranks (empty when they can)."""
         problems = []
