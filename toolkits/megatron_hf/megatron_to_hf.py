@@ -106,24 +106,75 @@ def _resolve_vocab(opts: MegatronToHFOptions, args, preset: dict, tokenizer: dic
 def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
     check_target(opts.target, opts.overwrite, opts.source)
     checkpoint = MegatronCheckpoint.open(opts.source, opts.iteration)
-    tp, pp, args = checkpoint.tp, checkpoint.pp, checkpoint.args
     offsets, num_layers = checkpoint.stage_layer_offsets()
-    stages: list[list[RankState] | None] = [checkpoint.load_stage(p, offsets) for p in range(pp)]
-    preset = resolve_preset(spec, opts.model_name)
+    stages: list[list[RankState] | None] = [checkpoint.load_stage(p, offsets) for p in range(checkpoint.pp)]
+    dims = _infer_dims(spec, checkpoint, stages, num_layers, opts)
+    tokenizer_paths = _apply_tokenizer_and_vocab(spec, checkpoint, dims, opts)
+    hf_global_shapes, hf_layer_shapes = spec.global_hf_shapes(dims), spec.layer_hf_shapes(dims)
+    _check_every_rank(spec, checkpoint, stages, offsets, dims, hf_global_shapes, hf_layer_shapes)
 
+    # Plan every HF tensor (name, shape, dtype, in write order) so the shard headers can be written first.
+    tp, pp = checkpoint.tp, checkpoint.pp
+    plan = []
+    for p, ranks in enumerate(stages):
+        for layer, params in _stage_sections(spec, dims, p, pp, ranks[0]):
+            tensors = ranks[0].globals if layer is None else ranks[0].layers[layer]
+            hf_prefix, hf_shapes = _hf_prefix_and_shapes(spec, layer, hf_global_shapes, hf_layer_shapes)
+            for param in params:
+                dtype = opts.dtype or tensors[param.megatron[0]].dtype
+                plan += [PlannedTensor(hf_prefix + n, hf_shapes[n], dtype) for n in param.hf]
+
+    from tqdm import tqdm
+    with staged_output_folder(opts.target, opts.overwrite, opts.source) as staging, \
+            tqdm(total=num_layers, desc=f"{spec.FAMILY} Megatron->HF", unit="layer", disable=not opts.progress) as bar:
+        writer = SafetensorsShardWriter(staging, plan, opts.max_shard_bytes)
+        for p in range(pp):
+            ranks = stages[p]
+            for layer, params in _stage_sections(spec, dims, p, pp, ranks[0]):
+                rank_dicts = [r.globals if layer is None else r.layers[layer] for r in ranks]
+                hf_prefix, _ = _hf_prefix_and_shapes(spec, layer, hf_global_shapes, hf_layer_shapes)
+                for param in params:
+                    per_rank = [[d[n] for n in param.megatron] for d in rank_dicts]
+                    if param.layout is REPLICATED:
+                        _warn_if_ranks_differ(param, per_rank, ranks[0].path)
+                    for hf_name, tensor in zip(param.hf, param.layout.merge(per_rank, dims)):
+                        writer.write(hf_prefix + hf_name, tensor)
+                if layer is not None:
+                    bar.update(1)
+            stages[p] = None  # drop this stage's mappings before the next stage is read
+        writer.close()
+        config = spec.hf_config(dims, plan[0].dtype)  # torch_dtype: the embedding's
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_paths, staging)
+    print(f"wrote {opts.target}: {len(plan)} tensors in {len(writer.shard_names)} shard(s), "
+          f"{writer.total_bytes / 1e9:.2f} GB, {dims.num_layers} layers, vocab {dims.hf_vocab_size}")
+    return Path(opts.target)
+
+
+def _infer_dims(spec: ModuleType, checkpoint: MegatronCheckpoint, stages: list[list[RankState]], num_layers: int,
+                opts: MegatronToHFOptions) -> ModelDims:
+    """Architecture from the first stage's embedding, the last stage's head and the lowest layer (TP rank 0)."""
     first, last = stages[0][0], stages[-1][0]
     if spec.EMBEDDING not in first.globals:
         raise ConversionError(f"{first.path}: no {spec.EMBEDDING}; the first pipeline stage must hold the "
                               f"embedding (found: {', '.join(sorted(first.globals)) or 'no global tensors'})")
+    if num_layers == 0:
+        raise ConversionError(f"{checkpoint.iteration_dir}: no transformer layers found in any rank file")
+    lowest = min(i for stage in stages for i in stage[0].layers)
+    layer = next(stage[0].layers[lowest] for stage in stages if lowest in stage[0].layers)
     global_shapes = {n: tuple(t.shape) for n, t in {**first.globals, **last.globals}.items()}
-    first_layer = min((i, rank) for rank in (s[0] for s in stages) for i in rank.layers)[1].layers
-    first_layer = first_layer[min(first_layer)]
-    layer_shapes = {n: tuple(t.shape) for n, t in first_layer.items()}
-    dims = spec.dims_from_megatron(args, global_shapes, layer_shapes, tp, num_layers, preset)
+    layer_shapes = {n: tuple(t.shape) for n, t in layer.items()}
+    preset = resolve_preset(spec, opts.model_name)
+    dims = spec.dims_from_megatron(checkpoint.args, global_shapes, layer_shapes, checkpoint.tp, num_layers, preset)
     if preset and preset.get("hidden_size") not in (None, dims.hidden_size):
         note(f"MODEL_NAME {opts.model_name} has hidden size {preset['hidden_size']} but the checkpoint has "
              f"{dims.hidden_size}; only fields missing from the checkpoint are taken from MODEL_NAME")
+    return dims
 
+
+def _apply_tokenizer_and_vocab(spec: ModuleType, checkpoint: MegatronCheckpoint, dims: ModelDims,
+                               opts: MegatronToHFOptions) -> list[Path]:
+    """Set the HF vocabulary size and special tokens; return the tokenizer files to copy."""
     tokenizer_dir = opts.tokenizer or (checkpoint.root if tokenizer_files(checkpoint.root) else None)
     tokenizer_paths = tokenizer_files(tokenizer_dir)
     if opts.tokenizer and not tokenizer_paths:
@@ -137,20 +188,24 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
                 raise
             note(f"{exc}; copying the tokenizer files found in {tokenizer_dir} without taking the vocabulary "
                  f"size from them")
-    dims.hf_vocab_size = _resolve_vocab(opts, args, preset, tokenizer, dims.megatron_vocab_size)
+    preset = resolve_preset(spec, opts.model_name)
+    dims.hf_vocab_size = _resolve_vocab(opts, checkpoint.args, preset, tokenizer, dims.megatron_vocab_size)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if tokenizer and tokenizer[key] is not None:
             setattr(dims, key, tokenizer[key])
+    return tokenizer_paths
 
-    # ---- check every rank against the architecture before writing anything
-    hf_global_shapes = spec.global_hf_shapes(dims)
-    hf_layer_shapes = spec.layer_hf_shapes(dims)
-    problems, layer_params = [], {}
+
+def _check_every_rank(spec: ModuleType, checkpoint: MegatronCheckpoint, stages: list[list[RankState]],
+                      offsets: list[int], dims: ModelDims, hf_global_shapes: dict, hf_layer_shapes: dict) -> None:
+    """Every tensor of every rank against the inferred architecture; all differences reported at once."""
+    tp, pp = checkpoint.tp, checkpoint.pp
     try:
         first_expected = _expected_rank_shapes(spec.first_stage_params(dims), hf_global_shapes, dims, tp)
         last_expected = _expected_rank_shapes(spec.last_stage_params(dims, pp), hf_global_shapes, dims, tp)
     except LayoutError as exc:
         raise ConversionError(f"{checkpoint.iteration_dir}: {exc}") from exc
+    problems, layer_params = [], {}
     for p, ranks in enumerate(stages):
         expected = {**(first_expected if p == 0 else {}), **(last_expected if p == pp - 1 else {})}
         for rank in ranks:
@@ -162,49 +217,12 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
                 params = layer_params.setdefault(i, layer_params_present(spec, set(tensors)))
                 expected_layer = _expected_rank_shapes(params, hf_layer_shapes, dims, tp)
                 problems += _compare(rank.path, expected_layer, tensors, label=f"{LAYER_PREFIX}{i - offsets[p]}.")
-    if sorted(layer_params) != list(range(num_layers)):
+    if sorted(layer_params) != list(range(dims.num_layers)):
         problems.append(f"{checkpoint.iteration_dir}: layers found {sorted(layer_params)}, expected "
-                        f"0..{num_layers - 1}")
-    raise_if_problems(f"{checkpoint.iteration_dir} does not match a {spec.FAMILY} model with {dims.num_layers} layers, "
-                      f"hidden {dims.hidden_size}, {dims.num_attention_heads} heads, {dims.num_query_groups} "
-                      f"query groups, FFN {dims.ffn_hidden_size}, TP={tp}, PP={pp}", problems)
-
-    # ---- plan the HF tensors (names, shapes, dtypes in write order), then stream them
-    plan = []
-    for p, ranks in enumerate(stages):
-        for layer, params in _stage_sections(spec, dims, p, pp, ranks[0]):
-            tensors = ranks[0].globals if layer is None else ranks[0].layers[layer]
-            hf_prefix, hf_shapes = _hf_prefix_and_shapes(spec, layer, hf_global_shapes, hf_layer_shapes)
-            for param in params:
-                dtype = opts.dtype or tensors[param.megatron[0]].dtype
-                plan += [PlannedTensor(hf_prefix + n, hf_shapes[n], dtype) for n in param.hf]
-    output_dtype = plan[0].dtype  # the embedding's: what HF's config.json calls torch_dtype
-
-    with staged_output_folder(opts.target, opts.overwrite, opts.source) as staging:
-        writer = SafetensorsShardWriter(staging, plan, opts.max_shard_bytes)
-        from tqdm import tqdm
-        with tqdm(total=num_layers, desc=f"{spec.FAMILY} Megatron->HF", unit="layer", disable=not opts.progress) as bar:
-            for p in range(pp):
-                ranks = stages[p]
-                for layer, params in _stage_sections(spec, dims, p, pp, ranks[0]):
-                    rank_dicts = [r.globals if layer is None else r.layers[layer] for r in ranks]
-                    hf_prefix, _ = _hf_prefix_and_shapes(spec, layer, hf_global_shapes, hf_layer_shapes)
-                    for param in params:
-                        per_rank = [[d[n] for n in param.megatron] for d in rank_dicts]
-                        if param.layout is REPLICATED:
-                            _warn_if_ranks_differ(param, per_rank, ranks[0].path)
-                        for hf_name, tensor in zip(param.hf, param.layout.merge(per_rank, dims)):
-                            writer.write(hf_prefix + hf_name, tensor)
-                    if layer is not None:
-                        bar.update(1)
-                stages[p] = None  # drop this stage's mappings before the next stage is read
-        writer.close()
-        config = spec.hf_config(dims, output_dtype)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_tokenizer_files(tokenizer_paths, staging)
-    print(f"wrote {opts.target}: {len(plan)} tensors in {len(writer.shard_names)} shard(s), "
-          f"{writer.total_bytes / 1e9:.2f} GB, {dims.num_layers} layers, vocab {dims.hf_vocab_size}")
-    return Path(opts.target)
+                        f"0..{dims.num_layers - 1}")
+    raise_if_problems(f"{checkpoint.iteration_dir} does not match a {spec.FAMILY} model with {dims.num_layers} "
+                      f"layers, hidden {dims.hidden_size}, {dims.num_attention_heads} heads, "
+                      f"{dims.num_query_groups} query groups, FFN {dims.ffn_hidden_size}, TP={tp}, PP={pp}", problems)
 
 
 def _stage_sections(spec: ModuleType, dims: ModelDims, p: int, pp: int, rank: RankState):
