@@ -59,8 +59,8 @@ def _check_hf_tensors(spec: ModuleType, hf: HFCheckpoint, names: dict[str, str],
                       problems)
 
 
-def _megatron_args(spec: ModuleType, dims: ModelDims, opts: HFToMegatronOptions, dtype: torch.dtype,
-                   divisible_by: int) -> argparse.Namespace:
+def _megatron_args(spec: ModuleType, dims: ModelDims, opts: HFToMegatronOptions,
+                   dtype: torch.dtype) -> argparse.Namespace:
     """What Megatron-LM reads back (load_args_from_checkpoint / check_checkpoint_args), nothing Megatron-specific
     pickled, so any Megatron version (and this converter) loads it."""
     return argparse.Namespace(
@@ -70,7 +70,7 @@ def _megatron_args(spec: ModuleType, dims: ModelDims, opts: HFToMegatronOptions,
         decoder_first_pipeline_num_layers=opts.first_stage_layers,
         decoder_last_pipeline_num_layers=opts.last_stage_layers,
         padded_vocab_size=dims.megatron_vocab_size, vocab_size=dims.hf_vocab_size,
-        extra_vocab_size=dims.new_token_rows, make_vocab_size_divisible_by=divisible_by,
+        extra_vocab_size=dims.new_token_rows, make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
         params_dtype=dtype, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
         iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
 
@@ -82,58 +82,29 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
         raise ConversionError(f"--norm-names {opts.norm_names!r}: use one of {', '.join(NORM_NAME_STYLES)}")
     check_target(opts.target, opts.overwrite, opts.source)
     hf = HFCheckpoint(opts.source)
-    names = {}
+    names = {}  # canonical HF name -> name in the files
     for actual in hf.weight_map:
         canonical = spec.canonical_hf_name(actual)
         if canonical is not None:
             names[canonical] = actual
     shapes = {c: hf.shape_and_dtype(a)[0] for c, a in names.items()}  # header metadata only, no weights read
-    try:
-        dims = spec.dims_from_hf(hf.config, shapes)
-    except KeyError as exc:
-        raise ConversionError(f"{hf.folder}: config.json or the weights lack {exc}") from exc
-    preset = resolve_preset(spec, opts.model_name)
-    if preset and preset.get("hidden_size") != dims.hidden_size:
-        note(f"MODEL_NAME {opts.model_name} has hidden size {preset['hidden_size']}, this model {dims.hidden_size}; "
-             f"using the model's config.json")
-
-    dims.new_token_rows = opts.extra_vocab_size
-    rows = dims.hf_vocab_size + opts.extra_vocab_size
-    divisible_by = opts.make_vocab_size_divisible_by
-    dims.megatron_vocab_size = opts.padded_vocab_size or padded_vocab_size(rows, opts.tp, divisible_by)
-    if dims.megatron_vocab_size < rows or dims.megatron_vocab_size % opts.tp:
-        raise ConversionError(f"--padded-vocab-size {dims.megatron_vocab_size} must be >= the {rows} vocabulary rows "
-                              f"(HF {dims.hf_vocab_size} + {opts.extra_vocab_size} extra) and divisible by "
-                              f"TP={opts.tp}")
-    raise_if_problems(f"cannot split {hf.folder} over TP={opts.tp}", dims.tensor_parallel_problems(opts.tp))
+    dims = _dims_with_padded_vocab(spec, hf, shapes, opts)
     stage_counts = expected_stage_layer_counts(dims.num_layers, opts.pp, opts.first_stage_layers,
                                                opts.last_stage_layers)
     _check_hf_tensors(spec, hf, names, shapes, dims)
-
     dtype_of = {c: opts.dtype or hf.shape_and_dtype(a)[1] for c, a in names.items()}
-    embedding_hf_name = spec.first_stage_params(dims)[0].hf[0]
-    args = _megatron_args(spec, dims, opts, dtype_of[embedding_hf_name], divisible_by)
+    args = _megatron_args(spec, dims, opts, dtype_of[spec.first_stage_params(dims)[0].hf[0]])
 
     from tqdm import tqdm
     with staged_output_folder(opts.target, opts.overwrite, opts.source) as staging, \
             tqdm(total=dims.num_layers, desc=f"{spec.FAMILY} HF->Megatron", unit="layer",
                  disable=not opts.progress) as bar:
         (staging / TRACKER_FILE).write_text("release")
-        iteration_dir = staging / "release"
-        first_layer = 0
         for p, count in enumerate(stage_counts):
-            sections = []  # (megatron name prefix, hf name prefix, params)
-            if p == 0:
-                sections.append(("", "", spec.first_stage_params(dims)))
-            for i in range(first_layer, first_layer + count):
-                sections.append((f"{LAYER_PREFIX}{i - first_layer}.", spec.HF_LAYER_PREFIX.format(i),
-                                 spec.LAYER_PARAMS))
-            if p == opts.pp - 1:
-                sections.append(("", "", spec.last_stage_params(dims, opts.pp)
-                                 + spec.write_only_last_stage_params(dims, opts.pp)))
+            sections = _stage_sections(spec, dims, p, opts.pp, sum(stage_counts[:p]), count)
             specs = _stage_rank_specs(spec, dims, opts.tp, sections, dtype_of)
-            writers = [RankFileWriter(rank_file_path(iteration_dir, t, p, opts.pp), specs, args, opts.norm_names)
-                       for t in range(opts.tp)]
+            writers = [RankFileWriter(rank_file_path(staging / "release", t, p, opts.pp), specs, args,
+                                      opts.norm_names) for t in range(opts.tp)]
             for mg_prefix, hf_prefix, params in sections:
                 for param in params:
                     hf_tensors = [hf.get(names[hf_prefix + n]) for n in param.hf]
@@ -144,12 +115,44 @@ def hf_to_megatron(spec: ModuleType, opts: HFToMegatronOptions) -> Path:
                     bar.update(1)
             for writer in writers:
                 writer.close()
-            first_layer += count
         copy_tokenizer_files(tokenizer_files(opts.source), staging)
     hf.close()
     print(f"wrote {opts.target}: release/ with TP={opts.tp} x PP={opts.pp} rank files, checkpoint_version "
           f"{CHECKPOINT_VERSION}, {dims.num_layers} layers, padded vocab {dims.megatron_vocab_size}")
     return Path(opts.target)
+
+
+def _dims_with_padded_vocab(spec: ModuleType, hf: HFCheckpoint, shapes: dict, opts: HFToMegatronOptions) -> ModelDims:
+    try:
+        dims = spec.dims_from_hf(hf.config, shapes)
+    except KeyError as exc:
+        raise ConversionError(f"{hf.folder}: config.json or the weights lack {exc}") from exc
+    preset = resolve_preset(spec, opts.model_name)
+    if preset and preset.get("hidden_size") != dims.hidden_size:
+        note(f"MODEL_NAME {opts.model_name} has hidden size {preset['hidden_size']}, this model {dims.hidden_size}; "
+             f"using the model's config.json")
+    dims.new_token_rows = opts.extra_vocab_size
+    rows = dims.hf_vocab_size + opts.extra_vocab_size
+    dims.megatron_vocab_size = opts.padded_vocab_size or padded_vocab_size(rows, opts.tp,
+                                                                           opts.make_vocab_size_divisible_by)
+    if dims.megatron_vocab_size < rows or dims.megatron_vocab_size % opts.tp:
+        raise ConversionError(f"--padded-vocab-size {dims.megatron_vocab_size} must be >= the {rows} vocabulary rows "
+                              f"(HF {dims.hf_vocab_size} + {opts.extra_vocab_size} extra) and divisible by "
+                              f"TP={opts.tp}")
+    raise_if_problems(f"cannot split {hf.folder} over TP={opts.tp}", dims.tensor_parallel_problems(opts.tp))
+    return dims
+
+
+def _stage_sections(spec: ModuleType, dims: ModelDims, p: int, pp: int, first_layer: int, count: int) -> list:
+    """(Megatron name prefix, HF name prefix, params) of pipeline stage p, in the order they are written."""
+    sections = []
+    if p == 0:
+        sections.append(("", "", spec.first_stage_params(dims)))
+    for i in range(first_layer, first_layer + count):
+        sections.append((f"{LAYER_PREFIX}{i - first_layer}.", spec.HF_LAYER_PREFIX.format(i), spec.LAYER_PARAMS))
+    if p == pp - 1:
+        sections.append(("", "", spec.last_stage_params(dims, pp) + spec.write_only_last_stage_params(dims, pp)))
+    return sections
 
 
 def _stage_rank_specs(spec: ModuleType, dims: ModelDims, tp: int, sections: list, dtype_of: dict) -> dict:
