@@ -295,6 +295,26 @@ def test_extra_vocab_rows_are_added_then_kept(hf_models, tmp_path):
     assert back.shape[0] == 93 and torch.equal(back, embedding[:93])
 
 
+def test_model_name_fills_only_what_the_args_lack(canonical_llama, tmp_path, monkeypatch):
+    from toolkits.megatron_hf import llama2
+    tiny = TINY_MODELS["llama_gqa"]
+    monkeypatch.setitem(llama2.PRESETS, "llama2-tiny", dict(
+        hidden_size=64, num_attention_heads=8, num_query_groups=4, norm_epsilon=1e-6, rope_theta=tiny.rope_theta,
+        max_position_embeddings=77, vocab_size=100, bos_token_id=1, eos_token_id=2))
+    ranks, expected = canonical_llama
+    write_megatron_checkpoint(tmp_path / "mg", tiny, ranks, 2, 2, num_attention_heads=None, rotary_base=None,
+                              max_position_embeddings=None, seq_length=None)
+    with pytest.raises(ConversionError, match="args do not give num_attention_heads; pass MODEL_NAME"):
+        mg2hf_error(tmp_path / "mg", tmp_path / "hf")
+    assert convert("mg2hf", "--model", "llama2", "--source", tmp_path / "mg", "--target", tmp_path / "hf",
+                   "--model-name", "llama2-tiny") == 0
+    assert_same_tensors(expected, hf_tensors(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    # heads, rope theta, max positions and vocab come from the preset; eps stays the checkpoint's
+    assert (config["num_attention_heads"], config["rope_theta"], config["max_position_embeddings"],
+            config["vocab_size"], config["rms_norm_eps"]) == (8, tiny.rope_theta, 77, 100, tiny.eps)
+
+
 def test_dtype_cast_and_small_shards_load_in_transformers(hf_models, tmp_path):
     source = hf_models["llama_gqa"]
     assert convert("hf2mg", "--model", "llama2", "--source", source, "--target", tmp_path / "mg", "--tp", 2) == 0
@@ -407,19 +427,24 @@ def test_megatron_core_layout_is_explained(tmp_path):
         mg2hf_error(tmp_path / "mg", tmp_path / "hf")
 
 
-def test_tensor_parallel_size_must_divide_heads(hf_models, tmp_path):
+def test_tensor_parallel_size_must_divide_heads_and_vocab(hf_models, tmp_path):
     from toolkits.megatron_hf import llama2
     from toolkits.megatron_hf.hf_to_megatron import HFToMegatronOptions, hf_to_megatron
     with pytest.raises(ConversionError, match="TP=3 does not divide the 8 attention heads"):
         hf_to_megatron(llama2, HFToMegatronOptions(source=hf_models["llama_gqa"], target=tmp_path / "mg", tp=3,
                                                    progress=False))
+    with pytest.raises(ConversionError, match=r"--padded-vocab-size 130 must be >= the 100 vocabulary rows .* "
+                                              r"divisible by TP=4"):
+        hf_to_megatron(llama2, HFToMegatronOptions(source=hf_models["llama_gqa"], target=tmp_path / "mg", tp=4,
+                                                   padded_vocab_size=130, progress=False))
     with pytest.raises(ConversionError, match="4 layers cannot be split over PP=3"):
         hf_to_megatron(llama2, HFToMegatronOptions(source=hf_models["llama_gqa"], target=tmp_path / "mg", pp=3,
                                                    progress=False))
 
 
-def test_wrong_family_is_refused(hf_models, tmp_path):
+def test_wrong_family_is_refused(hf_models, tmp_path, capsys):
     assert convert("hf2mg", "--model", "llama2", "--source", hf_models["bloom"], "--target", tmp_path / "mg") == 2
+    assert "config.json has model_type 'bloom', not 'llama'" in capsys.readouterr().err
 
 
 def test_non_empty_target_needs_overwrite_and_failures_leave_it_alone(hf_models, tmp_path, monkeypatch):
@@ -453,10 +478,11 @@ def test_non_empty_target_needs_overwrite_and_failures_leave_it_alone(hf_models,
     assert not (target / "keep.txt").exists() and (target / "release").is_dir()
 
 
-def test_target_inside_source_is_refused(hf_models, tmp_path):
+def test_target_inside_source_is_refused(hf_models, tmp_path, capsys):
     source = tmp_path / "hf"
     shutil.copytree(hf_models["bloom"], source)
     assert convert("hf2mg", "--model", "bloom", "--source", source, "--target", source / "mg") == 2
+    assert re.search(r"TARGET .*/hf/mg overlaps SOURCE .*/hf; write to a separate folder", capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------- entry points

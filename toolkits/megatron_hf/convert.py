@@ -93,7 +93,6 @@ def release_freed_memory_promptly() -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    release_freed_memory_promptly()
     import torch  # heavy imports here so that --help is instant
 
     from toolkits.megatron_hf import bloom, llama2
@@ -128,4 +127,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    release_freed_memory_promptly()  # process-wide, so only for a process of our own (not for importers)
     raise SystemExit(main())
