@@ -186,6 +186,23 @@ def test_source_may_be_root_or_iteration_folder(canonical_llama, tmp_path, subfo
     assert_same_tensors(expected, hf_tensors(tmp_path / "hf"))
 
 
+def test_bloom_without_transformer_prefix_reads_the_same(hf_models, tmp_path):
+    """BloomModel checkpoints (as bigscience publishes some) name tensors without `transformer.`."""
+    from safetensors.torch import save_file
+    source = tmp_path / "bloom-model"
+    source.mkdir()
+    shutil.copy(hf_models["bloom"] / "config.json", source)
+    save_file({k.removeprefix("transformer."): v for k, v in hf_tensors(hf_models["bloom"]).items()},
+              source / "model.safetensors", metadata={"format": "pt"})
+    for folder, target in [(hf_models["bloom"], "mg-reference"), (source, "mg")]:
+        assert convert("hf2mg", "--model", "bloom", "--source", folder, "--target", tmp_path / target, "--tp", 2) == 0
+    reference, converted = (read_megatron_checkpoint(tmp_path / t)[0] for t in ("mg-reference", "mg"))
+    for rank in reference:
+        assert_same_tensors(reference[rank]["globals"], converted[rank]["globals"])
+        for i in reference[rank]["layers"]:
+            assert_same_tensors(reference[rank]["layers"][i], converted[rank]["layers"][i])
+
+
 def test_uneven_pipeline_split_round_trip(hf_models, tmp_path):
     assert convert("hf2mg", "--model", "llama2", "--source", hf_models["llama_gqa"], "--target", tmp_path / "mg",
                    "--tp", 2, "--pp", 2, "--decoder-first-pipeline-num-layers", 1) == 0
