@@ -181,3 +181,24 @@ def test_fp32_deepspeed_configs(dschat_dir, monkeypatch):
     assert get_train_ds_config(offload=False, dtype="bf16")["bfloat16"] == {"enabled": True}
     with pytest.raises(ValueError, match="dtype='fp8' is not supported"):
         get_train_ds_config(offload=False, dtype="fp8")
+
+
+@pytest.mark.slow
+def test_bloom_reward_model_trains(tiny_assets, dschat_dir, tmp_path):
+    """A `bigscience/bloom-*` path triggers step 2's ln_f reset, which upstream crashed on (`rwtranrsformer`)."""
+    from rlhf_overlay import dschat_reward_model
+    bloom = tmp_path / "bigscience" / "bloom-tiny"
+    bloom.parent.mkdir()
+    bloom.symlink_to(tiny_assets / "models" / "tiny-bloom", target_is_directory=True)
+    data = tmp_path / "prefs"
+    data.mkdir()
+    for split, n in (("train", 64), ("eval", 32)):
+        lines = (tiny_assets / "data" / "preference" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rm-bloom"
+    rc = dschat_reward_model.main(["--recipe", "tiny", "--model", str(bloom), "--data", str(data), "--max-steps", "6",
+                                   "--output", str(out)])
+    assert rc == 0, (out / "training.log").read_text()[-4000:]
+    import torch
+    state = torch.load(out / "model" / "pytorch_model.bin", map_location="cpu")
+    assert "rwtransformer.ln_f.weight" in state and "v_head.weight" in state
