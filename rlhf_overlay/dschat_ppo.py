@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rlhf_overlay.dschat_reward_model import (DTYPES, RECIPES, ConfigError, RewardModelConfig, check_data_split,
-                                              check_model_folder, check_upstream, free_port, launch_env,
-                                              launcher_prefix, local_data_files, looks_local, tiny_paths,
-                                              validate_local_data)
+                                              check_model_folder, check_upstream, config_to_argv, free_port,
+                                              launch_env, launcher_prefix, local_data_files, looks_local,
+                                              tiny_paths, validate_local_data)
 from rlhf_overlay import dschat_reward_model
 
 KIND = "ppo-llama2"
@@ -289,7 +289,7 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
             dschat_reward_model.run(rm_cfg)
         print(shlex.join(cmd))
         return 0
-    record_invocation(run_dir, argv_for_record or [sys.executable, "-m", MODULE] + sys.argv[1:], resolved)
+    record_invocation(run_dir, argv_for_record or [sys.executable, "-m", MODULE, *config_to_argv(cfg)], resolved)
 
     if rm_cfg is not None:
         print(f"[{KIND}] no CRITIC given: training the tiny reward model first into {run_dir / 'reward_model'}",
@@ -316,17 +316,14 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    from rlhf_overlay.preference_data import PreferenceDataError
+    from rlhf_overlay.runs import RunDirError
     try:
         cfg = config_from_args(ns)
-        return run(cfg, argv_for_record=None if argv is None else [sys.executable, "-m", MODULE, *argv])
-    except ConfigError as e:
+        return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
+    except (ConfigError, RunDirError, PreferenceDataError) as e:   # messages made for the user
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # RunDirError, PreferenceDataError: messages made for the user
-        if type(e).__name__ in ("RunDirError", "PreferenceDataError"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ class RewardModelConfig:
     dry_run: bool = False             # print the launch command and exit
     extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
 
+    def to_argv(self) -> list[str]:
+        """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
+        return config_to_argv(self)
+
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
         if self.recipe and self.recipe not in RECIPES:
@@ -102,6 +106,24 @@ class RewardModelConfig:
             check_model_folder(self.model, "model")
         if self.data:
             local_data_files(self.data)   # the path exists; rows are validated in run(), once
+
+
+def config_to_argv(cfg) -> list[str]:
+    """Flags for every field of a config dataclass that differs from its default; `extra` goes after `--`."""
+    argv: list[str] = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if f.name == "extra" or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    if cfg.extra:
+        argv += ["--", *cfg.extra]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -361,7 +383,7 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     if cfg.dry_run:
         print(shlex.join(cmd))
         return 0
-    record_invocation(run_dir, argv_for_record or [sys.executable, "-m", MODULE] + sys.argv[1:], resolved)
+    record_invocation(run_dir, argv_for_record or [sys.executable, "-m", MODULE, *cfg.to_argv()], resolved)
     env = launch_env(cpu=not cuda, offline=offline, run_dir=run_dir, hostfile=cfg.hostfile)
     print(f"[{KIND}] run folder: {run_dir}  (recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, "
           f"ZeRO {r['zero_stage']}, LoRA {r['lora_dim']})", flush=True)
@@ -379,17 +401,14 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from rlhf_overlay.preference_data import PreferenceDataError
+    from rlhf_overlay.runs import RunDirError
     try:
         cfg = config_from_args(ns)
-        return run(cfg, argv_for_record=None if argv is None else [sys.executable, "-m", MODULE, *argv])
-    except ConfigError as e:
+        return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
+    except (ConfigError, RunDirError, PreferenceDataError) as e:   # messages made for the user
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # RunDirError, PreferenceDataError: messages made for the user
-        if type(e).__name__ in ("RunDirError", "PreferenceDataError"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

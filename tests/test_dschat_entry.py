@@ -195,3 +195,14 @@ def test_training_scripts_parse_and_pass_make_variables(script, tmp_path):
     assert out.returncode == 2, out.stderr
     assert "zero_stage=3: ZeRO stage 3 fails on CPU" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_configs_round_trip_through_their_command_line(tmp_path):
+    """command.txt of a run started from Python (e.g. the tiny RM inside ppo-llama2) must reproduce it."""
+    cfg = rm.RewardModelConfig(model="meta-llama/Llama-2-7b-hf", lora_dim=128, overwrite=True, learning_rate=1e-5,
+                               extra=["--eval_interval", "50"])
+    parsed = rm.config_from_args(rm.build_parser().parse_args(cfg.to_argv()))
+    assert parsed == cfg
+    ppo = dschat_ppo.PPOConfig(critic="runs/rm", hybrid_engine=False, max_steps=0, dtype="bf16")
+    argv = rm.config_to_argv(ppo)
+    assert "--no-hybrid-engine" in argv and dschat_ppo.config_from_args(dschat_ppo.build_parser().parse_args(argv)) == ppo

@@ -99,8 +99,10 @@ def test_critic_is_saved_and_was_trained(ppo_run):
 
 @pytest.mark.slow
 def test_run_folders_record_command_config_and_log(ppo_run):
+    assert "-m rlhf_overlay.dschat_ppo --output" in (ppo_run / "command.txt").read_text()
+    rm_command = (ppo_run / "reward_model" / "command.txt").read_text()
+    assert "-m rlhf_overlay.dschat_reward_model" in rm_command and "--recipe tiny" in rm_command
     for folder in (ppo_run, ppo_run / "reward_model"):
-        assert "rlhf_overlay.dschat_" in (folder / "command.txt").read_text()
         config = json.loads((folder / "config.json").read_text())
         assert config["recipe"] == "tiny" and config["dtype"] == "fp32" and config["zero_stage"] == 0
         log = (folder / "training.log").read_text()
