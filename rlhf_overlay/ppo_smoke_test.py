@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_common import ConfigError, TrlxSetupError, write_json
+from rlhf_overlay.trlx_common import ConfigError, user_errors, write_json
 from rlhf_overlay.trlx_ppo import PPORunConfig, build_parser as _ppo_parser, config_from_args
 from rlhf_overlay.trlx_ppo import print_summary, run as run_ppo
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, rm_untrained=True)  # the seed's smoke test: an untrained value-head RM
     try:
         rc, run_dir = run_ppo(cfg, argv, module="rlhf_overlay.ppo_smoke_test")
-    except (ConfigError, TrlxSetupError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rc != 0:

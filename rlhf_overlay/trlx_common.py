@@ -34,6 +34,22 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the setting (field / make variable) and its value."""
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (bad setting, data row, run folder, setup): printed as `error: ...`
+    with exit code 2, without a traceback."""
+    errors: list[type[BaseException]] = [ConfigError, TrlxSetupError]
+    from rlhf_overlay.runs import RunDirError
+
+    errors.append(RunDirError)
+    try:
+        from rlhf_overlay.preference_data import PreferenceDataError
+
+        errors.append(PreferenceDataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 # ----------------------------------------------------------------------------------------------- locating trlx
 def trlx_source_root() -> Path:
     """The folder that holds the `trlx` package: the installed one if pip knows it, else upstream/trlx."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_common import ConfigError, TrlxSetupError, write_json
+from rlhf_overlay.trlx_common import ConfigError, user_errors, write_json
 from rlhf_overlay.trlx_reward_model import ARCHES, TINY_MODEL_DIRS, _looks_local
 
 REWARDS = ("model", "rule")
@@ -54,21 +54,21 @@ class PPORunConfig:
     data: str = field(default="", metadata={"help": "prompt JSONL {prompt, reference} file, or folder with train.jsonl [+ eval.jsonl] (DATA); empty = embedded"})
     output: str = field(default="", metadata={"help": "run folder (OUTPUT); empty = a new runs/ppo-<arch>-<time>"})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
-    steps: int = field(default=0, metadata={"help": "PPO steps = rollout + update rounds; 0 = 24 tiny / 50 (seed) own model"})
+    steps: int = field(default=0, metadata={"help": "PPO steps = rollout + update rounds; 0 = 40 tiny / 50 (seed) own model"})
     rollouts: int = field(default=0, metadata={"help": "generated samples per PPO step and process (trlx num_rollouts); 0 = 32 tiny / 128 (seed)"})
     chunk_size: int = field(default=0, metadata={"help": "prompts generated at once (trlx chunk_size); 0 = 32 tiny / 16 (seed)"})
     batch_size: int = field(default=0, metadata={"help": "samples per PPO optimizer step and process; 0 = 16 tiny / 4 (seed)"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each step's samples (trlx ppo_epochs)"})
     max_new_tokens: int = field(default=0, metadata={"help": "generated tokens per sample; 0 = 12 tiny / 50 (seed)"})
     seq_length: int = field(default=0, metadata={"help": "prompt + generation tokens (prompts are cut on the left); 0 = 64 tiny / 550 (seed)"})
-    lr: float = field(default=0.0, metadata={"help": "learning rate; 0 = 3e-4 tiny / 1e-6 (seed BLOOM) / 5e-6 (GPT-J)"})
-    init_kl_coef: float = field(default=-1.0, metadata={"help": "KL penalty coefficient (start value); -1 = 0.02 tiny / 0.1 (seed)"})
+    lr: float = field(default=0.0, metadata={"help": "learning rate; 0 = 1e-3 tiny / 1e-6 (seed BLOOM) / 5e-6 (GPT-J)"})
+    init_kl_coef: float = field(default=-1.0, metadata={"help": "KL penalty coefficient (start value); -1 = 0.05 tiny / 0.1 (seed)"})
     kl_target: float = field(default=-1.0, metadata={"help": "adaptive-KL target (0 = fixed coefficient); -1 = 0 tiny / 6 (seed)"})
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive-KL horizon (trlx horizon)"})
     cliprange: float = field(default=0.2, metadata={"help": "PPO policy ratio clip"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
     cliprange_reward: float = field(default=10.0, metadata={"help": "rewards are clipped to +-this"})
-    scale_reward: str = field(default="auto", metadata={"help": "running: divide rewards by their running std (any rule scale learns alike) | none | auto (running tiny / none seed)"})
+    normalize_reward: str = field(default="auto", metadata={"help": "running: rewards minus their running mean, over their running std, before the KL penalty (any reward scale learns alike) | none (the seed) | auto (running tiny / none own model)"})
     vf_coef: float = field(default=0.2, metadata={"help": "value-loss weight"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
@@ -96,19 +96,19 @@ class PPORunConfig:
         """Fill every 0/-1 'auto' default (tiny default vs. the seed recipe for own models), then validate."""
         c = dataclasses.replace(self)
         t = c.tiny
-        c.steps = c.steps or (24 if t else 50)
+        c.steps = c.steps or (40 if t else 50)
         c.rollouts = c.rollouts or (32 if t else 128)
         c.chunk_size = c.chunk_size or (32 if t else 16)
         c.batch_size = c.batch_size or (16 if t else 4)
         c.max_new_tokens = c.max_new_tokens or (12 if t else 50)
         c.seq_length = c.seq_length or (64 if t else 550)
-        c.lr = c.lr or (3e-4 if t else (5e-6 if c.arch == "gptj" else 1e-6))
-        c.init_kl_coef = (0.02 if t else 0.1) if c.init_kl_coef < 0 else c.init_kl_coef
+        c.lr = c.lr or (1e-3 if t else (5e-6 if c.arch == "gptj" else 1e-6))
+        c.init_kl_coef = (0.05 if t else 0.1) if c.init_kl_coef < 0 else c.init_kl_coef
         c.kl_target = (0.0 if t else 6.0) if c.kl_target < 0 else c.kl_target
         c.num_layers_unfrozen = (-1 if t else 8) if c.num_layers_unfrozen == -2 else c.num_layers_unfrozen
         c.eval_prompts = c.eval_prompts or (16 if t else 256)
-        if c.scale_reward == "auto":
-            c.scale_reward = "running" if t else "none"
+        if c.normalize_reward == "auto":
+            c.normalize_reward = "running" if t else "none"
         c.run_kind = c.run_kind or f"ppo-{c.arch}"
         c.validate()
         return c
@@ -119,10 +119,14 @@ class PPORunConfig:
 
         if self.arch not in ARCHES:
             bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
+        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
+            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
+        if self.data and not Path(self.data).expanduser().exists():
+            bad("data (DATA)", self.data, "does not exist")
         if self.reward not in REWARDS:
             bad("reward (REWARD)", self.reward, "must be `model` (a reward model) or `rule` (the learnable rule)")
-        if self.scale_reward not in ("auto", "running", "none"):
-            bad("scale_reward", self.scale_reward, "must be auto, running or none")
+        if self.normalize_reward not in ("auto", "running", "none"):
+            bad("normalize_reward", self.normalize_reward, "must be auto, running or none")
         if self.reward_baseline not in ("auto", "reference", "none"):
             bad("reward_baseline", self.reward_baseline, "must be auto, reference or none")
         if self.reward == "rule" and self.rm:
@@ -168,10 +172,6 @@ class PPORunConfig:
             bad("accelerate_config", self.accelerate_config, "file does not exist")
         if self.hostfile and not Path(self.hostfile).is_file():
             bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
-        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
-            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
-        if self.data and not Path(self.data).expanduser().exists():
-            bad("data (DATA)", self.data, "does not exist")
 
     @property
     def optimizer_steps_per_round(self) -> int:
@@ -189,7 +189,7 @@ def resolve_policy_path(cfg: PPORunConfig) -> str:
 
 def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
     """(train rows, eval rows, sources): rows {prompt, reference?}, validated (file:line errors)."""
-    from rlhf_overlay.preference_data import load_prompt_rows
+    from rlhf_overlay.preference_data import load_prompt_rows, resolve_data_file
 
     if data:
         p = Path(data).expanduser().resolve()
@@ -198,11 +198,11 @@ def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
 
         p = ensure_tiny_assets() / "data" / "prompts"
     if p.is_dir():
-        train_file, eval_file = p / "train.jsonl", p / "eval.jsonl"
-        if not train_file.is_file():
-            raise ConfigError(f"data (DATA)={p}: a prompt folder must hold train.jsonl (and optionally eval.jsonl)")
+        train_file = resolve_data_file(p, "train")
+        has_eval = any((p / f"eval{suffix}").is_file() for suffix in (".jsonl", ".json"))
+        eval_file = resolve_data_file(p, "eval") if has_eval else None
     else:
-        train_file, eval_file = p, None
+        train_file, eval_file = resolve_data_file(p), None
 
     def rows(path, split):
         out = []
@@ -253,11 +253,10 @@ class StepRecorder:
 
             self.bar = tqdm(total=total_steps, desc="PPO", unit="step", file=sys.stdout, dynamic_ncols=True)
 
-    def record_rewards(self, prompts, outputs, rewards, lengths):
+    def record_rewards(self, prompts, outputs, rewards):
         if self.phase != "rollout":
             return
         self._rewards += [float(r) for r in rewards]
-        self._lengths += list(lengths)
         if len(self._samples) < 4:
             self._samples += [{"prompt": p, "output": o, "reward": float(r)}
                               for p, o, r in list(zip(prompts, outputs, rewards))[: 4 - len(self._samples)]]
@@ -271,8 +270,9 @@ class StepRecorder:
         self.phase = "rollout"
         self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
 
-    def rollouts_done(self, rollout_seconds: float, kl: float):
+    def rollouts_done(self, rollout_seconds: float, kl: float, lengths: list[int]):
         """A make_experience call ended: open the step whose updates follow."""
+        self._lengths = list(lengths)
         n = len(self._rewards)
         self._cur = {
             "step": len(self.steps) + 1,
@@ -362,21 +362,50 @@ def make_reward_fn(cfg: PPORunConfig, resolved: dict, tokenizer, recorder: StepR
                 s = [a - b for a, b in zip(s, ref)]
             return s
 
+    moments = RunningMoments()
+
     def reward_fn(samples, prompts, outputs, tokenizer=None, **metadata):
         outs = [strip_eos(o, eos) for o in outputs]
         references = metadata.get("reference")
         if baseline == "reference" and (references is None or any(r is None for r in references)):
             raise ConfigError("reward_baseline=reference needs a `reference` in every prompt row")
-        rewards = score(prompts, outs, references)
+        rewards = [float(x) for x in score(prompts, outs, references)]
+        rollout = recorder is None or recorder.phase == "rollout"
         if recorder is not None:
-            lengths = [len(x) for x in tokenizer_lengths(outs)]
-            recorder.record_rewards(prompts, outs, rewards, lengths)
+            recorder.record_rewards(prompts, outs, rewards)
+        if cfg.normalize_reward == "running":
+            if rollout:
+                moments.update(rewards)
+            rewards = moments.normalize(rewards)
         return rewards
 
-    def tokenizer_lengths(texts):
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
     return reward_fn
+
+
+class RunningMoments:
+    """Running mean/std of all rollout rewards seen so far (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs):
+        n = len(xs)
+        if not n:
+            return
+        mean = sum(xs) / n
+        m2 = sum((x - mean) ** 2 for x in xs)
+        delta, total = mean - self.mean, self.n + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.n * n / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
+
+    def normalize(self, xs):
+        std = self.std if self.std > 1e-8 else 1.0
+        return [(x - self.mean) / std for x in xs]
 
 
 def build_trl_config(cfg: PPORunConfig, resolved: dict, run_dir: Path, tokenizer_extra: dict):
@@ -405,7 +434,7 @@ def build_trl_config(cfg: PPORunConfig, resolved: dict, run_dir: Path, tokenizer
             name="PPOConfig", num_rollouts=cfg.rollouts, chunk_size=cfg.chunk_size, ppo_epochs=cfg.ppo_epochs,
             init_kl_coef=cfg.init_kl_coef, target=cfg.kl_target or None, horizon=cfg.kl_horizon, gamma=cfg.gamma,
             lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-            scale_reward=None if cfg.scale_reward == "none" else cfg.scale_reward, ref_mean=None, ref_std=None, cliprange_reward=cfg.cliprange_reward,
+            scale_reward=None, ref_mean=None, ref_std=None, cliprange_reward=cfg.cliprange_reward,
             gen_kwargs={"max_new_tokens": cfg.max_new_tokens, "do_sample": True, "top_k": cfg.top_k, "top_p": 1.0,
                         "temperature": cfg.temperature},
         ),
@@ -461,9 +490,12 @@ def worker_main(run_dir: Path) -> int:
             if recorder is not None:
                 recorder.start_rollouts()
             t0 = time.time()
+            before = len(self.store.history)
             super().make_experience(num_rollouts, iter_count)
             if recorder is not None:
-                recorder.rollouts_done(time.time() - t0, float(self.mean_kl))
+                pad = self.tokenizer.pad_token_id
+                lengths = [int((el.response_tensor != pad).sum()) for el in self.store.history[before:]]
+                recorder.rollouts_done(time.time() - t0, float(self.mean_kl), lengths)
 
         def evaluate(self):
             t0 = time.time()
@@ -677,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(Path(ns.worker))
     try:
         rc, run_dir = run(config_from_args(ns), argv)
-    except (ConfigError, TrlxSetupError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rc == 0:

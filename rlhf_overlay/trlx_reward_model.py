@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_common import ConfigError, TrlxSetupError, write_json
+from rlhf_overlay.trlx_common import ConfigError, user_errors, write_json
 
 ARCHES = ("bloom", "gptj", "llama")
 TINY_MODEL_DIRS = {"bloom": "tiny-bloom", "gptj": "tiny-gptj", "llama": "tiny-llama"}
@@ -52,7 +52,7 @@ class RewardModelConfig:
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
     separator: str = field(default="\n", metadata={"help": "text put between prompt and response (the seed's '\\n')"})
     max_length: int = field(default=0, metadata={"help": "tokens per prompt+response+eos, truncated on the left; 0 = 128 tiny / 550 (seed) own model"})
-    epochs: float = field(default=0.0, metadata={"help": "passes over the training pairs; 0 = 8 tiny / 2 (seed) own model"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training pairs; 0 = 1 tiny / 2 (seed) own model"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run the epochs)"})
     batch_size: int = field(default=0, metadata={"help": "pairs per process per step; 0 = 16 tiny / 4 own model"})
     grad_accum: int = field(default=0, metadata={"help": "gradient accumulation steps; 0 = 1 tiny / 4 (seed) own model"})
@@ -60,7 +60,7 @@ class RewardModelConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=-1, metadata={"help": "linear warm-up steps; -1 = 0 tiny / 100 (seed) own model"})
     unfrozen_fraction: float = field(default=0.0, metadata={"help": "share of the top decoder layers trained (rest frozen); 0 = 1.0 tiny / 0.3 (seed) own model"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0 = once per epoch)"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps; 0 = 50 tiny / once per epoch own model"})
     logging_steps: int = field(default=0, metadata={"help": "log the training loss every N steps (0 = 5 tiny / 10 own model)"})
     eval_before: str = field(default="auto", metadata={"help": "auto | yes | no: also measure eval accuracy before training (auto = tiny default only)"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU if supported else fp16; CPU never fp16)"})
@@ -80,13 +80,14 @@ class RewardModelConfig:
         c = dataclasses.replace(self)
         t = c.tiny
         c.max_length = c.max_length or (128 if t else 550)
-        c.epochs = c.epochs or (8.0 if t else 2.0)
+        c.epochs = c.epochs or (1.0 if t else 2.0)
         c.batch_size = c.batch_size or (16 if t else 4)
         c.grad_accum = c.grad_accum or (1 if t else 4)
         c.lr = c.lr or (1e-3 if t else 1e-5)
         c.warmup_steps = (0 if t else 100) if c.warmup_steps < 0 else c.warmup_steps
         c.unfrozen_fraction = c.unfrozen_fraction or (1.0 if t else 0.3)
         c.logging_steps = c.logging_steps or (5 if t else 10)
+        c.eval_steps = c.eval_steps or (50 if t else 0)
         if c.eval_before == "auto":
             c.eval_before = "yes" if t else "no"
         c.validate()
@@ -149,20 +150,21 @@ def resolve_model_path(cfg: RewardModelConfig) -> str:
 
 
 def resolve_data_files(data: str, eval_data: str) -> tuple[Path, Path | None]:
-    """(train file, eval file or None = hold out a share of train)."""
+    """(train file, eval file or None = hold out a share of train); a folder holds train.jsonl|.json [+ eval]."""
     if data:
         p = Path(data).expanduser().resolve()
     else:
         from rlhf_overlay.tiny_assets import ensure_tiny_assets
 
         p = ensure_tiny_assets() / "data" / "preference"
+    from rlhf_overlay.preference_data import resolve_data_file
+
+    ev = resolve_data_file(Path(eval_data).expanduser().resolve()) if eval_data else None
     if p.is_dir():
-        train = p / "train.jsonl"
-        if not train.is_file():
-            raise ConfigError(f"data (DATA)={p}: a data folder must hold train.jsonl (and optionally eval.jsonl)")
-        ev = Path(eval_data).expanduser().resolve() if eval_data else (p / "eval.jsonl")
-        return train, (ev if ev.is_file() else None)
-    return p, (Path(eval_data).expanduser().resolve() if eval_data else None)
+        if ev is None and any((p / f"eval{suffix}").is_file() for suffix in (".jsonl", ".json")):
+            ev = resolve_data_file(p, "eval")
+        return resolve_data_file(p, "train"), ev
+    return resolve_data_file(p), ev
 
 
 def load_pairs(path: Path, split: str) -> list[tuple[str, str, str]]:
@@ -585,7 +587,7 @@ def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
         return worker_main(Path(ns.worker))
     try:
         return run(config_from_args(ns), argv)
-    except (ConfigError, TrlxSetupError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

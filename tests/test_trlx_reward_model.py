@@ -1,0 +1,197 @@
+"""make rm-bloom / rm-gptj (rlhf_overlay.trlx_reward_model).
+
+Unit tests (no upstream needed): --help, validation messages naming the field, data aliasing and file:line errors,
+launcher commands, the score position. Integration (slow): tiny reward models on BLOOM and GPT-J beat chance,
+save/load round trip, common tensorboard names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay import trlx_reward_model as rm
+from rlhf_overlay.trlx_common import ConfigError, read_hostfile, trainer_command
+
+
+def test_help_is_instant_and_lists_the_fields():
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--help"], capture_output=True,
+                         text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert res.returncode == 0
+    assert time.time() - t0 < 5, "heavy imports must stay inside main/worker"
+    for flag in ("--model", "--data", "--output", "--zero-stage", "--hostfile", "--unfrozen-fraction"):
+        assert flag in res.stdout
+    assert "make rm-bloom" in res.stdout  # the paste-able commands
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"arch": "opt"}, "arch"),
+    ({"max_length": 4}, "max_length"),
+    ({"lr": -1.0}, "lr"),
+    ({"unfrozen_fraction": 1.5}, "unfrozen_fraction"),
+    ({"zero_stage": 3}, "zero_stage"),
+    ({"precision": "fp8"}, "precision"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"data": "/nonexistent/pairs.jsonl"}, "data"),
+    ({"model": "/nonexistent/model"}, "model"),
+    ({"deepspeed": "/nonexistent/ds.json"}, "deepspeed"),
+])
+def test_validation_names_the_field_and_value(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        rm.RewardModelConfig(**kwargs).resolve()
+    assert str(e.value).startswith(field) and repr(list(kwargs.values())[0]) in str(e.value)
+
+
+def test_defaults_tiny_vs_seed_recipe():
+    tiny = rm.RewardModelConfig().resolve()
+    assert (tiny.max_length, tiny.unfrozen_fraction, tiny.eval_before) == (128, 1.0, "yes")
+    own = rm.RewardModelConfig(model="bigscience/bloom-1b1").resolve()  # hub id: not checked locally
+    assert (own.max_length, own.lr, own.unfrozen_fraction, own.grad_accum) == (550, 1e-5, 0.3, 4)
+
+
+def test_join_prompt_response():
+    assert rm.join_prompt_response("Q:", "A") == "Q:\nA"
+    assert rm.join_prompt_response("Q:\n", "A") == "Q:\nA"
+    assert rm.join_prompt_response("", "A") == "A"
+
+
+def test_score_reads_the_last_real_token(tiny_assets):
+    import torch
+
+    model, tok = rm.new_reward_model(str(tiny_assets / "models" / "tiny-gptj"))
+    assert tok.pad_token is not None  # GPT-J-style tokenizers have none: eos is used
+    seqs = rm.encode_texts(tok, ["short", "a somewhat longer text here"], max_length=64)
+    assert all(s[-1] == tok.eos_token_id for s in seqs)
+    ids, mask = rm.pad_batch(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        batched = model.score(ids, mask)
+        alone = torch.stack([model.score(*rm.pad_batch([s], tok.pad_token_id)) for s in seqs]).squeeze(-1)
+    assert torch.allclose(batched, alone, atol=1e-5), "padding must not change a text's score"
+    # truncation keeps the end (the response and its eos)
+    long = rm.encode_texts(tok, ["word " * 200], max_length=16)[0]
+    assert len(long) == 16 and long[-1] == tok.eos_token_id
+
+
+def test_hostfile_and_launch_commands(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("# nodes\nnode1 slots=8\nnode2 slots=8\n")
+    assert read_hostfile(hf) == [("node1", 8), ("node2", 8)]
+    bad = tmp_path / "bad"
+    bad.write_text("node1 slots=8\nnode2 eight\n")
+    with pytest.raises(ConfigError, match=r"bad:2: expected `host slots=N`"):
+        read_hostfile(bad)
+    one = trainer_command("m", ["--worker", "x"], num_processes=1, deepspeed=False)
+    assert one[1:] == ["-m", "m", "--worker", "x"]
+    multi = trainer_command("m", ["--worker", "x"], num_processes=4, deepspeed=True)
+    assert "torch.distributed.run" in multi and multi[multi.index("--nproc_per_node") + 1] == "4"
+    nodes = trainer_command("m", [], num_processes=1, deepspeed=True, hostfile=str(hf))
+    assert "deepspeed.launcher.runner" in nodes and "--hostfile" in nodes and "--module" in nodes
+
+
+def test_deepspeed_config_from_zero_stage():
+    cfg = rm.RewardModelConfig(zero_stage=2, offload=True).resolve()
+    ds = rm.deepspeed_config(cfg, "bf16")
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert rm.deepspeed_config(rm.RewardModelConfig(zero_stage=0).resolve(), "fp32") is None
+    with pytest.raises(ConfigError, match="fp16"):
+        rm.resolve_precision("fp16", cuda=False)
+
+
+def test_bad_row_fails_with_file_and_line(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "good", "rejected": "bad"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "good"}) + "\n")
+    rc = rm.main(["--data", str(data), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{data}:2" in err, err
+    assert not (tmp_path / "out").exists(), "nothing may start (or be created) before the data is valid"
+
+
+def test_seed_choosen_key_is_accepted(tmp_path, recwarn, capsys):
+    data = tmp_path / "ranking_train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "choosen": "good", "rejected": "bad"}) + "\n"
+                            for i in range(3)))
+    pairs = rm.load_pairs(data, "train")
+    assert pairs == [(f"p{i}", "good", "bad") for i in range(3)]
+    said = " ".join(str(w.message) for w in recwarn) + capsys.readouterr().err
+    assert "choosen" in said, "the alias must be reported"
+
+
+def test_refuses_a_non_empty_output_without_overwrite(tmp_path, capsys, tiny_assets):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier run")
+    assert rm.main(["--output", str(out)]) == 2
+    assert "OVERWRITE=1" in capsys.readouterr().err
+    assert (out / "old.txt").read_text() == "earlier run"
+
+
+def test_load_reward_model_rejects_other_folders(tmp_path, tiny_assets):
+    with pytest.raises(ConfigError, match="reward_model.json"):
+        rm.load_reward_model(tiny_assets / "models" / "tiny-bloom")
+
+
+# ------------------------------------------------------------------------------------------ integration
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_assets):
+    """Tiny reward models on BLOOM and GPT-J, trained once for this module (~1 min on 2 cores)."""
+    out = {}
+    for arch in ("bloom", "gptj"):
+        run_dir = tmp_path_factory.mktemp(f"rm-{arch}")
+        res = subprocess.run(["bash", "training_scripts/run.sh", f"rm_{arch}"], cwd=PROJECT_ROOT,
+                             env=dict(os.environ, OUTPUT=str(run_dir), OVERWRITE="1"), capture_output=True,
+                             text=True, timeout=900)
+        assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+        out[arch] = (run_dir, res.stdout)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["bloom", "gptj"])
+def test_tiny_reward_model_beats_chance(trained, arch):
+    run_dir, stdout = trained[arch]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval_accuracy"] >= 0.75 > 0.5 == m["chance_accuracy"], m
+    assert m["eval_pairs"] >= 16
+    assert "eval accuracy:" in stdout and "reward model:" in stdout
+    for f in ("command.txt", "config.json", "training.log"):
+        assert (run_dir / f).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["bloom", "gptj"])
+def test_saved_reward_model_scores_chosen_above_rejected(trained, arch, tiny_assets):
+    from rlhf_overlay.preference_data import load_preference_rows
+
+    run_dir, _ = trained[arch]
+    model, tok, meta = rm.load_reward_model(run_dir / "reward_model")
+    assert meta["max_length"] == 128 and meta["arch"] == arch
+    scorer = rm.RewardScorer(model, tok, max_length=meta["max_length"], separator=meta["separator"])
+    rows = load_preference_rows(tiny_assets / "data" / "preference" / "eval.jsonl", split="eval")
+    get = (lambda r, k: r[k]) if isinstance(rows[0], dict) else getattr
+    prompts = [get(r, "prompt") for r in rows]
+    chosen = scorer.score(prompts, [get(r, "chosen") for r in rows])
+    rejected = scorer.score(prompts, [get(r, "rejected") for r in rows])
+    acc = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert acc == pytest.approx(m["eval_accuracy"], abs=0.02), "the reloaded model must score as the trained one"
+
+
+@pytest.mark.slow
+def test_common_tensorboard_names(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained["bloom"]
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"rm/loss", "rm/acc"} <= tags
+    accs = [e.value for e in acc.Scalars("rm/acc")]
+    assert accs[-1] >= 0.75 and len(accs) >= 2  # before training, then after each epoch
