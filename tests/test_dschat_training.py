@@ -204,3 +204,25 @@ def test_bloom_reward_model_trains(tiny_assets, dschat_dir, tmp_path):
     import torch
     state = torch.load(out / "model" / "pytorch_model.bin", map_location="cpu")
     assert "rwtransformer.ln_f.weight" in state and "v_head.weight" in state
+
+
+def test_tokenizers_of_local_folders(dschat_dir, tiny_assets, tmp_path, monkeypatch):
+    """Patch 0003: a local folder's own tokenizer first (LLaMA told by config.json, not by the folder name), then
+    the model named in its config.json, else a message that says what to copy."""
+    import shutil
+    monkeypatch.syspath_prepend(str(dschat_dir))
+    from dschat.utils.utils import load_hf_tokenizer
+    llama = tiny_assets / "models" / "tiny-llama"
+    sft = tmp_path / "my-sft"                                 # no "llama" in the name
+    shutil.copytree(llama, sft)
+    tok = load_hf_tokenizer(str(sft))
+    assert type(tok).__name__ == "LlamaTokenizer" and tok.pad_token == "[PAD]"
+    no_tokenizer = tmp_path / "checkpoint"
+    no_tokenizer.mkdir()
+    config = json.loads((llama / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    (no_tokenizer / "config.json").write_text(json.dumps(dict(config, _name_or_path=str(sft))))
+    assert load_hf_tokenizer(str(no_tokenizer)).get_vocab() == tok.get_vocab()
+    (no_tokenizer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="copy the tokenizer files of its base model"):
+        load_hf_tokenizer(str(no_tokenizer))
