@@ -24,7 +24,7 @@ import random
 import re
 
 # Bump when the generators below change what they produce (the asset builder rebuilds the data then).
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 TOPICS = (
     "garden", "river", "music", "movie", "book", "city", "forest", "coffee", "dinner", "school",
@@ -105,9 +105,16 @@ def make_pair(rng: random.Random) -> dict:
     polarity = [True] * slots
     if slots >= 3 and rng.random() < 0.5:
         polarity[rng.randrange(slots)] = False
-    chosen = [rng.choice(POSITIVE if p else NEGATIVE) for p in polarity]
-    rejected = [rng.choice(NEGATIVE if p else POSITIVE) for p in polarity]
+    chosen = _pick(rng, polarity)
+    rejected = _pick(rng, [not p for p in polarity])
     return {"prompt": prompt, "chosen": _fill(frame, topic, chosen), "rejected": _fill(frame, topic, rejected)}
+
+
+def _pick(rng: random.Random, polarity: list[bool]) -> list[str]:
+    """One sentiment word per slot (True = POSITIVE), no word twice in an answer ("good and good" reads badly)."""
+    pos = iter(rng.sample(POSITIVE, sum(polarity)))
+    neg = iter(rng.sample(NEGATIVE, len(polarity) - sum(polarity)))
+    return [next(pos) if p else next(neg) for p in polarity]
 
 
 def preference_rows(n: int, seed: int, exclude: set | None = None) -> list[dict]:
