@@ -322,13 +322,19 @@ def _write_stamp(root: Path, stamp: dict) -> None:
 
 @contextlib.contextmanager
 def _locked(root: Path):
-    """One builder at a time per assets folder (parallel test sessions share assets/)."""
+    """One builder at a time per assets folder (parallel test sessions share assets/). Yields None when locked,
+    or the OSError when the folder is read-only (e.g. shared prepared assets): checking still works then."""
     import fcntl
 
-    with open(root / LOCK_FILE, "a") as f:
+    try:
+        f = open(root / LOCK_FILE, "a")
+    except OSError as e:
+        yield e
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -405,8 +411,12 @@ def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = F
 
     say = log or (lambda msg: print(f"tiny assets: {msg}", file=sys.stderr, flush=True))
     root = Path(out_dir if out_dir is not None else assets_dir()).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetsError(f"{root}: cannot create the assets folder ({e}) — set RLHF_OVERLAY_ASSETS or pass "
+                          f"--out to a folder you can write") from None
+    with _locked(root) as read_only:
         stamp = _read_stamp(root)
         todo = []
         for part in parts():
@@ -420,6 +430,10 @@ def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = F
                               stacklevel=2)
         if not todo:
             return root
+        if read_only:
+            part, _, reason = todo[0]
+            raise AssetsError(f"{root / part.name}: needs a build ({reason}) but {root} is not writable "
+                              f"({read_only}) — set RLHF_OVERLAY_ASSETS or pass --out to a folder you can write")
         _remove_leftovers(root)
         for part, entry, reason in todo:
             t0 = time.perf_counter()

@@ -309,3 +309,21 @@ def test_cli_reports_the_parts(assets):
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stderr
     assert "models/tiny-llama" in res.stdout and "params" in res.stdout and "train 4000 rows" in res.stdout
+
+
+
+def test_read_only_assets_are_usable_when_current_and_say_so_when_not(assets, tmp_path, monkeypatch):
+    import contextlib
+
+    from rlhf_overlay import tiny_assets
+
+    @contextlib.contextmanager
+    def read_only(root):  # what _locked yields when the lock file cannot be created (read-only folder)
+        yield PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tiny_assets, "_locked", read_only)
+    root = _copy(assets, tmp_path / "ro")
+    assert ensure_tiny_assets(root, log=_quiet) == root
+    (root / "data" / "prompts" / "eval.jsonl").unlink()
+    with pytest.raises(AssetsError, match=r"data/prompts: needs a build \(missing eval\.jsonl\) but .* not writable"):
+        ensure_tiny_assets(root, log=_quiet)
