@@ -16,8 +16,11 @@ MODEL      ?=
 ACTOR      ?=
 # DeepSpeed-Chat step 3 critic = a step-2 reward model (empty = train/use the tiny one)
 CRITIC     ?=
-# trlx PPO reward checkpoint
-RM         ?=
+# trlx PPO reward checkpoint / eval-rm reward model folder. make predefines RM = "rm -f"; drop that default
+# so only a value from the command line or the environment reaches the scripts.
+ifeq ($(origin RM),default)
+RM :=
+endif
 # ppo-smoke-test reward: rule (learnable rule) or model (untrained value-head RM)
 REWARD     ?= rule
 # preference / prompt data file or folder (empty = embedded synthetic data)

@@ -347,3 +347,15 @@ def test_engine_help_is_instant():
     out = subprocess.run([os.sys.executable, "-m", "rlhf_overlay.setup_engine", "--help"], capture_output=True,
                          text=True, check=True, cwd=paths.PROJECT_ROOT).stdout
     assert "sync" in out and "verify" in out and "lock" in out
+
+
+def test_make_does_not_leak_its_builtin_rm_variable():
+    # make predefines RM = "rm -f"; the Makefile must export an empty RM unless the user sets one.
+    env = {k: v for k, v in os.environ.items() if k != "RM"}
+    out = subprocess.run(["make", "-s", "-p", "help"], cwd=paths.PROJECT_ROOT, env=env, capture_output=True,
+                         text=True).stdout
+    assert "\nRM := \n" in out
+    env["RM"] = "/models/rm"
+    out = subprocess.run(["make", "-s", "-p", "help"], cwd=paths.PROJECT_ROOT, env=env, capture_output=True,
+                         text=True).stdout
+    assert "\nRM = /models/rm\n" in out
