@@ -133,7 +133,7 @@ def plot(runs: list[RunScalars], tags: list[str], png: Path) -> tuple[int, int]:
     for ax in list(axes.flat)[len(tags):]:
         ax.axis("off")
     fig.suptitle(" vs ".join(r.label for r in runs), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))  # leave room for the title
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=80)
     width, height = (int(v) for v in fig.get_size_inches() * 80)

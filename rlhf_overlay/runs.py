@@ -26,6 +26,17 @@ class RunDirError(RuntimeError):
 
 def prepare_run_dir(kind: str, output: str | os.PathLike | None = None, overwrite: bool = False,
                     runs_root: Path | None = None) -> Path:
+    run_dir = _prepare_run_dir(kind, output, overwrite, runs_root)
+    # training_scripts/run.sh passes a file here and reports every run folder once the target succeeded.
+    announce = os.environ.get("RLHF_OVERLAY_RUN_DIRS_FILE")
+    if announce:
+        with open(announce, "a") as f:
+            f.write(f"{run_dir}\n")
+    return run_dir
+
+
+def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: bool,
+                     runs_root: Path | None) -> Path:
     """Return a folder for this run, creating it.
 
     With no `output`, a new `runs/<kind>-<YYYYmmdd-HHMMSS>` folder (suffixed -2, -3... if taken).
