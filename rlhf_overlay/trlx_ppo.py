@@ -373,9 +373,8 @@ def make_reward_fn(cfg: PPORunConfig, resolved: dict, tokenizer, recorder: StepR
         rollout = recorder is None or recorder.phase == "rollout"
         if recorder is not None:
             recorder.record_rewards(prompts, outs, rewards)
-        if cfg.normalize_reward == "running":
-            if rollout:
-                moments.update(rewards)
+        if cfg.normalize_reward == "running" and rollout:  # evaluation tables show the raw scores
+            moments.update(rewards)
             rewards = moments.normalize(rewards)
         return rewards
 
