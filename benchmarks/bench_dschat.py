@@ -9,7 +9,9 @@ pin + overlays; upstream: a fresh sparse checkout of the pin, nothing applied). 
 PYTHONPATH for both wraps DeepSpeedEngine.step and records when each engine steps; the step time is the median
 interval between consecutive steps of the first engine that steps (RM: the reward model; PPO: the actor, so one
 interval = generation + experience + actor and critic updates). Start-up, data loading and evaluation before the
-first step are excluded; no evaluation runs between steps (eval_interval 0 on both sides).
+first step are excluded; no evaluation runs between steps (eval_interval 0 on both sides). Wall time is shown
+for the best and the median run; on a machine shared with other jobs the CPU time of the rank process per step
+(time.process_time) is the steadier comparison.
 
 Settings both sides share, chosen to run on the pinned upstream unchanged: bf16 (upstream's default fp16 does
 not run on CPU), ZeRO 0, no gradient checkpointing (upstream's critic LoRA + checkpointing crashes), upstream's
@@ -45,7 +47,7 @@ def _patch(module):
 
     def step(self, *a, **k):
         result = original(self, *a, **k)
-        _times.setdefault(id(self), []).append(time.perf_counter())
+        _times.setdefault(id(self), []).append((time.perf_counter(), time.process_time()))
         return result
     module.DeepSpeedEngine.step = step
 
@@ -131,9 +133,10 @@ def timed_run(dschat: Path, step_folder: str, args: list[str], work: Path, label
     if rc != 0 or not step_log.is_file():
         raise RuntimeError(f"{label}: exit code {rc}; see {log}")
     stamps = json.loads(step_log.read_text())["step_times"]
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     return {"label": label, "steps": len(stamps), "median_step_s": statistics.median(intervals),
-            "mean_step_s": statistics.fmean(intervals), "wall_s": wall}
+            "mean_step_s": statistics.fmean(intervals), "median_cpu_step_s": statistics.median(cpu), "wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,17 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     # machine) and the median.
     summary = {k: {"best_step_s": min(r["median_step_s"] for r in v),
                    "median_step_s": statistics.median(r["median_step_s"] for r in v),
+                   "cpu_step_s": statistics.median(r["median_cpu_step_s"] for r in v),
                    "steps_per_run": v[0]["steps"], "wall_s": statistics.median(r["wall_s"] for r in v),
                    "runs": v} for k, v in results.items()}
-    print(f"{'':14} {'step best':>10} {'step median':>12} {'steps/run':>10} {'wall/run':>9}")
+    print(f"{'':14} {'wall best':>10} {'wall median':>12} {'CPU median':>11} {'steps/run':>10} {'wall/run':>9}")
     for k, s in summary.items():
-        print(f"{k:14} {s['best_step_s']*1000:7.1f} ms {s['median_step_s']*1000:9.1f} ms {s['steps_per_run']:10d} "
-              f"{s['wall_s']:8.1f}s")
+        print(f"{k:14} {s['best_step_s']*1000:7.1f} ms {s['median_step_s']*1000:9.1f} ms "
+              f"{s['cpu_step_s']*1000:8.1f} ms {s['steps_per_run']:10d} {s['wall_s']:8.1f}s")
     for kind in ("rm", "ppo"):
-        best = summary[f"{kind}_ours"]["best_step_s"] / summary[f"{kind}_upstream"]["best_step_s"]
-        median = summary[f"{kind}_ours"]["median_step_s"] / summary[f"{kind}_upstream"]["median_step_s"]
-        print(f"{kind}: ours / upstream step time = {best:.3f} (best runs), {median:.3f} (median runs)")
-        summary[f"{kind}_ratio_best"], summary[f"{kind}_ratio_median"] = best, median
+        ours, up = summary[f"{kind}_ours"], summary[f"{kind}_upstream"]
+        ratios = {"best": ours["best_step_s"] / up["best_step_s"], "median": ours["median_step_s"] / up["median_step_s"],
+                  "cpu": ours["cpu_step_s"] / up["cpu_step_s"]}
+        print(f"{kind}: ours / upstream step time = {ratios['best']:.3f} (wall, best runs), {ratios['median']:.3f} "
+              f"(wall, median runs), {ratios['cpu']:.3f} (CPU time of the rank process)")
+        summary[f"{kind}_ratios"] = ratios
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
