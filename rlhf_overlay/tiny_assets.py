@@ -16,8 +16,10 @@ Layout (a contract: other modules use these exact names):
     data/prompts/           train.jsonl, eval.jsonl: {"prompt", "reference"} for PPO
     BUILD_INFO.json         per part: a hash of the settings that made it, and the sha256 of every file
 
-All random init and training is seeded and single-threaded, so two builds give byte-identical files (tested).
-A second call checks the stamp and the file hashes (~20 ms) and rewrites nothing. A part is rebuilt when it is
+Random init and tokenizer training are seeded (SentencePiece single-threaded; the byte-level BPE trainer gives
+the same merges with or without TOKENIZERS_PARALLELISM), and nothing written records a path or a time, so two
+builds give byte-identical files (tested). A second call checks the stamp and the file hashes (~50 ms, imports
+neither torch nor transformers) and rewrites nothing. A part is rebuilt when it is
 missing, incomplete, or made by other settings/library versions; the new part is built in a temporary folder
 beside the old one and swapped in by rename. A file you edited (its hash no longer matches the stamp) is kept,
 with a warning; a rebuild that would overwrite it stops with an error unless --force.
