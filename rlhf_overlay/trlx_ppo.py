@@ -624,7 +624,6 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
         raise ConfigError(f"started under a distributed launcher: run `python -m {module}` (or the make target) "
                           f"directly; it starts accelerate itself (NUM_GPUS / HOSTFILE / --accelerate-config)")
-    check_trlx()
     cuda = has_cuda()
     gpu_count = 0
     if cuda:
@@ -643,6 +642,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         missing = sum(1 for r in train_rows + eval_rows if not r.get("reference"))
         raise ConfigError(f"reward_baseline=reference: {missing} prompt row(s) in {sources['train']} have no "
                           f"`reference`; add them or pass --reward-baseline none")
+    check_trlx()  # after the data checks: a bad row is reported even where trlx is not set up yet
     if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
                           f"value_head.safetensors); pass <rm run>/reward_model")
