@@ -601,6 +601,7 @@ def main():
     before = evaluation(model, ref_model, eval_dataloader, args.eval_iters)
     log_eval(0, before, "before training")
     metrics = before
+    evaluated_at = 0  # optimizer step of the last evaluation (not repeated at the epoch end)
 
     total_micro_steps = 0
     total_steps = 0
@@ -660,6 +661,7 @@ def main():
                 metrics = evaluation(model, ref_model, eval_dataloader,
                                      args.eval_iters)
                 log_eval(total_micro_steps, metrics, f"step {total_steps}")
+                evaluated_at = total_steps
             if args.max_steps and gas_boundary and total_steps >= args.max_steps:
                 break
 
@@ -667,12 +669,14 @@ def main():
             f"Epoch {epoch+1}/{args.num_train_epochs} with loss {mean_loss/max(step+1, 1)}",
             args.global_rank)
         # Evaluate rewards on the validation set.
-        print_rank_0(
-            f"***** Evaluating rewards, Epoch {epoch+1}/{args.num_train_epochs} *****",
-            args.global_rank)
-        metrics = evaluation(model, ref_model, eval_dataloader,
-                             args.eval_iters)
-        log_eval(total_micro_steps, metrics, f"epoch {epoch+1}")
+        if evaluated_at != total_steps:
+            print_rank_0(
+                f"***** Evaluating rewards, Epoch {epoch+1}/{args.num_train_epochs} *****",
+                args.global_rank)
+            metrics = evaluation(model, ref_model, eval_dataloader,
+                                 args.eval_iters)
+            log_eval(total_micro_steps, metrics, f"epoch {epoch+1}")
+            evaluated_at = total_steps
         model.tput_timer.update_epoch_count()
         if args.max_steps and total_steps >= args.max_steps:
             print_rank_0(f"Stopping after --max_steps {args.max_steps}",
