@@ -560,3 +560,13 @@ def test_make_help_lists_the_converter_targets():
         assert target in result.stdout
     missing = run(["make", "-s", "-C", PROJECT_ROOT, "convert-llama2-mg2hf", "SOURCE=", "TARGET="])
     assert missing.returncode != 0 and "SOURCE" in missing.stderr
+
+
+def test_main_in_process_keeps_the_callers_grad_mode(tmp_path):
+    import torch
+
+    from toolkits.megatron_hf import convert
+    assert torch.is_grad_enabled()
+    convert.main(["mg2hf", "--model", "llama2", "--source", str(tmp_path / "missing"), "--target",
+                  str(tmp_path / "out")])
+    assert torch.is_grad_enabled(), "convert.main() must not switch autograd off for its caller"

@@ -101,6 +101,9 @@ def main(argv=None) -> int:
 
     spec = {"llama2": llama2, "bloom": bloom}[args.model]
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
+    # Conversion never needs autograd. Restored in `finally`, so callers that run main() in-process (tests,
+    # notebooks) keep their own grad mode.
+    grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
     try:
         if args.direction == "mg2hf":
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_grad_enabled(grad_was_enabled)
     return 0
 
 
