@@ -105,3 +105,22 @@ def test_bad_inputs_fail_clearly(critics, tmp_path, capsys):
     (wrong / "config.json").write_text((critics["trained"] / "config.json").read_text())
     assert eval_rm.main(["--rm", str(wrong), "--output", str(tmp_path / "o3")]) == 2
     assert "is not a DeepSpeed-Chat reward model" in capsys.readouterr().err
+
+
+def test_trained_trlx_value_head_rm_beats_untrained(tiny_assets, tmp_path):
+    """The trlx path's value-head RMs: 40 training steps (seconds on the tiny BLOOM) vs the same model untrained."""
+    from rlhf_overlay import trlx_reward_model as trm
+
+    assert trm.main(["--arch", "bloom", "--max-steps", "40", "--output", str(tmp_path / "trained")]) == 0
+    trained = tmp_path / "trained" / "reward_model"
+    model, tok = trm.new_reward_model(str(tiny_assets / "models" / "tiny-bloom"))
+    meta = json.loads((trained / trm.META_FILE).read_text())
+    meta.pop("eval_accuracy", None)
+    trm.save_reward_model(model, tok, tmp_path / "untrained", meta)
+    acc = {}
+    for name, folder in (("trained", trained), ("untrained", tmp_path / "untrained")):
+        metrics, _ = eval_rm.evaluate(eval_rm.EvalConfig(rm=str(folder), output=str(tmp_path / f"ev-{name}"),
+                                                         limit=200))
+        assert metrics["rm_kind"] == "trlx-value-head"
+        acc[name] = metrics["accuracy"]
+    assert acc["trained"] > 0.8 and abs(acc["untrained"] - 0.5) < 0.2 and acc["trained"] - acc["untrained"] > 0.25, acc
