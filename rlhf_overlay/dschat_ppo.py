@@ -28,18 +28,17 @@ Anything after `--` goes to main.py unchanged (e.g. `-- --print_answers`).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from rlhf_overlay.dschat_reward_model import (DTYPES, RECIPES, ConfigError, RewardModelConfig, check_data_split,
-                                              check_model_folder, check_upstream, config_to_argv, free_port,
-                                              launch_env, launcher_prefix, local_data_files, looks_local,
-                                              tiny_paths, validate_local_data)
-from rlhf_overlay import dschat_reward_model
+from rlhf_overlay import dschat_launch, dschat_reward_model
+from rlhf_overlay.dschat_launch import (ConfigError, check_common, check_model_folder, cli_main, cpu_adjust,
+                                        launch, local_data_files, looks_local, plan_run, tiny_paths,
+                                        validate_local_data)
+from rlhf_overlay.dschat_reward_model import RewardModelConfig
 
 KIND = "ppo-llama2"
 MODULE = "rlhf_overlay.dschat_ppo"
@@ -73,26 +72,11 @@ class PPOConfig:
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
-        if self.recipe and self.recipe not in RECIPES:
-            raise ConfigError(f"recipe={self.recipe!r}: choose one of {', '.join(RECIPES)}")
-        if self.dtype and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero_stage={self.zero_stage!r}: ZeRO stages are 0, 1, 2 or 3")
-        if self.lora_dim is not None and self.lora_dim < 0:
-            raise ConfigError(f"lora_dim={self.lora_dim!r}: must be >= 0 (0 = no LoRA)")
-        for name in ("num_gpus", "epochs", "batch_size", "max_prompt_len", "max_answer_len"):
+        check_common(self)
+        for name in ("max_prompt_len", "max_answer_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value!r}: must be >= 1")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ConfigError(f"max_steps={self.max_steps!r}: must be >= 0 (0 = all prompts)")
-        if self.data_split:
-            check_data_split(self.data_split)
-        if self.hostfile and not Path(self.hostfile).expanduser().is_file():
-            raise ConfigError(f"hostfile={self.hostfile!r}: no such file (DeepSpeed hostfile, `host slots=N` lines)")
-        if self.master_port is not None and not 0 < self.master_port < 65536:
-            raise ConfigError(f"master_port={self.master_port!r}: must be a TCP port (1-65535)")
         if self.actor:
             check_model_folder(self.actor, "actor")
         if self.critic:
@@ -149,23 +133,11 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
     if not cfg.data_split and cfg.data and local_data_files(cfg.data) is not None:
         r["data_split"] = "0,0,1"   # the user's own prompt files: all of them feed this step
     if not cuda:
-        if cfg.zero_stage is None:
-            r["zero_stage"] = 0
-        if r["zero_stage"] == 3:
-            raise ConfigError("zero_stage=3: ZeRO stage 3 fails on CPU with this DeepSpeed; use ZERO_STAGE=0 or 2 on "
-                              "CPU (stage 3 is kept for GPU recipes)")
         if cfg.hybrid_engine:
             raise ConfigError("hybrid_engine=True: the DeepSpeed hybrid engine needs a GPU; drop it on CPU")
         r["hybrid_engine"] = False
         r["offload_reference_model"] = False
-    r["dtype"] = cfg.dtype or ("fp16" if cuda else "fp32")   # CPU: fp32 measured ~2x faster than bf16 here
-    if not cuda and r["dtype"] == "fp16":
-        raise ConfigError("dtype='fp16': fp16 training is not supported on CPU; use bf16 or fp32")
-    r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda else 1)
-    r["hostfile"] = cfg.hostfile
-    r["seed"] = cfg.seed
-    r["cuda"] = cuda
-    return r
+    return cpu_adjust(r, cfg, cuda)
 
 
 def main_py_args(r: dict, actor: str, critic: str, data: str, output_dir: Path, data_cache: str,
@@ -221,35 +193,18 @@ HELPS = {"actor": "SFT actor folder or hub id (empty: embedded tiny LLaMA)",
          "dry_run": "print the launch command and exit"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                description="DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (make ppo-llama2).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    for f in fields(PPOConfig):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if str(f.type) == "bool":
-            p.add_argument(flag, action="store_true", help=HELPS[f.name])
-        elif str(f.type) == "bool | None":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELPS[f.name])
-        else:
-            kind = {"int | None": int, "float | None": float, "int": int}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None if kind is not str else "", help=HELPS[f.name])
-    p.add_argument("extra", nargs="*", help="after `--`: more arguments for main.py, passed unchanged")
-    return p
+def build_parser():
+    return dschat_launch.build_config_parser(
+        PPOConfig, HELPS, prog=f"python -m {MODULE}",
+        description="DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (make ppo-llama2).", epilog=__doc__)
 
 
-def config_from_args(ns: argparse.Namespace) -> PPOConfig:
-    values = {k: v for k, v in vars(ns).items() if v is not None}
-    values["extra"] = list(ns.extra or [])
-    return PPOConfig(**values)
+config_from_args = partial(dschat_launch.config_from_args, PPOConfig)
 
 
 def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
     """PPO as `cfg` says (training the tiny reward model first when no critic is given); returns the exit code."""
-    from rlhf_overlay.paths import RUNS_DIR
-    from rlhf_overlay.runs import has_cuda, prepare_run_dir, record_invocation, run_logged
+    from rlhf_overlay.runs import has_cuda
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
@@ -258,12 +213,9 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
         tiny = tiny_paths()
         actor = actor or str(tiny["model"])
         data = data or str(tiny["prompts"])
-    n_rows = validate_local_data(data, "data", need_pairs=False)
-    folder = check_upstream(STEP_FOLDER)
-    if cfg.dry_run:
-        run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{KIND}-<time>"
-    else:
-        run_dir = prepare_run_dir(KIND, output=cfg.output or None, overwrite=cfg.overwrite)
+    n_rows = validate_local_data(data, need_pairs=False)
+    plan = plan_run(KIND, cfg, r, STEP_FOLDER)
+    run_dir = plan.run_dir
 
     critic = str(resolve_critic(cfg.critic)) if cfg.critic else ""
     rm_cfg = None
@@ -274,56 +226,36 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
                                    dry_run=cfg.dry_run)
         critic = str(run_dir / "reward_model" / "model")
 
-    multi_node = bool(cfg.hostfile)
-    port = cfg.master_port or (29500 if multi_node else free_port())
-    data_cache = (f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache"))
-    cmd = launcher_prefix(r["num_gpus"], cfg.hostfile, port) + ["main.py"] + main_py_args(
-        r, actor, critic, data, run_dir, data_cache, run_dir / "tensorboard") + list(cfg.extra)
+    cmd = plan.launcher + ["main.py"] + main_py_args(
+        r, actor, critic, data, run_dir, plan.data_cache, run_dir / "tensorboard") + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (actor, critic, data))
     resolved = dict(r, actor=actor, critic=critic, critic_trained_here=rm_cfg is not None, data=data,
-                    data_rows=n_rows, run_dir=str(run_dir), master_port=port, launch_command=cmd,
-                    launch_cwd=str(folder), extra=list(cfg.extra), hf_hub_offline=offline, requested=asdict(cfg))
-    if cfg.dry_run:
-        if rm_cfg is not None:
-            print(f"# first: reward model ({dschat_reward_model.MODULE})")
-            dschat_reward_model.run(rm_cfg)
-        print(shlex.join(cmd))
-        return 0
-    record_invocation(run_dir, argv_for_record or [sys.executable, "-m", MODULE, *config_to_argv(cfg)], resolved)
-
+                    data_rows=n_rows, run_dir=str(run_dir), master_port=plan.port, launch_command=cmd,
+                    launch_cwd=str(plan.cwd), extra=list(cfg.extra), hf_hub_offline=offline)
     if rm_cfg is not None:
-        print(f"[{KIND}] no CRITIC given: training the tiny reward model first into {run_dir / 'reward_model'}",
-              flush=True)
+        if cfg.dry_run:
+            print(f"# first: the tiny reward model ({dschat_reward_model.MODULE})")
+        else:
+            print(f"[{KIND}] no CRITIC given: training the tiny reward model first into {run_dir / 'reward_model'}",
+                  flush=True)
         rc = dschat_reward_model.run(rm_cfg)
         if rc != 0:
             print(f"[{KIND}] the reward model failed (exit code {rc}); see {run_dir / 'reward_model' / 'training.log'}",
                   file=sys.stderr, flush=True)
             return rc
-
-    env = launch_env(cpu=not cuda, offline=offline, run_dir=run_dir, hostfile=cfg.hostfile)
-    print(f"[{KIND}] run folder: {run_dir}  (recipe {r['recipe']}, actor {actor}, critic {critic}, data {data}, "
-          f"dtype {r['dtype']}, ZeRO {r['zero_stage']}, LoRA {r['lora_dim']})", flush=True)
-    rc = run_logged(cmd, run_dir, env=env, cwd=folder)
-    if rc == 0:
-        results = run_dir / "ppo_results.json"
-        steps = json.loads(results.read_text()).get("ppo/steps") if results.is_file() else "?"
+    summary = (f"recipe {r['recipe']}, actor {actor}, critic {critic}, data {data}, dtype {r['dtype']}, "
+               f"ZeRO {r['zero_stage']}, LoRA {r['lora_dim']}")
+    rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    results = run_dir / "ppo_results.json"
+    if rc == 0 and not cfg.dry_run and results.is_file():
+        steps = json.loads(results.read_text()).get("ppo/steps")
         print(f"[{KIND}] done: {steps} PPO steps; actor in {run_dir / 'actor'}, critic in {run_dir / 'critic'}",
               flush=True)
-    else:
-        print(f"[{KIND}] failed with exit code {rc}; see {run_dir / 'training.log'}", file=sys.stderr, flush=True)
     return rc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    from rlhf_overlay.preference_data import PreferenceDataError
-    from rlhf_overlay.runs import RunDirError
-    try:
-        cfg = config_from_args(ns)
-        return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
-    except (ConfigError, RunDirError, PreferenceDataError) as e:   # messages made for the user
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(build_parser(), PPOConfig, run, MODULE, argv)
 
 
 if __name__ == "__main__":
