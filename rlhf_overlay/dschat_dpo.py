@@ -196,6 +196,10 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
         model = model or str(tiny["model"])
         data = data or str(tiny["preference"])
     n_rows = validate_local_data(data, need_pairs=True)    # file:line of a bad row, before anything starts
+    files = local_data_files(data)
+    if files and files["train"] == files["eval"] and not cfg.dry_run:
+        print(f"[{KIND}] note: {data} has no separate eval file, so the evaluation uses training pairs; put "
+              f"train.jsonl and eval.jsonl in a folder for held-out accuracy", flush=True)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
     cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, model_dir, plan.data_cache,
