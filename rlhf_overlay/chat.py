@@ -60,6 +60,9 @@ def _refuse_wrapped_checkpoint(path: Path) -> None:
         from safetensors import safe_open
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             keys = list(f.keys())
+    elif (path / "pytorch_model.bin").is_file():  # DeepSpeed-Chat saves its actor and critic this way
+        import torch
+        keys = list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
     if keys and all(k.startswith(("base_model.", "v_head.", "rwtransformer.", "rwtranrsformer.")) for k in keys):
         raise ChatError(f"{path} holds a wrapped checkpoint (keys like {keys[0]!r}: a value-head / reward model or a "
                         f"trlx training checkpoint), not a plain causal LM; chat with the exported policy folder "

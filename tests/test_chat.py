@@ -49,6 +49,12 @@ def test_bad_model_folders_fail_clearly(tmp_path, capsys):
               str(tmp_path / "model.safetensors"))
     assert chat.main(["--model", str(tmp_path)]) == 2
     assert "wrapped checkpoint" in capsys.readouterr().err
+    # a DeepSpeed-Chat critic folder (pytorch_model.bin with rwtransformer.* + v_head.weight)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"rwtransformer.embed_tokens.weight": torch.zeros(2, 2), "v_head.weight": torch.zeros(1, 2)},
+               tmp_path / "pytorch_model.bin")
+    assert chat.main(["--model", str(tmp_path)]) == 2
+    assert "wrapped checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         chat.main(["--help"])
 
