@@ -412,6 +412,8 @@ def test_main_py_reports_a_bad_row_by_file_and_line(dschat_dir, tiny_assets, tmp
                                                                    "answer": "no"}])
     out = _run_main(dschat_dir, ["--model_name_or_path", str(tiny_assets / "models" / "tiny-llama"), "--data_path",
                                  str(bad.parent), "--data_split", "0,1,0", "--data_output_path",
-                                 str(tmp_path / "cache"), "--deepspeed"], launcher=True)
+                                 str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--deepspeed"],
+                   launcher=True)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and f"{bad}:2" in text and "rejected" in text, text[-3000:]
+    assert not (dschat_dir / "training" / "step2_dpo_finetuning" / "step2_tensorboard").exists()  # tree kept clean
