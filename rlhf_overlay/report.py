@@ -21,7 +21,7 @@ from pathlib import Path
 
 # The project's common scalar names, in panel order. `lower_is_better` decides what "best" means.
 COMMON_METRICS = ["rm/loss", "rm/acc", "ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
-                  "ppo/response_length"]
+                  "ppo/response_length", "dpo/loss", "dpo/acc", "dpo/reward_margin"]
 MAX_PANELS = 16  # default cap: common metrics first, then the framework's own, alphabetically
 
 
