@@ -93,3 +93,28 @@ def test_help_is_instant():
     out = subprocess.run([sys.executable, "-m", "rlhf_overlay.report", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--max-panels" in out
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_smoke_test_ends_with_a_report_showing_reward_rising(trlx_dir, tiny_assets, tmp_path):
+    """`make ppo-smoke-test` writes report.png + summary.md into its run folder, and the summary's
+    ppo/reward_mean row rises from start to end."""
+    import os
+    import re
+
+    from rlhf_overlay import PROJECT_ROOT
+
+    out = tmp_path / "smoke"
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "REWARD", "RM", "OVERWRITE")}
+    res = subprocess.run(["make", "-s", "ppo-smoke-test"], cwd=PROJECT_ROOT, env=dict(env, OUTPUT=str(out)),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"report: wrote {out}/report.png" in res.stdout
+    img = np.asarray(Image.open(out / "report.png").convert("L"), dtype=float)
+    assert img.std() > 10
+    row = re.search(r"^\| ppo/reward_mean \| (\d+) \| ([-\d.e]+) \| ([-\d.e]+) \|", (out / "summary.md").read_text(),
+                    re.M)
+    assert row, (out / "summary.md").read_text()[:2000]
+    points, start, end = int(row.group(1)), float(row.group(2)), float(row.group(3))
+    assert points >= 20 and end > start + 0.1, (points, start, end)
