@@ -37,13 +37,15 @@ LORA_DIM   ?=
 NUM_GPUS   ?=
 # DeepSpeed-format hostfile (`host slots=N`) for multi-node
 HOSTFILE   ?=
+# 1 = every rank writes what it trained on and its optimizer-state size to <run>/ranks/*.json
+RANK_REPORT ?= 0
 # chat: answer this prompt once and exit (empty = interactive)
 PROMPT     ?=
 # run folder(s) for `make report`
 RUN        ?=
 PYTEST_ARGS ?=
 
-export PROMPT UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE
+export PROMPT UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE RANK_REPORT
 
 .PHONY: help
 help: ## List the targets with one line each

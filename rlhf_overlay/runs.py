@@ -32,6 +32,10 @@ def prepare_run_dir(kind: str, output: str | os.PathLike | None = None, overwrit
     if announce:
         with open(announce, "a") as f:
             f.write(f"{run_dir}\n")
+    # RANK_REPORT=1: every rank of this run (and of runs it starts) writes its facts into <run>/ranks
+    # (rlhf_overlay.rank_report); the first run folder of a job holds them all.
+    if os.environ.get("RANK_REPORT", "0") == "1" and not os.environ.get("RLHF_OVERLAY_RANK_REPORT"):
+        os.environ["RLHF_OVERLAY_RANK_REPORT"] = str(run_dir / "ranks")
     return run_dir
 
 

@@ -172,18 +172,34 @@ def trainer_command(module: str, args: Sequence[str], *, num_processes: int, dee
 
 
 def cpu_deepspeed_backend_fix() -> None:
-    """Under `accelerate launch` with DeepSpeed on CPU, accelerate picks no process-group backend (it only knows
-    GPU backends there), so it counts one process while DeepSpeed runs gloo with several: collectives then fail
-    ("invalid output tensor list"). Creating the shared state with backend="gloo" first fixes both views."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
-        return
+    """Make every rank of a CPU run see the same world as the launcher started (call before trlx builds its
+    Accelerator):
+    - with DeepSpeed, accelerate picks no process-group backend on CPU (it only knows GPU backends there), so it
+      counts one process while DeepSpeed runs gloo with several: collectives then fail ("invalid output tensor
+      list"). Creating the shared state with backend="gloo" first fixes both views.
+    - without DeepSpeed, accelerate treats torchrun's ranks as distributed only when told it is on CPU
+      (ACCELERATE_USE_CPU); otherwise every rank silently trains alone on all the data (measured: two
+      identical single-process runs)."""
     import torch
 
     if torch.cuda.is_available():
         return
-    from accelerate import PartialState
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        from accelerate import PartialState
 
-    PartialState(backend="gloo")
+        PartialState(backend="gloo")
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def check_world_size(num_processes: int) -> None:
+    """Refuse to train when accelerate's view of the world differs from the launcher's (WORLD_SIZE): a rank that
+    believes it is alone would train on all the data and write every output itself."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_processes != expected:
+        raise RuntimeError(f"accelerate sees {num_processes} process(es) but the launcher started {expected} "
+                           f"(WORLD_SIZE); the ranks would train independently. Check the accelerate config "
+                           f"(distributed_type) and, on CPU, ACCELERATE_USE_CPU=true.")
 
 
 # ------------------------------------------------------------------------------------------- common scalars

@@ -455,7 +455,7 @@ def _rm_device(choice: str, policy_device):
 
 def worker_main(run_dir: Path) -> int:
     """Runs in each process (plain python, or started by accelerate launch)."""
-    from rlhf_overlay.trlx_common import CommonScalars, cpu_deepspeed_backend_fix, import_trlx
+    from rlhf_overlay.trlx_common import CommonScalars, check_world_size, cpu_deepspeed_backend_fix, import_trlx
 
     run_dir = Path(run_dir)
     resolved = json.loads((run_dir / "config.json").read_text())
@@ -478,12 +478,31 @@ def worker_main(run_dir: Path) -> int:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     scalars = CommonScalars(run_dir, enabled=main_proc)
+    from rlhf_overlay.rank_report import RankReport
+
+    rank_report = RankReport("ppo")
     recorder = StepRecorder(run_dir, cfg.steps, scalars, tty=resolved.get("tty", False)) if main_proc else None
     timings = {"eval_seconds": 0.0}
 
     @register_trainer
     class OverlayPPOTrainer(AcceleratePPOTrainer):
         """trlx's PPO trainer plus per-step reporting (rewards as scored, KL, losses, timings)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            check_world_size(self.accelerator.num_processes)  # no silent single-process ranks
+
+        def add_prompt_pipeline(self, pipeline):
+            super().add_prompt_pipeline(pipeline)
+            if rank_report.enabled:  # RANK_REPORT=1: record the prompts this rank draws (checks the data split)
+                prompts = self.prompt_iterator
+
+                def recorded():
+                    for batch in prompts:
+                        rank_report.add_sample_ids(batch["rank_report_row"])
+                        yield batch
+
+                self.prompt_iterator = recorded()
 
         def make_experience(self, num_rollouts: int = 1024, iter_count: int = 0):
             if recorder is not None:
@@ -531,11 +550,16 @@ def worker_main(run_dir: Path) -> int:
     train_rows, eval_rows, _ = load_prompts(resolved["data_arg"])
     eval_rows = eval_rows[: cfg.eval_prompts]
     t0 = time.time()
-    trainer = trlx.train(reward_fn=reward_fn, prompts=[dict(r) for r in train_rows],
+    # RANK_REPORT=1: each prompt carries its row number (trlx passes extra keys along as metadata)
+    row_ids = (lambda i: {"rank_report_row": i}) if rank_report.enabled else (lambda i: {})
+    trainer = trlx.train(reward_fn=reward_fn, prompts=[dict(r, **row_ids(i)) for i, r in enumerate(train_rows)],
                          eval_prompts=[dict(r) for r in eval_rows], config=trl_config)
     train_seconds = time.time() - t0
     if recorder is not None:
         recorder.close()
+    engine = trainer.model if hasattr(trainer.model, "zero_optimization_stage") else trainer.opt
+    rank_report.add_optimizer("policy", engine, model=trainer.model)
+    rank_report.write()
     policy_dir = run_dir / "policy"
     trainer.save_pretrained(str(policy_dir))
     if main_proc:

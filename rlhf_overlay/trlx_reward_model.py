@@ -498,6 +498,9 @@ def worker_main(run_dir: Path) -> int:
     )
 
     scalars = CommonScalars(run_dir, enabled=main_proc)
+    from rlhf_overlay.rank_report import RankReport
+
+    rank_report = RankReport("rm")  # RANK_REPORT=1: the pairs this rank trained on and its optimizer state
 
     class CommonNames(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -508,6 +511,8 @@ def worker_main(run_dir: Path) -> int:
 
     class RewardTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False):
+            if model.training:
+                rank_report.add_samples(inputs["chosen_input_ids"], tokenizer.pad_token_id)
             out = model(**inputs)
             return (out["loss"], out) if return_outputs else out["loss"]
 
@@ -537,6 +542,9 @@ def worker_main(run_dir: Path) -> int:
     t0 = time.time()
     result = trainer.train()
     train_seconds = time.time() - t0
+    engine = trainer.model_wrapped if hasattr(trainer.model_wrapped, "zero_optimization_stage") else trainer.optimizer
+    rank_report.add_optimizer("rm", engine, model=model)
+    rank_report.write()
     after = trainer.evaluate(metric_key_prefix="eval")
     if main_proc:
         out_dir = run_dir / "reward_model"

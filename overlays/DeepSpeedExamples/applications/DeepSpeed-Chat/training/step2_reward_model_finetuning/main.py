@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 # rlhf-overlay: REPLACES applications/DeepSpeed-Chat/training/step2_reward_model_finetuning/main.py at the pin
 # (83757d9c). Based on that file; changes (the seed's rm_main.py rebuilt for the dschat/ layout, plus CPU fixes):
+#   - RANK_REPORT=1 (rlhf_overlay.rank_report): each rank records the samples it trained on and its optimizer
+#     state size, to check data splitting and ZeRO partitioning with several ranks;
 #   - tensorboard scalars in the output folder at every eval: train/loss, eval/reward_score, eval/acc (+ the
 #     project's common names rm/loss, rm/acc) and a final eval_results.json;
 #   - default --data_split 6,2,2; end-of-conversation token = the tokenizer's EOS (LLaMA2 has no <|endoftext|>);
@@ -479,6 +481,8 @@ def main():
     total_micro_steps = 0
     total_steps = 0
     step_times = []
+    from rlhf_overlay.rank_report import RankReport
+    rank_report = RankReport("rm")
     for epoch in range(args.num_train_epochs):
         print_rank_0(
             f"Beginning of Epoch {epoch+1}/{args.num_train_epochs}, Total Micro Batches {len(train_dataloader)}",
@@ -489,6 +493,7 @@ def main():
         for step, batch in enumerate(train_dataloader):
             step_start = time.time()
             batch = to_device(batch, device)
+            rank_report.add_samples(batch["input_ids"], tokenizer.pad_token_id)
             outputs = rm_model(**batch, use_cache=False)
             loss = outputs["loss"]
             rm_model.backward(loss)
@@ -551,6 +556,9 @@ def main():
         print_rank_0(
             f"step time: {sum(steady)/len(steady):.4f} s/step over {len(steady)} steps "
             f"(first step {step_times[0]:.3f} s)", args.global_rank)
+
+    rank_report.add_optimizer("rm", rm_model)
+    rank_report.write()
 
     if args.output_dir is not None:
         print_rank_0('saving model ...', args.global_rank)

@@ -9,6 +9,8 @@
 #   - tensorboard scalars always written (rank 0) to <output_dir>/tensorboard with a global step across epochs:
 #     upstream's reward/actor_loss/critic_loss plus the project's ppo/reward_mean, ppo/kl, ppo/policy_loss,
 #     ppo/value_loss, ppo/response_length; the writer is no longer opened by every rank in parse_args;
+#   - RANK_REPORT=1 (rlhf_overlay.rank_report): each rank records its prompts and the optimizer state sizes of
+#     actor and critic, to check data splitting and ZeRO partitioning with several ranks;
 #   - --max_steps stops after that many PPO steps (upstream's --enable_test_mode/--test_stop_step still work).
 # Copyright (c) Microsoft Corporation.
 # SPDX-License-Identifier: Apache-2.0
@@ -573,6 +575,8 @@ def main():
     steps_done = 0
     step_times = []
 
+    from rlhf_overlay.rank_report import RankReport
+    rank_report = RankReport("ppo")
     for epoch in range(args.num_train_epochs):
         print_rank_0(
             f"Beginning of Epoch {epoch+1}/{args.num_train_epochs}, Total Generation Batches {min(len(prompt_train_dataloader), len(unsupervised_train_dataloader))}",
@@ -582,6 +586,7 @@ def main():
 
             step_start = time.time()
             batch_prompt = to_device(batch_prompt, device)
+            rank_report.add_samples(batch_prompt['prompt'], tokenizer.pad_token_id)
 
             # prompts = batch_prompt['prompt']
             # length = prompts.size(-1)
@@ -714,6 +719,10 @@ def main():
             f"PPO step time: {sum(steady)/len(steady):.4f} s/step over {len(steady)} steps "
             f"(first step {step_times[0]:.3f} s); {steps_done} steps in total",
             args.global_rank)
+
+    rank_report.add_optimizer("actor", rlhf_engine.actor)
+    rank_report.add_optimizer("critic", rlhf_engine.critic)
+    rank_report.write()
 
     if args.output_dir is not None:
         print_rank_0('saving model ...')
