@@ -147,6 +147,10 @@ def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
     if r.get("offload") and r["zero_stage"] == 0:
         r["offload"] = False            # ZeRO offload needs stage >= 1
     r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda else 1)
+    from rlhf_overlay.runs import rank_count_problem
+    problem = rank_count_problem(cfg.num_gpus, cuda, what="num_gpus (NUM_GPUS)")
+    if problem:
+        raise ConfigError(problem)
     r["hostfile"] = cfg.hostfile
     r["seed"] = cfg.seed
     r["cuda"] = cuda

@@ -92,6 +92,32 @@ def has_cuda() -> bool:
         return False
 
 
+def gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def rank_count_problem(num: int | None, cuda: bool, gpus: int | None = None, what: str = "NUM_GPUS") -> str | None:
+    """Why `num` ranks per node cannot run here (None when they can). On a GPU machine each rank needs its own
+    GPU, so more ranks than visible GPUs would fail late, inside the launcher or at the first collective. On a
+    CPU machine ranks are processes: more than the cores only share them (allowed)."""
+    if num is None:
+        return None
+    if num < 1:
+        return f"{what}={num}: ranks per node must be >= 1"
+    if cuda:
+        gpus = gpu_count() if gpus is None else gpus
+        if num > gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            return (f"{what}={num}: this machine has {gpus} visible GPU(s)"
+                    f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; use {what}<={gpus}, "
+                    f"or a HOSTFILE to spread the ranks over several nodes")
+    return None
+
+
 def runtime_env(base: Mapping[str, str] | None = None, offline: bool = True, cpu: bool | None = None) -> dict:
     """Environment for training subprocesses.
 

@@ -192,6 +192,20 @@ def cpu_deepspeed_backend_fix() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
+def deepspeed_cpu_problem(ds_config: Mapping, source: str) -> str | None:
+    """What in a DeepSpeed config fails on CPU (ZeRO-3, the hybrid engine), or None. `ds_config` is a DeepSpeed
+    JSON dict or an accelerate `deepspeed_config` section (zero_stage key)."""
+    zero = ds_config.get("zero_optimization", {}) if isinstance(ds_config.get("zero_optimization"), Mapping) else {}
+    stage = zero.get("stage", ds_config.get("zero_stage"))
+    if str(stage) == "3":
+        return (f"{source}: ZeRO stage 3 fails on CPU with this DeepSpeed (measured); use ZERO_STAGE=0 or 2 on CPU "
+                f"(stage 3 is for GPU runs)")
+    hybrid = ds_config.get("hybrid_engine", {})
+    if isinstance(hybrid, Mapping) and hybrid.get("enabled"):
+        return f"{source}: DeepSpeed's hybrid engine needs a GPU; remove hybrid_engine.enabled on CPU"
+    return None
+
+
 def check_world_size(num_processes: int) -> None:
     """Refuse to train when accelerate's view of the world differs from the launcher's (WORLD_SIZE): a rank that
     believes it is alone would train on all the data and write every output itself."""

@@ -617,8 +617,20 @@ def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) ->
         precision = "bf16" if cuda else "no"
     if precision == "fp16" and not cuda:
         raise ConfigError("precision='fp16' needs a GPU (CPU training runs in fp32; use --precision no or bf16)")
+    if zero == 3 and not cuda:
+        raise ConfigError("zero_stage (ZERO_STAGE)=3: ZeRO stage 3 fails on CPU with this DeepSpeed (measured); use "
+                          "ZERO_STAGE=0 or 2 on CPU")
     if cfg.accelerate_config != "auto":
         config_file = Path(cfg.accelerate_config).resolve()
+        if not cuda:
+            import yaml
+
+            from rlhf_overlay.trlx_common import deepspeed_cpu_problem
+
+            user = yaml.safe_load(config_file.read_text()) or {}
+            problem = deepspeed_cpu_problem(user.get("deepspeed_config") or {}, f"accelerate_config={config_file}")
+            if problem:
+                raise ConfigError(problem)
     elif zero > 0:
         config_file = default_accelerate_config(cuda, deepspeed=True)
         if zero != 2:
@@ -654,6 +666,11 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         import torch
 
         gpu_count = torch.cuda.device_count()
+    from rlhf_overlay.runs import rank_count_problem
+
+    problem = rank_count_problem(cfg.num_processes or None, cuda, gpu_count, what="num_processes (NUM_GPUS)")
+    if problem:
+        raise ConfigError(problem)
     policy_path = resolve_policy_path(cfg)
     train_rows, eval_rows, sources = load_prompts(cfg.data)  # validates every row before anything starts
     baseline = cfg.reward_baseline

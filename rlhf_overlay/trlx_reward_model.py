@@ -613,6 +613,17 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     if cfg.zero_stage < 0:
         cfg.zero_stage = 2 if cuda else 0
     ds = deepspeed_config(cfg, precision)
+    if ds is not None and not cuda:
+        from rlhf_overlay.trlx_common import deepspeed_cpu_problem
+
+        problem = deepspeed_cpu_problem(ds, f"deepspeed={cfg.deepspeed}" if cfg.deepspeed else "zero_stage")
+        if problem:
+            raise ConfigError(problem)
+    from rlhf_overlay.runs import rank_count_problem
+
+    problem = rank_count_problem(cfg.num_processes or None, cuda, what="num_processes (NUM_GPUS)")
+    if problem:
+        raise ConfigError(problem)
     if cfg.num_processes == 0:
         if cuda:
             import torch
