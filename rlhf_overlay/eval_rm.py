@@ -98,7 +98,8 @@ class DSChatCriticScorer:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         torch = self.torch
-        texts = [p + r + self.eot for p, r in zip(prompts, responses)]
+        from rlhf_overlay.preference_data import join_conversation
+        texts = [join_conversation(p, r) + self.eot for p, r in zip(prompts, responses)]
         pad_id = self.tokenizer.pad_token_id
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):

@@ -38,6 +38,15 @@ class PreferenceDataError(ValueError):
     """A data file or row that cannot be used; the message is `<file>:<line>: <what is wrong> — <what to do>`."""
 
 
+def join_conversation(prompt: str, answer: str) -> str:
+    """The text a reward model scores: `prompt + answer`, as in DeepSpeed-Chat's Dahoas/rm-static (answers start
+    with a space); one space is put in between only when neither side has one. DeepSpeed-Chat's local data
+    (overlay local_files.py) and `make eval-rm` both use this, so eval-rm scores exactly what step 2 trained on."""
+    if answer[:1].isspace() or prompt[-1:].isspace() or not prompt:
+        return prompt + answer
+    return prompt + " " + answer
+
+
 def _error(file, line: int | None, what: str, todo: str) -> PreferenceDataError:
     where = f"{file}:{line}" if line is not None else f"{file}"
     return PreferenceDataError(f"{where}: {what} — {todo}")

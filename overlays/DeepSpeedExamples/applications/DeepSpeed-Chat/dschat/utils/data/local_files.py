@@ -144,28 +144,33 @@ class LocalFileDataset(PromptRawDataset):
     def get_eval_data(self):
         return self.raw_datasets["eval"]
 
-    # Text format as upstream LocalJsonFileDataset: " " + prompt [+ " " + response].
+    # Text format: prompt + answer (rlhf_overlay.preference_data.join_conversation), as Dahoas/rm-static and our
+    # data format (answers start with a space). Upstream LocalJsonFileDataset wrote " " + prompt + " " + answer,
+    # which put a lone extra space token at the start and between prompt and answer, and differed from what
+    # `make eval-rm` scores.
     def get_prompt(self, sample):
         if sample['prompt'] is not None:
-            return " " + sample['prompt']
+            return sample['prompt']
         return None
 
     def get_chosen(self, sample):
         if sample['chosen'] is not None:
-            return " " + sample['chosen']
+            return sample['chosen']
         return None
 
     def get_rejected(self, sample):
         if sample['rejected'] is not None:
-            return " " + sample['rejected']
+            return sample['rejected']
         return None
 
     def get_prompt_and_chosen(self, sample):
         if sample['prompt'] is not None and sample['chosen'] is not None:
-            return " " + sample['prompt'] + " " + sample['chosen']
+            from rlhf_overlay.preference_data import join_conversation
+            return join_conversation(sample['prompt'], sample['chosen'])
         return None
 
     def get_prompt_and_rejected(self, sample):
         if sample['prompt'] is not None and sample['rejected'] is not None:
-            return " " + sample['prompt'] + " " + sample['rejected']
+            from rlhf_overlay.preference_data import join_conversation
+            return join_conversation(sample['prompt'], sample['rejected'])
         return None
