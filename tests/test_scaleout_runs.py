@@ -103,6 +103,11 @@ def event_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("events.out.tfevents.*"))
 
 
+def event_writers(folder: Path) -> set[str]:
+    """The processes that wrote tensorboard files under `folder` (events.out.tfevents.<time>.<host>.<pid>.<n>)."""
+    return {p.name.split(".")[-2] for p in event_files(folder)}
+
+
 # ------------------------------------------------------------------------------------------- rm-llama2
 @pytest.fixture(scope="module")
 def rm_llama2(dschat_dir, unique_data, tmp_path_factory):
@@ -204,7 +209,8 @@ def test_rm_bloom_two_ranks_split_the_pairs_and_learn(rm_bloom):
     assert m["eval_accuracy"] >= 0.75 > 0.5 == m["chance_accuracy"], m
     assert m["pairs_per_step"] == 2 * json.loads((out / "config.json").read_text())["reward_model"]["batch_size"]
     reports = ranks(out, "rm")
-    assert_disjoint_samples(reports)
+    # accelerate evens out the last, partial batch by repeating early samples: compare before it
+    assert_disjoint_samples(reports, first=2000 // 2 - 64)
     n = len(reports[0]["samples"])
     assert n == len(reports[1]["samples"]) and 2 * n >= 2000 - 64, "together the ranks cover the epoch once"
     assert len(re.findall(r"^eval accuracy before training", res.stdout, re.M)) == 1
@@ -216,7 +222,7 @@ def test_rm_bloom_two_ranks_write_one_copy_that_scores_as_reported(rm_bloom, uni
     out, _, _ = rm_bloom
     assert sorted(p.name for p in (out / "reward_model").glob("*.safetensors")) == [
         "model.safetensors", "value_head.safetensors"]
-    assert len(event_files(out / "tensorboard")) == 2          # the project's names + the HF Trainer's, once each
+    assert event_files(out / "tensorboard") and len(event_writers(out / "tensorboard")) == 1, "rank 0 writes all"
     m = json.loads((out / "metrics.json").read_text())
     metrics, _ = eval_rm.evaluate(eval_rm.EvalConfig(rm=str(out / "reward_model"),
                                                      data=str(unique_data["pref"] / "eval.jsonl"),
@@ -247,8 +253,10 @@ def test_smoke_test_ranks_draw_different_prompts_and_write_once(smoke, tiny_asse
     out, _, _ = smoke
     reports = ranks(out, "ppo")
     rows = len(jsonl(tiny_assets / "data" / "prompts" / "train.jsonl"))
-    assert_disjoint_samples(reports, first=rows // 2)          # within the first epoch of the prompt loader
+    # within the first epoch of the prompt loader, before accelerate evens out its last batch with repeats
+    assert_disjoint_samples(reports, first=rows // 2 - 64)
     assert all(len(r["samples"]) == 40 * 32 for r in reports)   # each rank: 40 steps x 32 rollouts
     top = [p for p in event_files(out / "tensorboard") if p.parent == out / "tensorboard"]
-    assert len(top) == 1, "the project's scalars are written by rank 0 only"
+    assert len(top) == 1, "the project's scalars are written once"
+    assert len(event_writers(out / "tensorboard")) == 1, "by one process (rank 0), trlx's own logs included"
     assert sorted(p.name for p in (out / "policy").glob("*.safetensors")) == ["model.safetensors"]
