@@ -260,3 +260,13 @@ def test_smoke_test_ranks_draw_different_prompts_and_write_once(smoke, tiny_asse
     assert len(top) == 1, "the project's scalars are written once"
     assert len(event_writers(out / "tensorboard")) == 1, "by one process (rank 0), trlx's own logs included"
     assert sorted(p.name for p in (out / "policy").glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_smoke_test_with_accelerate_deepspeed_zero2_on_two_ranks_shards(trlx_dir, tmp_path):
+    """The accelerate + DeepSpeed path of trlx (configs/accelerate/zero2.yaml) on 2 CPU ranks: the reward still
+    rises and each rank owns half of the policy's optimizer state."""
+    out = tmp_path / "run"
+    res, _ = make("ppo-smoke-test", NUM_GPUS=2, ZERO_STAGE=2, OUTPUT=out)
+    assert "PASS: the mean reward rose" in res.stdout
+    assert_zero2_sharded([r["optimizers"]["policy"] for r in ranks(out, "ppo")])
+    assert len(event_writers(out / "tensorboard")) == 1
