@@ -163,8 +163,9 @@ def trainer_command(module: str, args: Sequence[str], *, num_processes: int, dee
     py = python or sys.executable
     if hostfile:
         read_hostfile(hostfile)  # validate early, with file:line errors
+        # --no_local_rank: the worker reads LOCAL_RANK from the environment (its parser has no --local_rank)
         return [py, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(hostfile).resolve()),
-                "--master_port", "29500", "--module", module, *args]
+                "--master_port", "29500", "--no_local_rank", "--module", module, *args]
     if num_processes == 1 and not deepspeed:
         return [py, "-m", module, *args]
     return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
