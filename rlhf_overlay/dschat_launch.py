@@ -146,7 +146,8 @@ def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
         raise ConfigError("dtype='fp16': fp16 training is not supported on CPU; use bf16 or fp32")
     if r.get("offload") and r["zero_stage"] == 0:
         r["offload"] = False            # ZeRO offload needs stage >= 1
-    r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda else 1)
+    # ranks per node: NUM_GPUS; else the hostfile's slots, all GPUs, or 1 process on CPU
+    r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda or cfg.hostfile else 1)
     from rlhf_overlay.runs import rank_count_problem
     problem = rank_count_problem(cfg.num_gpus, cuda, what="num_gpus (NUM_GPUS)")
     if problem:

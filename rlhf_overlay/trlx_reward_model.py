@@ -631,8 +631,6 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
             cfg.num_processes = max(1, torch.cuda.device_count())
         else:
             cfg.num_processes = 1
-    if cfg.hostfile and ds is None:
-        raise ConfigError("hostfile (HOSTFILE) needs DeepSpeed: set ZERO_STAGE=1/2/3 (--zero-stage) or --deepspeed")
     model_path = resolve_model_path(cfg)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)
