@@ -39,6 +39,11 @@ NUM_GPUS   ?=
 HOSTFILE   ?=
 # 1 = every rank writes what it trained on and its optimizer-state size to <run>/ranks/*.json
 RANK_REPORT ?= 0
+# ppo-join: this machine's rank (its line in HOSTFILE, counting from 0) in the run RUN started on the first host
+MACHINE_RANK ?=
+# accelerate-config: base accelerate config (cpu, multi_gpu, zero2 or a YAML file) and the folder to write into
+BASE       ?= zero2
+OUT        ?=
 # chat: answer this prompt once and exit (empty = interactive)
 PROMPT     ?=
 # run folder(s) for `make report`
@@ -75,7 +80,7 @@ test: ## Run the test suite (sets up the env; upstream tests run when a mirror o
 # ---------------------------------------------------------------- training targets
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
 TRAINING_TARGETS := rm-llama2 ppo-llama2 rm-bloom rm-gptj ppo-bloom ppo-gptj ppo-smoke-test dpo-llama2 eval-rm chat
-.PHONY: $(TRAINING_TARGETS)
+.PHONY: $(TRAINING_TARGETS) ppo-join accelerate-config
 rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model (MODEL, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
 	@bash training_scripts/run.sh rm_llama2
 ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (ACTOR, CRITIC, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
@@ -90,6 +95,12 @@ ppo-gptj: ## trlx PPO on GPT-J with a trained reward model (MODEL, RM, DATA, OUT
 	@bash training_scripts/run.sh ppo_gptj
 ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the embedded tiny BLOOM; prints `mean reward: a -> b` (MODEL, REWARD, OUTPUT)
 	@bash training_scripts/run.sh ppo_smoke_test
+ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host (RUN, MACHINE_RANK)
+	$(if $(RUN),,$(error ppo-join needs RUN=<the run folder printed on the first host>))$(if $(MACHINE_RANK),,$(error ppo-join needs MACHINE_RANK=<this host's line in HOSTFILE, from 0>))
+	$(PYTHON) -m rlhf_overlay.trlx_ppo --join "$(RUN)" --machine-rank $(MACHINE_RANK)
+accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
+	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
+	$(PYTHON) -m rlhf_overlay.hostfile accelerate-config --hostfile "$(HOSTFILE)" --base "$(BASE)" --out "$(OUT)"
 dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2 (MODEL, DATA, OUTPUT, LORA_DIM)
 	@bash training_scripts/run.sh dpo_llama2
 eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram (RM, DATA)

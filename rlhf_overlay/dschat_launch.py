@@ -173,12 +173,24 @@ def tiny_paths() -> dict[str, Path]:
             "prompts": root / "data" / "prompts"}
 
 
-def launcher_prefix(num_gpus: int | None, hostfile: str, master_port: int) -> list[str]:
+def hostfile_flags(hostfile: str) -> list[str]:
+    """Checks a hostfile before anything starts (format, first host, remote hosts reachable over ssh) and returns
+    the launcher flags it needs (a hostfile of this machine alone runs without ssh)."""
+    if not hostfile:
+        return []
+    from rlhf_overlay.hostfile import HostfileError, deepspeed_launcher_flags, read_hostfile
+    try:
+        return deepspeed_launcher_flags(read_hostfile(hostfile), hostfile)
+    except HostfileError as e:
+        raise ConfigError(str(e)) from None
+
+
+def launcher_prefix(num_gpus: int | None, hostfile: str, master_port: int, flags: list[str] | None = None) -> list[str]:
     """The `deepspeed` launcher (as `python -m deepspeed.launcher.runner`, so the venv's python runs every rank).
     Not torchrun: the step scripts initialise distributed only when given --local_rank, which deepspeed passes."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hostfile:
-        cmd += ["--hostfile", str(Path(hostfile).expanduser().resolve())]
+        cmd += ["--hostfile", str(Path(hostfile).expanduser().resolve()), *(flags or [])]
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
     cmd += ["--master_port", str(master_port)]
@@ -228,15 +240,16 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
     from rlhf_overlay.paths import RUNS_DIR
     from rlhf_overlay.runs import prepare_run_dir
     folder = check_upstream(step_folder)
+    flags = hostfile_flags(cfg.hostfile)           # before the run folder is made
     if cfg.dry_run:
         run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>"
     else:
         run_dir = prepare_run_dir(kind, output=cfg.output or None, overwrite=cfg.overwrite)
-    multi_node = bool(cfg.hostfile)
+    multi_node = bool(cfg.hostfile) and not flags   # a hostfile of this machine alone runs locally
     port = cfg.master_port or (29500 if multi_node else free_port())
     data_cache = f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache")
     return RunPlan(run_dir=run_dir, port=port, data_cache=data_cache,
-                   launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port), cwd=folder)
+                   launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port, flags), cwd=folder)
 
 
 def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved: dict,

@@ -108,23 +108,14 @@ def free_port() -> int:
 
 
 def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """DeepSpeed-format hostfile: one `host slots=N` per line, `#` comments allowed."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"HOSTFILE={p} does not exist; write one `host slots=N` line per node")
-    hosts = []
-    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = [x for x in parts[1:] if x.startswith("slots=")]
-        if len(parts) < 2 or not slots or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
-            raise ConfigError(f"{p}:{lineno}: expected `host slots=N` (N >= 1), got {raw!r}")
-        hosts.append((parts[0], int(slots[0][6:])))
-    if not hosts:
-        raise ConfigError(f"HOSTFILE={p} lists no hosts; write one `host slots=N` line per node")
-    return hosts
+    """DeepSpeed-format hostfile as (host, slots) pairs (rlhf_overlay.hostfile does the parsing and checks)."""
+    from rlhf_overlay.hostfile import HostfileError
+    from rlhf_overlay.hostfile import read_hostfile as read
+
+    try:
+        return [(h.name, h.slots) for h in read(path)]
+    except HostfileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
@@ -134,22 +125,18 @@ def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
 
 
 def accelerate_command(module: str, args: Sequence[str], *, config_file: Path | None, num_processes: int,
-                       hostfile: str | None = None, mixed_precision: str | None = None,
+                       mixed_precision: str | None = None, machine_config: bool = False,
                        python: str | None = None) -> list[str]:
     """How to start `python -m module args` for trlx: plain python for one process without a config file,
-    else `accelerate launch` with our config file (num_processes / hostfile override the file)."""
+    else `accelerate launch` with our config file (num_processes overrides the file's). A `machine_config` (one
+    machine of several, from rlhf_overlay.hostfile.accelerate_configs) is used as it is."""
     py = python or sys.executable
-    if config_file is None and num_processes == 1 and not hostfile:
+    if config_file is None and num_processes == 1:
         return [py, "-m", module, *args]
     cmd = [py, "-m", "accelerate.commands.launch"]
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
-    if hostfile:
-        hosts = read_hostfile(hostfile)
-        cmd += ["--num_machines", str(len(hosts)), "--num_processes", str(sum(s for _, s in hosts)),
-                "--main_process_ip", hosts[0][0], "--main_process_port", "29500",
-                "--deepspeed_hostfile", str(Path(hostfile).resolve()), "--deepspeed_multinode_launcher", "pdsh"]
-    else:
+    if not machine_config:
         cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     if mixed_precision:
         cmd += ["--mixed_precision", mixed_precision]
@@ -159,13 +146,21 @@ def accelerate_command(module: str, args: Sequence[str], *, config_file: Path | 
 def trainer_command(module: str, args: Sequence[str], *, num_processes: int, deepspeed: bool,
                     hostfile: str | None = None, python: str | None = None) -> list[str]:
     """How to start an HF-Trainer worker: plain python for one process without DeepSpeed, `torchrun` on one
-    node (DeepSpeed reads the distributed env vars it sets), the `deepspeed` launcher with a hostfile."""
+    node (DeepSpeed reads the distributed env vars it sets), DeepSpeed's launcher with a hostfile (checked first:
+    a hostfile of this machine alone runs without ssh; remote hosts must be reachable)."""
     py = python or sys.executable
     if hostfile:
-        read_hostfile(hostfile)  # validate early, with file:line errors
+        from rlhf_overlay.hostfile import HostfileError, deepspeed_launcher_flags, read_hostfile as read
+
+        try:
+            hosts = read(hostfile)
+            flags = deepspeed_launcher_flags(hosts, hostfile)
+        except HostfileError as e:
+            raise ConfigError(str(e)) from None
+        port = str(free_port()) if flags else "29500"
         # --no_local_rank: the worker reads LOCAL_RANK from the environment (its parser has no --local_rank)
         return [py, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(hostfile).resolve()),
-                "--master_port", "29500", "--no_local_rank", "--module", module, *args]
+                "--master_port", port, *flags, "--no_local_rank", "--module", module, *args]
     if num_processes == 1 and not deepspeed:
         return [py, "-m", module, *args]
     return [py, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),

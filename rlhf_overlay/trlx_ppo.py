@@ -599,6 +599,8 @@ def build_parser(prog: str = "python -m rlhf_overlay.trlx_ppo", defaults: PPORun
             p.add_argument(flag, type=type(default), default=default,
                            help=f.metadata["help"] + f" (default: {default!r})")
     p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    p.add_argument("--join", metavar="RUN_DIR", help="join a several-machine run (HOSTFILE) started on its first host")
+    p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank in the hostfile (with --join)")
     return p
 
 
@@ -607,11 +609,14 @@ def config_from_args(ns: argparse.Namespace) -> PPORunConfig:
 
 
 def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) -> tuple[list[str], dict]:
-    """The launch command and the launch facts recorded in config.json (no side effects)."""
+    """The launch command and the launch facts recorded in config.json (no side effects). With a hostfile of
+    several hosts, `launch["machine_configs"]` holds one accelerate config per machine for run() to write."""
     from rlhf_overlay.trlx_common import accelerate_command, default_accelerate_config
 
     zero = cfg.zero_stage if cfg.zero_stage >= 0 else (2 if cuda else 0)
-    n = cfg.num_processes or (max(1, gpu_count) if cuda else 1)
+    hosts = hostfile_hosts(cfg)
+    # processes per machine: NUM_GPUS, else the hostfile's slots, all GPUs, or 1 on CPU
+    n = cfg.num_processes or (hosts[0].slots if hosts else (max(1, gpu_count) if cuda else 1))
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if cuda else "no"
@@ -636,18 +641,75 @@ def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) ->
         if zero != 2:
             raise ConfigError(f"zero_stage (ZERO_STAGE)={zero}: our accelerate config is ZeRO-2; pass your own "
                               f"--accelerate-config for stage {zero}")
-    elif n > 1 or cfg.hostfile:
+    elif n > 1 or hosts:
         config_file = default_accelerate_config(cuda, deepspeed=False)
     else:
         config_file = None
-    if cfg.hostfile and (config_file is None or "zero" not in config_file.name):
-        if cfg.accelerate_config == "auto":
-            raise ConfigError("hostfile (HOSTFILE) uses DeepSpeed's multi-node launcher: set ZERO_STAGE=2")
+    mixed = None if (config_file is None and precision == "no") else precision
+    launch = {"zero_stage": zero, "num_processes": n, "precision": precision,
+              "accelerate_config": str(config_file) if config_file else None}
+    if hosts and len(hosts) > 1:  # several machines: one accelerate config each, machine 0 is this one
+        import yaml
+
+        from rlhf_overlay.hostfile import accelerate_configs
+        from rlhf_overlay.trlx_common import free_port
+
+        base = yaml.safe_load(config_file.read_text()) or {}
+        base["mixed_precision"] = mixed or "no"
+        if base.get("distributed_type") == "DEEPSPEED":  # torchrun on every node, no pdsh/ssh
+            base["deepspeed_config"] = dict(base.get("deepspeed_config") or {}, deepspeed_multinode_launcher="standard")
+        configs = accelerate_configs(hosts, base, port=free_port(), processes_per_node=n)
+        folder = run_dir / "accelerate"
+        launch.update(num_processes=n * len(hosts), processes_per_machine=n, machines=[
+            {"host": h.name, "machine_rank": i, "config": str(folder / f"machine-{i}.yaml")} for i, h in enumerate(hosts)])
+        launch["machine_configs"] = configs            # written by run() into the run folder
+        cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)],
+                                 config_file=folder / "machine-0.yaml", num_processes=n, machine_config=True)
+        return cmd, launch
     cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)], config_file=config_file,
-                             num_processes=n, hostfile=cfg.hostfile or None,
-                             mixed_precision=None if (config_file is None and precision == "no") else precision)
-    return cmd, {"zero_stage": zero, "num_processes": n, "precision": precision,
-                 "accelerate_config": str(config_file) if config_file else None}
+                             num_processes=n, mixed_precision=mixed)
+    return cmd, launch
+
+
+def hostfile_hosts(cfg: PPORunConfig):
+    """The hosts of HOSTFILE after the checks that concern this node: the make target runs on the first host
+    (the main process address); NUM_GPUS, if given, fits the slots. None without a hostfile."""
+    if not cfg.hostfile:
+        return None
+    from rlhf_overlay.hostfile import HostfileError, check_main_host, is_local, read_hostfile
+
+    try:
+        hosts = read_hostfile(cfg.hostfile)
+        check_main_host(hosts, cfg.hostfile)
+    except HostfileError as e:
+        raise ConfigError(str(e)) from None
+    if not is_local(hosts[0].name):
+        raise ConfigError(f"hostfile (HOSTFILE)={cfg.hostfile}: start the run on {hosts[0].name}, its first host (the "
+                          f"main process address); the other hosts join with `make ppo-join` (printed at start)")
+    if cfg.num_processes and cfg.num_processes > min(h.slots for h in hosts):
+        raise ConfigError(f"num_processes (NUM_GPUS)={cfg.num_processes}: more than the slots of a host in "
+                          f"{cfg.hostfile} ({', '.join(f'{h.name} slots={h.slots}' for h in hosts)})")
+    return hosts
+
+
+def join(run_dir: Path, machine_rank: int) -> int:
+    """`make ppo-join`: start machine `machine_rank` of a several-machine run that the first host started."""
+    from rlhf_overlay.runs import has_cuda, run_logged
+    from rlhf_overlay.trlx_common import accelerate_command, trlx_env
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    config = run_dir / "accelerate" / f"machine-{machine_rank}.yaml"
+    if not (run_dir / "config.json").is_file() or not config.is_file():
+        raise ConfigError(f"{config} does not exist: start the run on the first host of the hostfile first (it writes "
+                          f"one accelerate config per machine into the run folder, which must be on storage all "
+                          f"nodes share), then join with the RUN folder it printed")
+    env = trlx_env(cpu=not has_cuda())
+    env["RLHF_OVERLAY_WORKER"] = "1"
+    cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)], config_file=config,
+                             num_processes=0, machine_config=True)
+    print(f"joining {run_dir} as machine {machine_rank} (log: {run_dir / f'training-machine{machine_rank}.log'})",
+          flush=True)
+    return run_logged(cmd, run_dir, env=env, log_name=f"training-machine{machine_rank}.log")
 
 
 def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_ppo") -> tuple[int, Path | None]:
@@ -671,6 +733,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     problem = rank_count_problem(cfg.num_processes or None, cuda, gpu_count, what="num_processes (NUM_GPUS)")
     if problem:
         raise ConfigError(problem)
+    hostfile_hosts(cfg)  # hostfile problems before anything is created
     policy_path = resolve_policy_path(cfg)
     train_rows, eval_rows, sources = load_prompts(cfg.data)  # validates every row before anything starts
     baseline = cfg.reward_baseline
@@ -692,6 +755,13 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     except RunDirError as e:
         raise ConfigError(str(e)) from None
     cmd, launch = plan_launch(cfg, run_dir, cuda, gpu_count)
+    machine_configs = launch.pop("machine_configs", None)
+    if machine_configs:
+        from rlhf_overlay.hostfile import write_yaml
+
+        for machine, config in zip(launch["machines"], machine_configs):
+            write_yaml(Path(machine["config"]), config, f"# accelerate config of machine {machine['machine_rank']} "
+                       f"({machine['host']}), generated from {cfg.hostfile}\n")
 
     rm_path = str(Path(cfg.rm).expanduser().resolve()) if cfg.rm else None
     if cfg.reward == "model" and rm_path is None:
@@ -721,6 +791,9 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
           f"PPO: {cfg.steps} steps x {cfg.rollouts} rollouts, {cfg.optimizer_steps_per_round} updates per step; "
           f"{launch['num_processes']} process(es), ZeRO {launch['zero_stage']}, precision {launch['precision']}\n"
           f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
+    for machine in launch.get("machines", [])[1:]:
+        print(f"machine {machine['machine_rank']} ({machine['host']}) joins with: make ppo-join RUN={run_dir} "
+              f"MACHINE_RANK={machine['machine_rank']}", flush=True)
     env = trlx_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
     t0 = time.time()
@@ -747,6 +820,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
         return worker_main(Path(ns.worker))
+    if ns.join:
+        if ns.machine_rank is None or ns.machine_rank < 1:
+            print("error: --join needs --machine-rank N (N >= 1: this host's line in the hostfile, counting from 0)",
+                  file=sys.stderr)
+            return 2
+        try:
+            return join(Path(ns.join), ns.machine_rank)
+        except user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         rc, run_dir = run(config_from_args(ns), argv)
     except user_errors() as e:

@@ -69,12 +69,33 @@ def test_launch_plans(tmp_path):
     assert cmd[cmd.index("--config_file") + 1].endswith("cpu.yaml")
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule").resolve(), run, cuda=True, gpu_count=4)
     assert l == {**l, "zero_stage": 2, "num_processes": 4, "precision": "bf16"}
+    # two machines (both names are this host here): one accelerate config per machine, machine 0 started here
     hf = tmp_path / "hostfile"
-    hf.write_text("n1 slots=8\nn2 slots=8\n")
+    hf.write_text("localhost slots=8\n127.0.0.1 slots=8\n")
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule", hostfile=str(hf)).resolve(), run, cuda=True,
                              gpu_count=8)
-    assert cmd[cmd.index("--num_machines") + 1] == "2" and cmd[cmd.index("--num_processes") + 1] == "16"
-    assert "--deepspeed_hostfile" in cmd and cmd[cmd.index("--main_process_ip") + 1] == "n1"
+    assert cmd[cmd.index("--config_file") + 1] == str(run / "accelerate" / "machine-0.yaml")
+    assert "--num_processes" not in cmd and l["num_processes"] == 16 and l["processes_per_machine"] == 8
+    assert [m["machine_rank"] for m in l["machines"]] == [0, 1]
+    c0, c1 = l["machine_configs"]
+    assert (c0["machine_rank"], c1["machine_rank"]) == (0, 1)
+    assert c0["num_machines"] == c1["num_machines"] == 2 and c0["num_processes"] == 16
+    assert c0["main_process_ip"] == c1["main_process_ip"] == "localhost"
+    assert c0["main_process_port"] == c1["main_process_port"]
+    assert c0["distributed_type"] == "DEEPSPEED" and c0["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    # one host: a local run with its slots as processes; NUM_GPUS above the slots is refused
+    one = tmp_path / "one"
+    one.write_text("localhost slots=2\n")
+    cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule", hostfile=str(one)).resolve(), run, cuda=False,
+                             gpu_count=0)
+    assert l["num_processes"] == 2 and cmd[cmd.index("--num_processes") + 1] == "2" and "machines" not in l
+    with pytest.raises(ConfigError, match=r"NUM_GPUS\)=4: more than the slots"):
+        ppo.plan_launch(ppo.PPORunConfig(reward="rule", hostfile=str(one), num_processes=4).resolve(), run,
+                        cuda=False, gpu_count=0)
+    remote = tmp_path / "remote"
+    remote.write_text("node-a.invalid slots=8\nlocalhost slots=8\n")
+    with pytest.raises(ConfigError, match="start the run on node-a.invalid, its first host"):
+        ppo.plan_launch(ppo.PPORunConfig(reward="rule", hostfile=str(remote)).resolve(), run, cuda=True, gpu_count=8)
     with pytest.raises(ConfigError, match="fp16"):
         ppo.plan_launch(ppo.PPORunConfig(reward="rule", precision="fp16").resolve(), run, cuda=False, gpu_count=0)
     for p in ("cpu.yaml", "multi_gpu.yaml", "zero2.yaml"):

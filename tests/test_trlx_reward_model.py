@@ -90,8 +90,15 @@ def test_hostfile_and_launch_commands(tmp_path):
     assert one[1:] == ["-m", "m", "--worker", "x"]
     multi = trainer_command("m", ["--worker", "x"], num_processes=4, deepspeed=True)
     assert "torch.distributed.run" in multi and multi[multi.index("--nproc_per_node") + 1] == "4"
-    nodes = trainer_command("m", [], num_processes=1, deepspeed=True, hostfile=str(hf))
-    assert "deepspeed.launcher.runner" in nodes and "--hostfile" in nodes and "--module" in nodes
+    with pytest.raises(ConfigError, match=r"hostfile:2: host 'node1' does not resolve"):
+        trainer_command("m", [], num_processes=1, deepspeed=True, hostfile=str(hf))   # checked before launching
+    here = tmp_path / "here"
+    here.write_text("localhost slots=2\n")
+    local = trainer_command("m", ["--worker", "x"], num_processes=1, deepspeed=False, hostfile=str(here))
+    assert "deepspeed.launcher.runner" in local and "--hostfile" in local and "--module" in local
+    # this machine alone: no ssh (DeepSpeed would insist on `ssh localhost`); the worker reads LOCAL_RANK
+    assert "--no_ssh_check" in local and local[local.index("--master_addr") + 1] == "127.0.0.1"
+    assert "--no_local_rank" in local and local[-3:] == ["m", "--worker", "x"]
 
 
 def test_deepspeed_config_from_zero_stage():
