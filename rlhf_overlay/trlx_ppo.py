@@ -705,6 +705,10 @@ def join(run_dir: Path, machine_rank: int) -> int:
                           f"nodes share), then join with the RUN folder it printed")
     env = trlx_env(cpu=not has_cuda())
     env["RLHF_OVERLAY_WORKER"] = "1"
+    if env.get("RANK_REPORT") == "1":  # as prepare_run_dir does on the first host
+        from rlhf_overlay.rank_report import ENV
+
+        env.setdefault(ENV, str(run_dir / "ranks"))
     cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)], config_file=config,
                              num_processes=0, machine_config=True)
     print(f"joining {run_dir} as machine {machine_rank} (log: {run_dir / f'training-machine{machine_rank}.log'})",

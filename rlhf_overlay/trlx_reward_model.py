@@ -631,6 +631,10 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
             cfg.num_processes = max(1, torch.cuda.device_count())
         else:
             cfg.num_processes = 1
+    if cfg.hostfile:
+        from rlhf_overlay.trlx_common import deepspeed_hostfile_flags
+
+        deepspeed_hostfile_flags(cfg.hostfile)  # format and reachability, before anything is created
     model_path = resolve_model_path(cfg)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)

@@ -1,5 +1,7 @@
-"""Two ranks through the real launchers (issue 7): rm-llama2 and ppo-llama2 (DeepSpeed's launcher, ZeRO-2),
-rm-bloom (torchrun + HF Trainer) and ppo-smoke-test (accelerate), each on 2 CPU processes with RANK_REPORT=1.
+"""Two ranks through the real launchers (issue 7): rm-llama2 (DeepSpeed's launcher driven by a `localhost slots=2`
+hostfile, ZeRO-2), ppo-llama2 (NUM_GPUS=2, ZeRO-2), rm-bloom (torchrun + HF Trainer) and ppo-smoke-test (accelerate;
+also with ZeRO-2, and as two "machines" joined through per-machine accelerate configs), each on 2 CPU processes
+with RANK_REPORT=1.
 
 For every run: both ranks took part (world size 2), they trained on different samples, exactly one copy of each
 output exists (written by rank 0), progress lines are not doubled, the quality bar of the 1-rank tests holds,
@@ -111,8 +113,12 @@ def event_writers(folder: Path) -> set[str]:
 # ------------------------------------------------------------------------------------------- rm-llama2
 @pytest.fixture(scope="module")
 def rm_llama2(dschat_dir, unique_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm-llama2-2ranks") / "run"
-    res, seconds = make("rm-llama2", NUM_GPUS=2, ZERO_STAGE=2, DATA=unique_data["pref"], OUTPUT=out)
+    """Through a hostfile of this machine (`localhost slots=2`): DeepSpeed's launcher starts 2 ranks, no ssh."""
+    root = tmp_path_factory.mktemp("rm-llama2-2ranks")
+    hosts = root / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    out = root / "run"
+    res, seconds = make("rm-llama2", HOSTFILE=hosts, ZERO_STAGE=2, DATA=unique_data["pref"], OUTPUT=out)
     return out, res, seconds
 
 
@@ -270,3 +276,40 @@ def test_smoke_test_with_accelerate_deepspeed_zero2_on_two_ranks_shards(trlx_dir
     assert "PASS: the mean reward rose" in res.stdout
     assert_zero2_sharded([r["optimizers"]["policy"] for r in ranks(out, "ppo")])
     assert len(event_writers(out / "tensorboard")) == 1
+
+
+def test_smoke_test_over_two_machines_joined_with_generated_accelerate_configs(trlx_dir, tmp_path):
+    """The several-node flow on one box: a hostfile of two names of this machine, `make ppo-smoke-test HOSTFILE=`
+    on the first (it writes one accelerate config per machine and waits), `make ppo-join` for the second."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in TARGET_VARS}
+    env.update(OMP_NUM_THREADS="1", RANK_REPORT="1")
+    first = subprocess.Popen(["make", "-s", "ppo-smoke-test", f"HOSTFILE={hosts}", f"OUTPUT={out}"], cwd=PROJECT_ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        config = out / "accelerate" / "machine-1.yaml"
+        for _ in range(300):
+            if config.is_file() or first.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert config.is_file(), "the first machine writes the per-machine configs"
+        joined = subprocess.run(["make", "-s", "ppo-join", f"RUN={out}", "MACHINE_RANK=1"], cwd=PROJECT_ROOT,
+                                env=env, capture_output=True, text=True, timeout=600)
+        stdout, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert joined.returncode == 0, joined.stdout[-3000:] + joined.stderr[-3000:]
+    assert first.returncode == 0, stdout[-5000:]
+    assert f"make ppo-join RUN={out} MACHINE_RANK=1" in stdout, "the first machine prints how to join"
+    assert "PASS: the mean reward rose" in stdout
+    reports = ranks(out, "ppo")                                   # one rank on each machine, one world of 2
+    assert_disjoint_samples(reports, first=2000 // 2 - 64)
+    assert len(event_writers(out / "tensorboard")) == 1
+    import yaml
+    machines = [yaml.safe_load((out / "accelerate" / f"machine-{i}.yaml").read_text()) for i in (0, 1)]
+    assert [m["machine_rank"] for m in machines] == [0, 1]
+    assert all(m["num_machines"] == 2 and m["num_processes"] == 2 and m["main_process_ip"] == "localhost"
+               for m in machines)
