@@ -15,7 +15,8 @@ Own models (one GPU for the policy; the reward model on a spare GPU when there i
     python -m rlhf_overlay.trlx_ppo --arch gptj --model /models/gpt-j-sft --rm /rm --data prompts.jsonl --rm-device cuda:1
 Several GPUs / nodes (accelerate launch with configs/accelerate/zero2.yaml; a DeepSpeed hostfile for nodes):
     make ppo-bloom MODEL=... RM=... DATA=... NUM_GPUS=8
-    make ppo-gptj MODEL=... RM=... DATA=... HOSTFILE=/etc/hostfile     # `host slots=N` per line, pdsh from here
+    make ppo-gptj MODEL=... RM=... DATA=... HOSTFILE=hosts OUTPUT=/shared/run   # on the first host of `hosts`
+    make ppo-join RUN=/shared/run MACHINE_RANK=1                                # on the second host, and so on
     python -m rlhf_overlay.trlx_ppo ... --accelerate-config my_accelerate.yaml   # any accelerate config
 
 Output folder: policy/ (the trained policy as a plain HF model + tokenizer: AutoModelForCausalLM loads it),
