@@ -166,7 +166,9 @@ def test_dschat_data_layer_reports_bad_rows_by_file_and_line(dschat_dir, tmp_pat
         data_utils.get_raw_dataset(str(tmp_path / "missing.jsonl"), str(tmp_path / "cache"), 1234, 0)
     (folder / "train.jsonl").write_text(json.dumps(good) + "\n")
     ds = data_utils.get_raw_dataset(str(folder), str(tmp_path / "cache"), 1234, 0)
-    assert ds.get_prompt_and_chosen(ds.get_train_data()[0]) == " Human: hi Assistant: hello"
+    # prompt + answer (one space added only when neither side has one), as eval-rm scores it
+    assert ds.get_prompt_and_chosen(ds.get_train_data()[0]) == "Human: hi Assistant: hello"
+    assert ds.get_prompt(ds.get_train_data()[0]) == "Human: hi Assistant:"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Human: hi Assistant:", "reference": "hello"}) + "\n")
     only_prompts = data_utils.get_raw_dataset(str(prompts), str(tmp_path / "cache"), 1234, 0)
