@@ -185,3 +185,12 @@ def test_cli_validates_a_folder(tmp_path, capsys):
     write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "p"}])
     assert main([str(tmp_path)]) == 1
     assert f"{tmp_path / 'eval.jsonl'}:1: missing field 'chosen'" in capsys.readouterr().err
+
+
+def test_join_conversation_is_prompt_plus_answer():
+    from rlhf_overlay.preference_data import join_conversation
+
+    assert join_conversation("Human: hi Assistant:", " hello") == "Human: hi Assistant: hello"
+    assert join_conversation("Human: hi Assistant:", "hello") == "Human: hi Assistant: hello"   # one space added
+    assert join_conversation("Human: hi Assistant: ", "hello") == "Human: hi Assistant: hello"
+    assert join_conversation("", "hello") == "hello"
