@@ -66,6 +66,11 @@ def test_ppo_ran_steps_with_lora_and_logged_common_scalars(ppo_run):
                 "reward", "actor_loss", "critic_loss"):
         assert len(tb.get(tag, [])) == results["ppo/steps"], f"{tag}: {tb.get(tag)}"
     assert all(length > 0 for _, length in tb["ppo/response_length"])
+    # the first experience is generated before any update: the reference equals the actor (patch 0005; the tiny
+    # LLaMA lacks [PAD], so actor and reference each get new vocabulary rows), and the KL grows afterwards
+    kl = [value for _, value in tb["ppo/kl"]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6), kl
+    assert max(kl[1:]) > 1e-3, kl
     launch = " ".join(json.loads((ppo_run / "config.json").read_text())["launch_command"])
     # the combination upstream crashed on ("loss must be a scalar tensor"), fixed by patch 0002
     for flag in ("--critic_lora_dim", "--only_optimize_lora", "--critic_gradient_checkpointing"):
