@@ -268,6 +268,37 @@ def test_smoke_test_ranks_draw_different_prompts_and_write_once(smoke, tiny_asse
     assert sorted(p.name for p in (out / "policy").glob("*.safetensors")) == ["model.safetensors"]
 
 
+def sampled_rule_reward(model_dir: Path, prompts: list[str], seed: int = 0) -> float:
+    """Mean rule reward of 16-token samples (as trlx samples: top_k 0, top_p 1) from a saved policy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_overlay.synthetic import rule_reward
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=16, do_sample=True, top_k=0, top_p=1.0,
+                             pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return sum(rule_reward(texts)) / len(texts)
+
+
+def test_smoke_test_saved_policy_is_the_trained_one(smoke, tiny_assets):
+    """Reload the policy rank 0 saved and sample from it: its reward matches what the 2-rank run reported at the
+    end, well above the base model's."""
+    out, _, _ = smoke
+    prompts = [r["prompt"] for r in jsonl(tiny_assets / "data" / "prompts" / "eval.jsonl")][:32]
+    m = json.loads((out / "metrics.json").read_text())
+    trained = sampled_rule_reward(out / "policy", prompts)
+    base = sampled_rule_reward(tiny_assets / "models" / "tiny-bloom", prompts)
+    assert trained > base + 0.15, (base, trained)
+    assert trained == pytest.approx(m["reward_last"], abs=0.1), (trained, m["reward_last"])
+
+
 def test_smoke_test_with_accelerate_deepspeed_zero2_on_two_ranks_shards(trlx_dir, tmp_path):
     """The accelerate + DeepSpeed path of trlx (configs/accelerate/zero2.yaml) on 2 CPU ranks: the reward still
     rises and each rank owns half of the policy's optimizer state."""
