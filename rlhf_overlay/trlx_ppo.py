@@ -755,6 +755,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
                           f"value_head.safetensors); pass <rm run>/reward_model")
+    plan_launch(cfg, Path("<run folder>"), cuda, gpu_count)  # launch settings refused before anything is created
     try:
         run_dir = prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
     except RunDirError as e:

@@ -137,3 +137,10 @@ def test_run_folder_turns_on_the_rank_report_for_the_whole_job(monkeypatch, tmp_
         assert os.environ[rank_report.ENV] == str(outer / "ranks")
     finally:
         os.environ.pop(rank_report.ENV, None)
+
+
+def test_trlx_ppo_refusals_leave_no_run_folder(trlx_dir, tmp_path, capsys):
+    out = tmp_path / "ppo"
+    assert ppo.main(["--reward", "rule", "--zero-stage", "3", "--output", str(out)]) == 2
+    assert "ZeRO stage 3 fails on CPU" in capsys.readouterr().err
+    assert not out.exists()

@@ -5,19 +5,8 @@
 #   ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE. More flags after the script name go to the entry module, e.g.
 #   bash training_scripts/dpo_llama2.sh --beta 0.2 -- --label_smoothing 0.1
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-}"
-if [[ -z "$python" || ! -x "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
-fi
-args=()
-[[ -n "${MODEL:-}" ]] && args+=(--model "$MODEL")
-[[ -n "${DATA:-}" ]] && args+=(--data "$DATA")
-[[ -n "${OUTPUT:-}" ]] && args+=(--output "$OUTPUT")
-[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
-[[ -n "${ZERO_STAGE:-}" ]] && args+=(--zero-stage "$ZERO_STAGE")
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+common_flags --num-gpus
 [[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
-[[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
-[[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 cd "$root"
-exec "$python" -m rlhf_overlay.dschat_dpo "${args[@]}" "$@"
+exec "$py" -m rlhf_overlay.dschat_dpo "${args[@]}" "$@"

@@ -6,20 +6,14 @@
 #   More flags after the script name go to the entry module, e.g.
 #   bash training_scripts/ppo_llama2.sh --max-steps 20 -- --print_answers
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-}"
-if [[ -z "$python" || ! -x "$python" ]]; then
-    if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+if [[ -n "${MODEL:-}" ]]; then
+    echo "make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2 output>, not MODEL=${MODEL}" >&2
+    exit 2
 fi
-args=()
+common_flags --num-gpus
 [[ -n "${ACTOR:-}" ]] && args+=(--actor "$ACTOR")
 [[ -n "${CRITIC:-}" ]] && args+=(--critic "$CRITIC")
-[[ -n "${DATA:-}" ]] && args+=(--data "$DATA")
-[[ -n "${OUTPUT:-}" ]] && args+=(--output "$OUTPUT")
-[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
-[[ -n "${ZERO_STAGE:-}" ]] && args+=(--zero-stage "$ZERO_STAGE")
 [[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
-[[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
-[[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 cd "$root"
-exec "$python" -m rlhf_overlay.dschat_ppo "${args[@]}" "$@"
+exec "$py" -m rlhf_overlay.dschat_ppo "${args[@]}" "$@"

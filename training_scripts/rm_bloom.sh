@@ -2,16 +2,6 @@
 # make rm-bloom [MODEL=...] [DATA=...] [OUTPUT=...] [OVERWRITE=1] [NUM_GPUS=N] [HOSTFILE=...] [ZERO_STAGE=...]
 # Value-head reward model on BLOOM (embedded tiny BLOOM by default): python -m rlhf_overlay.trlx_reward_model --help
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="$root/.venv/bin/python"; [[ -x "$py" ]] || py=python3
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# make variables (exported by the Makefile) -> flags; empty ones keep the default (embedded tiny model/data, new run folder)
-args=()
-[[ -n "${MODEL:-}" ]]        && args+=(--model "$MODEL")
-[[ -n "${DATA:-}" ]]         && args+=(--data "$DATA")
-[[ -n "${OUTPUT:-}" ]]       && args+=(--output "$OUTPUT")
-[[ "${OVERWRITE:-0}" == 1 ]] && args+=(--overwrite)
-[[ -n "${NUM_GPUS:-}" ]]     && args+=(--num-processes "$NUM_GPUS")
-[[ -n "${HOSTFILE:-}" ]]     && args+=(--hostfile "$HOSTFILE")
-[[ -n "${ZERO_STAGE:-}" ]]   && args+=(--zero-stage "$ZERO_STAGE")
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+common_flags --num-processes
 exec "$py" -m rlhf_overlay.trlx_reward_model --arch bloom "${args[@]}" "$@"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Shared by the training_scripts/*.sh entry points (sourced, not run): where the project and its python are, and
+# the make variables every training target takes, as flags of the entry module. Empty variables keep the entry
+# module's default (embedded tiny model and data, a new run folder under runs/).
+#   common_flags NUM_FLAG   fills the array `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE;
+#                           NUM_FLAG is how the module calls ranks per node (--num-gpus or --num-processes).
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-}"
+if [[ -z "$py" || ! -x "$py" ]]; then
+    if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py="python3"; fi
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+common_flags() {
+    args=()
+    [[ -n "${MODEL:-}" ]]        && args+=(--model "$MODEL")
+    [[ -n "${DATA:-}" ]]         && args+=(--data "$DATA")
+    [[ -n "${OUTPUT:-}" ]]       && args+=(--output "$OUTPUT")
+    [[ "${OVERWRITE:-0}" == 1 ]] && args+=(--overwrite)
+    [[ -n "${ZERO_STAGE:-}" ]]   && args+=(--zero-stage "$ZERO_STAGE")
+    [[ -n "${NUM_GPUS:-}" ]]     && args+=("$1" "$NUM_GPUS")
+    [[ -n "${HOSTFILE:-}" ]]     && args+=(--hostfile "$HOSTFILE")
+    return 0
+}
