@@ -14,9 +14,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from rlhf_overlay.errors import UserError
 
 
-class ChatError(RuntimeError):
+class ChatError(UserError, RuntimeError):
     """A model folder or setting that cannot be used, with what to do about it."""
 
 

@@ -23,14 +23,11 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
+from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
 
 RECIPES = ("tiny", "llama2-7b")
 DTYPES = ("bf16", "fp32", "fp16")
 DATA_SUFFIXES = (".jsonl", ".json")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the field, the value and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -320,14 +317,12 @@ def config_from_args(config_cls, ns: argparse.Namespace):
 
 def cli_main(parser: argparse.ArgumentParser, config_cls, run: Callable, module: str,
              argv: list[str] | None) -> int:
-    """Parse, build the config, run; the errors made for users (bad setting, occupied OUTPUT, bad data row)
-    print as `error: ...` with exit code 2, without a traceback."""
+    """Parse, build the config, run; the errors made for users (rlhf_overlay.errors.UserError: bad setting,
+    occupied OUTPUT, bad data row, hostfile) print as `error: ...` with exit code 2, without a traceback."""
     ns = parser.parse_args(argv)
-    from rlhf_overlay.preference_data import PreferenceDataError
-    from rlhf_overlay.runs import RunDirError
     try:
         cfg = config_from_args(config_cls, ns)
         return run(cfg, argv_for_record=[sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)])
-    except (ConfigError, RunDirError, PreferenceDataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

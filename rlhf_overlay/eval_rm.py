@@ -24,9 +24,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+from rlhf_overlay.errors import UserError
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A reward model folder or data file that cannot be evaluated, with what to do about it."""
 
 
@@ -229,10 +230,9 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     cfg = EvalConfig(rm=a.rm, data=a.data, output=a.output, overwrite=a.overwrite, max_length=a.max_length,
                      batch_size=a.batch_size, limit=a.limit)
-    from rlhf_overlay.runs import RunDirError
     try:
         metrics, run_dir = evaluate(cfg)
-    except (EvalError, RunDirError) as exc:
+    except UserError as exc:  # EvalError, RunDirError, ...
         print(f"eval-rm: {exc}", file=sys.stderr)
         return 2
     print(f"eval-rm: {metrics['rm_kind']} {metrics['rm']}")

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay.errors import UserError
 
 BASE_CONFIGS = {name: PROJECT_ROOT / "configs" / "accelerate" / f"{name}.yaml" for name in ("cpu", "multi_gpu", "zero2")}
 DEFAULT_PORT = 29500
 
 
-class HostfileError(ValueError):
+class HostfileError(UserError, ValueError):
     """A hostfile that cannot drive a launch; the message names file:line and what to write instead."""
 
 

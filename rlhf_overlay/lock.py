@@ -26,6 +26,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from rlhf_overlay.errors import UserError
 
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -40,7 +41,7 @@ LOCK_HEADER = """\
 """
 
 
-class LockError(ValueError):
+class LockError(UserError, ValueError):
     """A malformed upstream.lock; the message names the file and line."""
 
 

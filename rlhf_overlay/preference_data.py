@@ -25,6 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
+from rlhf_overlay.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -34,7 +35,7 @@ MISSPELT_CHOSEN = "choosen"  # the seed's spelling (trlx_bloom_rlhf.py), accepte
 _WS = re.compile(r"\s*")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(UserError, ValueError):
     """A data file or row that cannot be used; the message is `<file>:<line>: <what is wrong> — <what to do>`."""
 
 

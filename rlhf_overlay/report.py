@@ -18,6 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from rlhf_overlay.errors import UserError
 
 # The project's common scalar names, in panel order. `lower_is_better` decides what "best" means.
 COMMON_METRICS = ["rm/loss", "rm/acc", "ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
@@ -25,7 +26,7 @@ COMMON_METRICS = ["rm/loss", "rm/acc", "ppo/reward_mean", "ppo/kl", "ppo/policy_
 MAX_PANELS = 16  # default cap: common metrics first, then the framework's own, alphabetically
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A run folder that cannot be reported, with what to do about it."""
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from rlhf_overlay.paths import RUNS_DIR, cache_dir
+from rlhf_overlay.errors import UserError
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run folder that cannot be used as asked (e.g. it holds a previous run)."""
 
 

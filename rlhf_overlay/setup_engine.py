@@ -39,12 +39,13 @@ from pathlib import Path
 
 from rlhf_overlay import paths
 from rlhf_overlay.lock import NEW_FILE, Lock, LockError, OverlayRecord, PatchRecord, UpstreamSpec, dump_lock, load_lock
+from rlhf_overlay.errors import UserError
 
 STATE_FILE = "rlhf-overlay-state.json"  # inside <work tree>/.git
 EXCLUDES = ["__pycache__/", "*.py[cod]", "*.egg-info/", "build/", ".eggs/"]  # pip -e and Python leave these
 
 
-class SetupError(RuntimeError):
+class SetupError(UserError, RuntimeError):
     """A setup problem with a message that says what was wrong, where, and what to do."""
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlhf_overlay import synthetic
+from rlhf_overlay.errors import UserError
 
 # Bump when a builder below changes what it writes: the stamp only knows settings and versions, so without a
 # bump existing assets/ folders keep the old output. 2: LLaMA tokenizer legacy=True, add_prefix_space=True.
@@ -66,7 +67,7 @@ DATA_SIZES = {"preference": {"train": 4000, "eval": 400}, "prompts": {"train": 2
 MODEL_LIBS = ("torch", "transformers", "tokenizers", "sentencepiece", "safetensors")
 
 
-class AssetsError(RuntimeError):
+class AssetsError(UserError, RuntimeError):
     """The assets cannot be built or updated as asked; the message says which file and what to do."""
 
 

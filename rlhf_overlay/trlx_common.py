@@ -20,34 +20,21 @@ from typing import Mapping, Sequence
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.paths import trlx_dir
+from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
 
 ACCELERATE_CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
 # A function our patch series adds; its presence tells "trlx at the pin + our patches" from a plain trlx.
 _PATCH_MARKER = ("trlx/models/modeling_base.py", "_load_checkpoint_state_dict")
 
 
-class TrlxSetupError(RuntimeError):
+class TrlxSetupError(UserError, RuntimeError):
     """trlx is not importable or lacks our patches; the message says which command fixes it."""
 
 
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the setting (field / make variable) and its value."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (bad setting, data row, run folder, setup): printed as `error: ...`
-    with exit code 2, without a traceback."""
-    errors: list[type[BaseException]] = [ConfigError, TrlxSetupError]
-    from rlhf_overlay.runs import RunDirError
-
-    errors.append(RunDirError)
-    try:
-        from rlhf_overlay.preference_data import PreferenceDataError
-
-        errors.append(PreferenceDataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    """Errors that are the user's to fix (bad setting, data row, run folder, hostfile, setup): printed as
+    `error: ...` with exit code 2, without a traceback."""
+    return (UserError,)
 
 
 # ----------------------------------------------------------------------------------------------- locating trlx
