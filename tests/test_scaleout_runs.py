@@ -344,3 +344,16 @@ def test_smoke_test_over_two_machines_joined_with_generated_accelerate_configs(t
     assert [m["machine_rank"] for m in machines] == [0, 1]
     assert all(m["num_machines"] == 2 and m["num_processes"] == 2 and m["main_process_ip"] == "localhost"
                for m in machines)
+
+
+def test_rm_bloom_through_a_localhost_hostfile_uses_deepspeeds_launcher(trlx_dir, unique_data, tmp_path):
+    """HOSTFILE on the HF-Trainer reward models: DeepSpeed's launcher (no ssh for this machine alone, no
+    --local_rank for our worker) starts the hostfile's 2 slots; no ZeRO needed."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    res, _ = make("rm-bloom", HOSTFILE=hosts, DATA=unique_data["pref"], OUTPUT=out)
+    assert "deepspeed.launcher.launch" in res.stdout + (out / "training.log").read_text()
+    reports = ranks(out, "rm")
+    assert_disjoint_samples(reports, first=2000 // 2 - 64)
+    assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] >= 0.75
