@@ -147,6 +147,9 @@ def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
     r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda or cfg.hostfile else 1)
     from rlhf_overlay.runs import rank_count_problem
     problem = rank_count_problem(cfg.num_gpus, cuda, what="num_gpus (NUM_GPUS)")
+    if not problem and cfg.hostfile and cfg.num_gpus is None and Path(cfg.hostfile).expanduser().is_file():
+        from rlhf_overlay.hostfile import local_slots_problem
+        problem = local_slots_problem(cfg.hostfile, cuda)
     if problem:
         raise ConfigError(problem)
     r["hostfile"] = cfg.hostfile

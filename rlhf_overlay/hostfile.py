@@ -137,6 +137,21 @@ def check_main_host(hosts: Sequence[Host], source: str) -> None:
                             f"nodes connect to; write this node's network name or IP instead of a loopback name")
 
 
+def local_slots_problem(hostfile: str, cuda: bool, gpus: int | None = None) -> str | None:
+    """On a GPU machine, a line for this machine asking for more slots than it has visible GPUs (None if fine).
+    The ranks of the other hosts are checked by their own launcher."""
+    if not cuda:
+        return None
+    from rlhf_overlay.runs import gpu_count
+
+    gpus = gpu_count() if gpus is None else gpus
+    for h in read_hostfile(hostfile):
+        if is_local(h.name) and h.slots > gpus:
+            return (f"{hostfile}:{h.line}: {h.name} slots={h.slots} but this machine has {gpus} visible GPU(s); "
+                    f"write slots={gpus} (or fewer) for it")
+    return None
+
+
 def deepspeed_launcher_flags(hosts: Sequence[Host], source: str) -> list[str]:
     """Extra flags for DeepSpeed's launcher with this hostfile, after the checks: a hostfile naming only this
     machine runs locally without ssh (DeepSpeed otherwise insists on `ssh localhost`); remote hosts must be

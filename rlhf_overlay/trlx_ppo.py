@@ -736,6 +736,10 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     from rlhf_overlay.runs import rank_count_problem
 
     problem = rank_count_problem(cfg.num_processes or None, cuda, gpu_count, what="num_processes (NUM_GPUS)")
+    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
+        from rlhf_overlay.hostfile import local_slots_problem
+
+        problem = local_slots_problem(cfg.hostfile, cuda, gpu_count)
     if problem:
         raise ConfigError(problem)
     hostfile_hosts(cfg)  # hostfile problems before anything is created

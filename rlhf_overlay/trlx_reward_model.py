@@ -622,6 +622,10 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     from rlhf_overlay.runs import rank_count_problem
 
     problem = rank_count_problem(cfg.num_processes or None, cuda, what="num_processes (NUM_GPUS)")
+    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
+        from rlhf_overlay.hostfile import local_slots_problem
+
+        problem = local_slots_problem(cfg.hostfile, cuda)
     if problem:
         raise ConfigError(problem)
     if cfg.num_processes == 0:

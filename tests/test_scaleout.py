@@ -144,3 +144,27 @@ def test_trlx_ppo_refusals_leave_no_run_folder(trlx_dir, tmp_path, capsys):
     assert ppo.main(["--reward", "rule", "--zero-stage", "3", "--output", str(out)]) == 2
     assert "ZeRO stage 3 fails on CPU" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_hostfile_slots_beyond_this_machines_gpus_are_refused(monkeypatch, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=8\n")
+    monkeypatch.setattr(runs, "gpu_count", lambda: 2)
+    with pytest.raises(DSChatConfigError, match=r"hosts:1: localhost slots=8 but this machine has 2 visible GPU"):
+        dschat_reward_model.resolve(dschat_reward_model.RewardModelConfig(hostfile=str(hosts)), cuda=True)
+    # NUM_GPUS given: it decides (and is checked itself); CPU: slots are processes
+    assert dschat_reward_model.resolve(dschat_reward_model.RewardModelConfig(hostfile=str(hosts), num_gpus=2),
+                                       cuda=True)["num_gpus"] == 2
+    assert dschat_reward_model.resolve(dschat_reward_model.RewardModelConfig(hostfile=str(hosts)),
+                                       cuda=False)["num_gpus"] is None
+
+
+def test_trlx_reward_model_checks_hostfile_slots_against_gpus(monkeypatch, tmp_path, capsys):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=4\n")
+    monkeypatch.setattr(runs, "has_cuda", lambda: True)
+    monkeypatch.setattr(runs, "gpu_count", lambda: 1)
+    out = tmp_path / "rm"
+    assert trlx_reward_model.main(["--arch", "bloom", "--hostfile", str(hosts), "--output", str(out)]) == 2
+    assert "localhost slots=4 but this machine has 1 visible GPU" in capsys.readouterr().err
+    assert not out.exists()
