@@ -173,18 +173,6 @@ def tiny_paths() -> dict[str, Path]:
             "prompts": root / "data" / "prompts"}
 
 
-def hostfile_flags(hostfile: str) -> list[str]:
-    """Checks a hostfile before anything starts (format, first host, remote hosts reachable over ssh) and returns
-    the launcher flags it needs (a hostfile of this machine alone runs without ssh)."""
-    if not hostfile:
-        return []
-    from rlhf_overlay.hostfile import HostfileError, deepspeed_launcher_flags, read_hostfile
-    try:
-        return deepspeed_launcher_flags(read_hostfile(hostfile), hostfile)
-    except HostfileError as e:
-        raise ConfigError(str(e)) from None
-
-
 def launcher_prefix(num_gpus: int | None, hostfile: str, master_port: int, flags: list[str] | None = None) -> list[str]:
     """The `deepspeed` launcher (as `python -m deepspeed.launcher.runner`, so the venv's python runs every rank).
     Not torchrun: the step scripts initialise distributed only when given --local_rank, which deepspeed passes."""
@@ -240,7 +228,9 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
     from rlhf_overlay.paths import RUNS_DIR
     from rlhf_overlay.runs import prepare_run_dir
     folder = check_upstream(step_folder)
-    flags = hostfile_flags(cfg.hostfile)           # before the run folder is made
+    # a hostfile is checked (format, first host, remote hosts reachable) before the run folder is made
+    from rlhf_overlay.hostfile import deepspeed_launcher_flags
+    flags = deepspeed_launcher_flags(cfg.hostfile) if cfg.hostfile else []
     if cfg.dry_run:
         run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>"
     else:

@@ -152,10 +152,11 @@ def local_slots_problem(hostfile: str, cuda: bool, gpus: int | None = None) -> s
     return None
 
 
-def deepspeed_launcher_flags(hosts: Sequence[Host], source: str) -> list[str]:
-    """Extra flags for DeepSpeed's launcher with this hostfile, after the checks: a hostfile naming only this
-    machine runs locally without ssh (DeepSpeed otherwise insists on `ssh localhost`); remote hosts must be
-    reachable first."""
+def deepspeed_launcher_flags(hostfile: str | os.PathLike) -> list[str]:
+    """Read and check a hostfile for DeepSpeed's launcher and return the extra flags it needs; call it before
+    creating anything. A hostfile naming only this machine runs locally without ssh (DeepSpeed otherwise insists
+    on `ssh localhost`); remote hosts must be reachable first."""
+    hosts, source = read_hostfile(hostfile), str(hostfile)
     check_main_host(hosts, source)
     if len(hosts) == 1 and is_local(hosts[0].name):
         return ["--no_ssh_check", "--master_addr", "127.0.0.1"]

@@ -94,17 +94,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """DeepSpeed-format hostfile as (host, slots) pairs (rlhf_overlay.hostfile does the parsing and checks)."""
-    from rlhf_overlay.hostfile import HostfileError
-    from rlhf_overlay.hostfile import read_hostfile as read
-
-    try:
-        return [(h.name, h.slots) for h in read(path)]
-    except HostfileError as e:
-        raise ConfigError(str(e)) from None
-
-
 def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
     if deepspeed:
         return ACCELERATE_CONFIGS / "zero2.yaml"
@@ -130,17 +119,6 @@ def accelerate_command(module: str, args: Sequence[str], *, config_file: Path | 
     return cmd + ["-m", module, *args]
 
 
-def deepspeed_hostfile_flags(hostfile: str) -> list[str]:
-    """Check a hostfile for DeepSpeed's launcher (format, first host, remote hosts reachable) and return the flags it
-    needs; call it before creating anything, so a bad hostfile costs nothing."""
-    from rlhf_overlay.hostfile import HostfileError, deepspeed_launcher_flags, read_hostfile as read
-
-    try:
-        return deepspeed_launcher_flags(read(hostfile), hostfile)
-    except HostfileError as e:
-        raise ConfigError(str(e)) from None
-
-
 def trainer_command(module: str, args: Sequence[str], *, num_processes: int, deepspeed: bool,
                     hostfile: str | None = None, python: str | None = None) -> list[str]:
     """How to start an HF-Trainer worker: plain python for one process without DeepSpeed, `torchrun` on one
@@ -148,7 +126,9 @@ def trainer_command(module: str, args: Sequence[str], *, num_processes: int, dee
     a hostfile of this machine alone runs without ssh; remote hosts must be reachable)."""
     py = python or sys.executable
     if hostfile:
-        flags = deepspeed_hostfile_flags(hostfile)
+        from rlhf_overlay.hostfile import deepspeed_launcher_flags
+
+        flags = deepspeed_launcher_flags(hostfile)
         port = str(free_port()) if flags else "29500"
         # --no_local_rank: the worker reads LOCAL_RANK from the environment (its parser has no --local_rank)
         return [py, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(hostfile).resolve()),

@@ -677,13 +677,10 @@ def hostfile_hosts(cfg: PPORunConfig):
     (the main process address); NUM_GPUS, if given, fits the slots. None without a hostfile."""
     if not cfg.hostfile:
         return None
-    from rlhf_overlay.hostfile import HostfileError, check_main_host, is_local, read_hostfile
+    from rlhf_overlay.hostfile import check_main_host, is_local, read_hostfile
 
-    try:
-        hosts = read_hostfile(cfg.hostfile)
-        check_main_host(hosts, cfg.hostfile)
-    except HostfileError as e:
-        raise ConfigError(str(e)) from None
+    hosts = read_hostfile(cfg.hostfile)  # HostfileError: a UserError, printed as `error: ...` like ConfigError
+    check_main_host(hosts, cfg.hostfile)
     if not is_local(hosts[0].name):
         raise ConfigError(f"hostfile (HOSTFILE)={cfg.hostfile}: start the run on {hosts[0].name}, its first host (the "
                           f"main process address); the other hosts join with `make ppo-join` (printed at start)")

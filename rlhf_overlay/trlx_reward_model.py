@@ -636,9 +636,9 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
         else:
             cfg.num_processes = 1
     if cfg.hostfile:
-        from rlhf_overlay.trlx_common import deepspeed_hostfile_flags
+        from rlhf_overlay.hostfile import deepspeed_launcher_flags
 
-        deepspeed_hostfile_flags(cfg.hostfile)  # format and reachability, before anything is created
+        deepspeed_launcher_flags(cfg.hostfile)  # format and reachability, before anything is created
     model_path = resolve_model_path(cfg)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)

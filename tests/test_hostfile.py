@@ -59,10 +59,10 @@ def test_unresolvable_and_unreachable_hosts_fail_early_and_clearly():
 
 
 def test_deepspeed_flags_this_machine_alone_runs_without_ssh(tmp_path):
-    assert hostfile.deepspeed_launcher_flags([Host("localhost", 2, 1)], "h") == [
+    assert hostfile.deepspeed_launcher_flags(write(tmp_path, "localhost slots=2\n")) == [
         "--no_ssh_check", "--master_addr", "127.0.0.1"]
-    with pytest.raises(HostfileError, match="first host \\('localhost'\\) is the address the other nodes connect"):
-        hostfile.deepspeed_launcher_flags([Host("localhost", 2, 1), Host("192.0.2.1", 2, 2)], "h")
+    with pytest.raises(HostfileError, match="hostfile:1: the first host \\('localhost'\\) is the address the other"):
+        hostfile.deepspeed_launcher_flags(write(tmp_path, "localhost slots=2\n192.0.2.1 slots=2\n"))
 
 
 def test_accelerate_configs_one_per_machine():

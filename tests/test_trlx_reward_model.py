@@ -16,7 +16,8 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay import trlx_reward_model as rm
-from rlhf_overlay.trlx_common import ConfigError, read_hostfile, trainer_command
+from rlhf_overlay.hostfile import Host, HostfileError, read_hostfile
+from rlhf_overlay.trlx_common import ConfigError, trainer_command
 
 
 def test_help_is_instant_and_lists_the_fields():
@@ -81,16 +82,16 @@ def test_score_reads_the_last_real_token(tiny_assets):
 def test_hostfile_and_launch_commands(tmp_path):
     hf = tmp_path / "hostfile"
     hf.write_text("# nodes\nnode1 slots=8\nnode2 slots=8\n")
-    assert read_hostfile(hf) == [("node1", 8), ("node2", 8)]
+    assert read_hostfile(hf) == [Host("node1", 8, 2), Host("node2", 8, 3)]
     bad = tmp_path / "bad"
     bad.write_text("node1 slots=8\nnode2 eight\n")
-    with pytest.raises(ConfigError, match=r"bad:2: expected `host slots=N`"):
+    with pytest.raises(HostfileError, match=r"bad:2: expected `host slots=N`"):
         read_hostfile(bad)
     one = trainer_command("m", ["--worker", "x"], num_processes=1, deepspeed=False)
     assert one[1:] == ["-m", "m", "--worker", "x"]
     multi = trainer_command("m", ["--worker", "x"], num_processes=4, deepspeed=True)
     assert "torch.distributed.run" in multi and multi[multi.index("--nproc_per_node") + 1] == "4"
-    with pytest.raises(ConfigError, match=r"hostfile:2: host 'node1' does not resolve"):
+    with pytest.raises(HostfileError, match=r"hostfile:2: host 'node1' does not resolve"):
         trainer_command("m", [], num_processes=1, deepspeed=True, hostfile=str(hf))   # checked before launching
     here = tmp_path / "here"
     here.write_text("localhost slots=2\n")
