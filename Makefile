@@ -50,7 +50,21 @@ PROMPT     ?=
 RUN        ?=
 PYTEST_ARGS ?=
 
-export PROMPT UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE RANK_REPORT
+# Every value a user gives reaches the programs through the environment (recipes say "$$MODEL", never $(MODEL)),
+# so the shell never parses it: `;`, quotes, backticks, spaces and newlines arrive as they were typed. List
+# variables (RUN, CONVERT_FLAGS, PYTEST_ARGS) are split by rlhf_overlay.make_args, not by the shell. make itself
+# expands `$` in command-line and environment values (`DATA='$(x)'` would arrive empty), so such values are
+# refused here, before anything runs.
+USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
+             NUM_GPUS HOSTFILE RANK_REPORT MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
+             EXTRA_VOCAB_SIZE CONVERT_FLAGS
+$(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
+  environment%,$(origin $(v))))),$(if $(findstring $$,$(value $(v))),$(error $(v)=$(value $(v)) contains '$$', which \
+  make would expand before any program sees it — give the value without '$$': let your shell expand it first, e.g. \
+  $(v)="$$HOME/x"))))
+export $(USER_VARS)
+# setup.sh reads PYTHON as the interpreter that creates the venv: only a PYTHON the user gave goes to it
+SETUP_SH = $(if $(filter file,$(origin PYTHON)),env -u PYTHON )bash setup.sh
 
 .PHONY: help
 help: ## List the targets with one line each
@@ -59,23 +73,23 @@ help: ## List the targets with one line each
 # ---------------------------------------------------------------- foundation
 .PHONY: setup upstream verify lock assets test
 setup: ## Create .venv with pinned deps, clone upstreams at the pin, apply overlays (UPSTREAM_MIRROR=dir, FORCE=1)
-	bash setup.sh
+	$(SETUP_SH)
 
 upstream: ## Only the git + overlay part of setup (no pip): clone/verify pins and apply overlays
-	bash setup.sh --upstream-only
+	$(SETUP_SH) --upstream-only
 
 verify: ## Check each upstream work tree is exactly pin + overlays and report drifted overlays/patches
-	$(PYTHON) -m rlhf_overlay.setup_engine verify
+	"$$PYTHON" -m rlhf_overlay.setup_engine verify
 
 lock: ## Recompute the digests and upstream bases of every overlay file and patch into upstream.lock
-	$(PYTHON) -m rlhf_overlay.setup_engine lock
+	"$$PYTHON" -m rlhf_overlay.setup_engine lock
 
 assets: ## Build the embedded tiny models, tokenizers and synthetic data into assets/ (deterministic, offline)
-	$(PYTHON) -m rlhf_overlay.tiny_assets
+	"$$PYTHON" -m rlhf_overlay.tiny_assets
 
 test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
-	bash setup.sh --for-tests
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(SETUP_SH) --for-tests
+	"$$VENV/bin/python" -m rlhf_overlay.make_args --append PYTEST_ARGS -- "$$VENV/bin/python" -m pytest
 
 # ---------------------------------------------------------------- training targets
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
@@ -97,10 +111,10 @@ ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the embedded tiny BLOOM
 	@bash training_scripts/run.sh ppo_smoke_test
 ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host (RUN, MACHINE_RANK)
 	$(if $(RUN),,$(error ppo-join needs RUN=<the run folder printed on the first host>))$(if $(MACHINE_RANK),,$(error ppo-join needs MACHINE_RANK=<this host's line in HOSTFILE, from 0>))
-	$(PYTHON) -m rlhf_overlay.trlx_ppo --join "$(RUN)" --machine-rank $(MACHINE_RANK)
+	"$$PYTHON" -m rlhf_overlay.trlx_ppo --join "$$RUN" --machine-rank "$$MACHINE_RANK"
 accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
 	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
-	$(PYTHON) -m rlhf_overlay.hostfile accelerate-config --hostfile "$(HOSTFILE)" --base "$(BASE)" --out "$(OUT)"
+	"$$PYTHON" -m rlhf_overlay.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
 dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2 (MODEL, DATA, OUTPUT, LORA_DIM)
 	@bash training_scripts/run.sh dpo_llama2
 eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram (RM, DATA)
@@ -111,7 +125,7 @@ chat: ## Chat with a trained actor; PROMPT="..." answers once and exits (MODEL)
 # ---------------------------------------------------------------- reports
 .PHONY: report
 report: ## Curves (report.png) and summary.md for one or more run folders (RUN="runs/a runs/b")
-	$(PYTHON) -m rlhf_overlay.report $(RUN)
+	"$$PYTHON" -m rlhf_overlay.make_args --append RUN -- "$$PYTHON" -m rlhf_overlay.report
 
 # ---------------------------------------------------------------- converters (toolkits/)
 # >>> converters
@@ -129,16 +143,18 @@ EXTRA_VOCAB_SIZE ?=
 # more flags for python -m toolkits.megatron_hf.convert, e.g. CONVERT_FLAGS="--dtype bf16 --tokenizer /path"
 CONVERT_FLAGS ?=
 
-convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(if $(TARGET),,$(error $@ needs TARGET=<folder to create>))--source "$(SOURCE)" --target "$(TARGET)" $(if $(EXTRA_VOCAB_SIZE),--extra-vocab-size $(EXTRA_VOCAB_SIZE)) $(if $(filter 1,$(OVERWRITE)),--overwrite) $(CONVERT_FLAGS)
-llama_model_name = $(if $(MODEL_NAME),--model-name $(MODEL_NAME))
+# values go as "$$VAR" (the environment), CONVERT_FLAGS is split by rlhf_overlay.make_args (see USER_VARS above)
+convert_py = "$$PYTHON" -m rlhf_overlay.make_args --append CONVERT_FLAGS -- "$$PYTHON" -m toolkits.megatron_hf.convert
+convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(if $(TARGET),,$(error $@ needs TARGET=<folder to create>))--source "$$SOURCE" --target "$$TARGET" $(if $(EXTRA_VOCAB_SIZE),--extra-vocab-size "$$EXTRA_VOCAB_SIZE") $(if $(filter 1,$(OVERWRITE)),--overwrite)
+llama_model_name = $(if $(MODEL_NAME),--model-name "$$MODEL_NAME")
 
 .PHONY: convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg
 convert-llama2-mg2hf: ## Megatron -> HF LLaMA2 (SOURCE, TARGET, MODEL_NAME, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
-	$(PYTHON) -m toolkits.megatron_hf.convert mg2hf --model llama2 $(llama_model_name) $(convert_common)
+	$(convert_py) mg2hf --model llama2 $(llama_model_name) $(convert_common)
 convert-llama2-hf2mg: ## HF -> Megatron LLaMA2 at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
-	$(PYTHON) -m toolkits.megatron_hf.convert hf2mg --model llama2 --tp $(TP) --pp $(PP) $(llama_model_name) $(convert_common)
+	$(convert_py) hf2mg --model llama2 --tp "$$TP" --pp "$$PP" $(llama_model_name) $(convert_common)
 convert-bloom-mg2hf: ## Megatron -> HF BLOOM (SOURCE, TARGET, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
-	$(PYTHON) -m toolkits.megatron_hf.convert mg2hf --model bloom $(convert_common)
+	$(convert_py) mg2hf --model bloom $(convert_common)
 convert-bloom-hf2mg: ## HF -> Megatron BLOOM at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
-	$(PYTHON) -m toolkits.megatron_hf.convert hf2mg --model bloom --tp $(TP) --pp $(PP) $(convert_common)
+	$(convert_py) hf2mg --model bloom --tp "$$TP" --pp "$$PP" $(convert_common)
 # <<< converters

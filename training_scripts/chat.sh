@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # make chat MODEL=<actor folder> [PROMPT="..."]: chat with a trained policy (interactive, or once with PROMPT).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="$root/.venv/bin/python"; [[ -x "$py" ]] || py=python3
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ -z "${MODEL:-}" ]]; then
     echo "make chat: pass MODEL=<folder of a trained actor/policy in HF format>, e.g. MODEL=runs/<ppo run>/actor" >&2
     exit 2
 fi
 args=(--model "$MODEL")
 [[ -n "${PROMPT:-}" ]] && args+=(--prompt "$PROMPT")
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$py" -m rlhf_overlay.chat "${args[@]}"

@@ -5,10 +5,13 @@
 #   common_flags NUM_FLAG   fills the array `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE;
 #                           NUM_FLAG is how the module calls ranks per node (--num-gpus or --num-processes).
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# PYTHON (exported by the Makefile: the venv's python, or the user's PYTHON=) when it is executable; made absolute
+# because some scripts change folder before running it.
 py="${PYTHON:-}"
 if [[ -z "$py" || ! -x "$py" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py="python3"; fi
 fi
+[[ "$py" == */* && "$py" != /* ]] && py="$PWD/$py"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 common_flags() {
