@@ -193,11 +193,8 @@ def launch_env(cpu: bool, offline: bool, run_dir: Path, hostfile: str) -> dict:
     env = runtime_env(offline=offline, cpu=cpu)
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(dschat_dir())])
     if hostfile:
-        keys = ["TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
-                "DS_ACCELERATOR", "OMP_NUM_THREADS"]
-        env_file = run_dir / "deepspeed_env"
-        env_file.write_text("".join(f"{k}={env[k]}\n" for k in keys if k in env))
-        env["DS_ENV_FILE"] = str(env_file)
+        from rlhf_overlay.hostfile import remote_env
+        env = remote_env(env, run_dir)
     return env
 
 
@@ -235,7 +232,7 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
         run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>"
     else:
         run_dir = prepare_run_dir(kind, output=cfg.output or None, overwrite=cfg.overwrite)
-    multi_node = bool(cfg.hostfile) and not flags   # a hostfile of this machine alone runs locally
+    multi_node = bool(cfg.hostfile) and "--no_ssh_check" not in flags   # this machine alone runs locally
     port = cfg.master_port or (29500 if multi_node else free_port())
     data_cache = f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache")
     return RunPlan(run_dir=run_dir, port=port, data_cache=data_cache,

@@ -83,16 +83,26 @@ def _own_addresses() -> set[str]:
     return names | addresses
 
 
+def _bindable(address: str) -> bool:
+    """An address this machine (its network namespace) owns: binding to it works only then."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
 def is_local(host: str) -> bool:
     """True when `host` names this machine (localhost, a loopback address, its hostname/FQDN or an address of
-    it); no DNS lookup of `host` itself unless it is not obviously local."""
+    any of its interfaces); no DNS lookup of `host` itself unless it is not obviously local."""
     if _loopback(host) or host in _own_addresses():
         return True
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return any(_loopback(i[4][0]) or i[4][0] in _own_addresses() for i in infos)
+    return any(_loopback(i[4][0]) or i[4][0] in _own_addresses() or _bindable(i[4][0]) for i in infos)
 
 
 def all_local(hosts: Sequence[Host]) -> bool:
@@ -152,16 +162,61 @@ def local_slots_problem(hostfile: str, cuda: bool, gpus: int | None = None) -> s
     return None
 
 
+def check_pdsh_ssh(hosts: Sequence[Host], source: str, timeout: int = 5) -> None:
+    """DeepSpeed's multi-node launcher runs `pdsh -w <every host> ...` over ssh, this node included: pdsh and ssh
+    must be installed here and `ssh <host>` must log in without a prompt, for every host of the hostfile."""
+    import shutil
+    import subprocess
+
+    for tool, package in (("pdsh", "pdsh"), ("ssh", "openssh-client")):
+        if not shutil.which(tool):
+            raise HostfileError(f"{source}: several nodes, but `{tool}` is not installed on this node (DeepSpeed's "
+                                f"launcher starts the ranks of every node through pdsh over ssh); install it "
+                                f"(Debian/Ubuntu: apt-get install {package})")
+    for h in hosts:
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", h.name, "true"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * timeout, stdin=subprocess.DEVNULL)
+            reason = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            res, reason = None, f"no answer within {3 * timeout} s"
+        if res is None or res.returncode != 0:
+            raise HostfileError(f"{source}:{h.line}: `ssh {h.name} true` failed ({reason}); DeepSpeed's launcher "
+                                f"needs passwordless ssh (a key, no prompt) from this node to every host of the "
+                                f"hostfile, this one included")
+
+
 def deepspeed_launcher_flags(hostfile: str | os.PathLike) -> list[str]:
     """Read and check a hostfile for DeepSpeed's launcher and return the extra flags it needs; call it before
     creating anything. A hostfile naming only this machine runs locally without ssh (DeepSpeed otherwise insists
-    on `ssh localhost`); remote hosts must be reachable first."""
+    on `ssh localhost`); with several nodes every host must be reachable, pdsh installed and ssh passwordless,
+    and the first host's name is the rendezvous address (DeepSpeed would otherwise take the first address of
+    `hostname -I` there, often an interface the other nodes cannot reach)."""
     hosts, source = read_hostfile(hostfile), str(hostfile)
     check_main_host(hosts, source)
     if len(hosts) == 1 and is_local(hosts[0].name):
         return ["--no_ssh_check", "--master_addr", "127.0.0.1"]
     check_reachable(hosts, source)
-    return []
+    check_pdsh_ssh(hosts, source)
+    return ["--master_addr", hosts[0].name]
+
+
+# variables the ranks on the other nodes need that DeepSpeed's runner does not forward by itself (it forwards
+# PYTHON*, MLFLOW*, MV2*, UCX* and, on GPUs, NCCL*): caches, offline mode, threads, CPU accelerator, ours
+REMOTE_ENV_PREFIXES = ("RLHF_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "GLOO_", "TORCH_")
+REMOTE_ENV_NAMES = ("TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+
+
+def remote_env(env: Mapping[str, str], run_dir: str | os.PathLike) -> dict:
+    """`env` plus DS_ENV_FILE=<run_dir>/deepspeed_env: DeepSpeed's runner exports the variables listed there on
+    every node it starts over pdsh/ssh (an ssh session starts with a fresh environment)."""
+    keep = {k: v for k, v in env.items() if (k.startswith(REMOTE_ENV_PREFIXES) or k in REMOTE_ENV_NAMES)
+            and "\n" not in v and k != "RLHF_OVERLAY_RUN_DIRS_FILE"}
+    path = Path(run_dir) / "deepspeed_env"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in sorted(keep.items())))
+    os.replace(tmp, path)
+    return {**env, "DS_ENV_FILE": str(path)}
 
 
 # ----------------------------------------------------------------------------------- accelerate, several nodes

@@ -3,7 +3,8 @@
 When the environment variable RLHF_OVERLAY_RANK_REPORT names a folder (the make targets set it to
 <run>/ranks with RANK_REPORT=1), every rank writes <folder>/<tag>-rank<r>.json at the end of training:
 
-    {"rank": 1, "world_size": 2, "samples": ["3f2a...", ...],        # sha1 of each training sample it used
+    {"rank": 1, "world_size": 2, "host": "node-b", "netns": "net:[4026532301]",   # where the rank ran
+     "samples": ["3f2a...", ...],                                    # sha1 of each training sample it used
      "optimizers": {"actor": {"zero_stage": 2, "trainable_numel": 190784,
                               "optimizer_state_numel": 190784, ...}}}
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Iterable
 
@@ -94,6 +96,16 @@ def optimizer_facts(engine_or_optimizer, model=None) -> dict:
     return facts
 
 
+def where() -> dict:
+    """The node this rank runs on: its hostname and network namespace (`net:[inode]`, Linux), so a several-node
+    run shows which ranks ran where even when the nodes are namespaces of one machine."""
+    try:
+        netns = os.readlink("/proc/self/ns/net")
+    except OSError:
+        netns = None
+    return {"host": socket.gethostname(), "netns": netns}
+
+
 class RankReport:
     """Collects one rank's facts; `write()` saves them (no-op when the report is off)."""
 
@@ -131,8 +143,9 @@ class RankReport:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{self.tag}-rank{rank}.json"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"tag": self.tag, "rank": rank, "world_size": world, "samples": self.samples,
-                                   "optimizers": self.optimizers, **self.extra}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"tag": self.tag, "rank": rank, "world_size": world, **where(),
+                                   "samples": self.samples, "optimizers": self.optimizers, **self.extra},
+                                  indent=1) + "\n")
         os.replace(tmp, path)
         return path
 

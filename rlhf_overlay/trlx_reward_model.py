@@ -446,6 +446,11 @@ def worker_main(run_dir: Path) -> int:
     cuda = torch.cuda.is_available()
     main_proc = int(os.environ.get("RANK", "0")) == 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from rlhf_overlay.waits import dist_timeout, roll_call
+
+    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
+    if distributed:
+        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
     transformers.set_seed(cfg.seed)
     transformers.logging.set_verbosity_error()
 
@@ -491,6 +496,7 @@ def worker_main(run_dir: Path) -> int:
         # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
         ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
         use_cpu=not cuda and ds_config is None,
+        ddp_timeout=timeout,
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=not main_proc,
@@ -658,6 +664,10 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     env = runtime_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
     env.setdefault("WANDB_DISABLED", "true")
+    if cfg.hostfile:
+        from rlhf_overlay.hostfile import remote_env
+
+        env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
     rc = run_logged(cmd, run_dir, env=env)
     if rc != 0:
         print(f"error: reward model training failed (exit {rc}); see {run_dir / 'training.log'}", file=sys.stderr)
