@@ -446,11 +446,6 @@ def worker_main(run_dir: Path) -> int:
     cuda = torch.cuda.is_available()
     main_proc = int(os.environ.get("RANK", "0")) == 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from rlhf_overlay.waits import dist_timeout, roll_call
-
-    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
-    if distributed:
-        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
     transformers.set_seed(cfg.seed)
     transformers.logging.set_verbosity_error()
 
@@ -496,7 +491,6 @@ def worker_main(run_dir: Path) -> int:
         # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
         ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
         use_cpu=not cuda and ds_config is None,
-        ddp_timeout=timeout,
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=not main_proc,
