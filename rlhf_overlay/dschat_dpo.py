@@ -72,6 +72,7 @@ class DPOConfig:
     beta: float | None = None         # DPO temperature: strength of the pull towards the reference (empty = 0.1)
     eval_interval: int | None = None  # evaluate every N steps, 0 = before/after each epoch only (empty = recipe's)
     seed: int = 1234                  # training seed
+    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
     master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
     dry_run: bool = False             # print the launch command and exit
     extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
@@ -109,6 +110,7 @@ HELPS = {"model": "SFT model folder or hub id: the policy's start and the frozen
          "beta": "DPO temperature (default 0.1)",
          "eval_interval": "evaluate every N steps (0: before training and per epoch only)",
          "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
+         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
          "dry_run": "print the launch command and exit"}
 
 
@@ -200,6 +202,8 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
     if files and files["train"] == files["eval"] and not cfg.dry_run:
         print(f"[{KIND}] note: {data} has no separate eval file, so the evaluation uses training pairs; put "
               f"train.jsonl and eval.jsonl in a folder for held-out accuracy", flush=True)
+    from rlhf_overlay import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
+    preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
     cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, model_dir, plan.data_cache,

@@ -66,6 +66,7 @@ class PPOConfig:
     max_steps: int | None = None      # stop after N PPO steps, 0 = all prompts (empty = the recipe's)
     hybrid_engine: bool | None = None  # DeepSpeed hybrid engine (GPU only; empty = the recipe's on GPU)
     seed: int = 1234                  # training seed
+    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
     master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
     dry_run: bool = False             # print the launch command(s) and exit
     extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
@@ -190,6 +191,7 @@ HELPS = {"actor": "SFT actor folder or hub id (empty: embedded tiny LLaMA)",
          "max_steps": "stop after N PPO steps (0: all prompts)",
          "hybrid_engine": "use the DeepSpeed hybrid engine (GPU only)",
          "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
+         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
          "dry_run": "print the launch command and exit"}
 
 
@@ -214,6 +216,9 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
         actor = actor or str(tiny["model"])
         data = data or str(tiny["prompts"])
     n_rows = validate_local_data(data, need_pairs=False)
+    from rlhf_overlay import preflight   # upstream tree, ACTOR, CRITIC, DATA, OUTPUT: before anything is created
+    preflight.dschat(KIND, cfg, r, [("ACTOR", cfg.actor, (preflight.CAUSAL_LM,)),
+                                    ("CRITIC", cfg.critic, (preflight.DSCHAT_CRITIC,))])
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     run_dir = plan.run_dir
 

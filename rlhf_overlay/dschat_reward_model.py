@@ -63,6 +63,7 @@ class RewardModelConfig:
     learning_rate: float | None = None  # learning rate (empty = the recipe's)
     eval_interval: int | None = None  # evaluate every N steps, 0 = only per epoch (empty = the recipe's)
     seed: int = 1234                  # training seed
+    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
     master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
     dry_run: bool = False             # print the launch command and exit
     extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
@@ -150,6 +151,7 @@ HELPS = {"model": "base model folder or hub id (empty: embedded tiny LLaMA)",
          "batch_size": "per-device batch size", "max_seq_len": "max tokens",
          "learning_rate": "learning rate", "eval_interval": "evaluate every N steps (0: per epoch only)",
          "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
+         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
          "dry_run": "print the launch command and exit"}
 
 
@@ -174,6 +176,8 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
         model = model or str(tiny["model"])
         data = data or str(tiny["preference"])
     n_rows = validate_local_data(data, need_pairs=True)
+    from rlhf_overlay import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
+    preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
     cmd = plan.launcher + ["main.py"] + main_py_args(

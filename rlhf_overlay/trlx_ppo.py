@@ -87,6 +87,7 @@ class PPORunConfig:
     hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
     precision: str = field(default="auto", metadata={"help": "auto | no | bf16 | fp16 mixed precision (auto: no on CPU, bf16/fp16 on GPU)"})
     seed: int = field(default=1000, metadata={"help": "random seed"})
+    allow_arch: bool = field(default=False, metadata={"help": "use a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
     run_kind: str = field(default="", metadata={"help": "run folder prefix (default ppo-<arch>)"})
 
     @property
@@ -752,6 +753,11 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         missing = sum(1 for r in train_rows + eval_rows if not r.get("reference"))
         raise ConfigError(f"reward_baseline=reference: {missing} prompt row(s) in {sources['train']} have no "
                           f"`reference`; add them or pass --reward-baseline none")
+    from rlhf_overlay import preflight   # upstream/trlx, MODEL, RM (kind, --arch, weights), OUTPUT
+    checked = preflight.trlx(cfg.run_kind, cfg, True, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch),
+                                                       ("RM", cfg.rm, (preflight.TRLX_RM,), "")])
+    if "RM" in checked and checked["RM"].local is not None:
+        cfg.rm = str(checked["RM"].local)   # a run folder of make rm-* -> its reward_model/
     check_trlx()  # after the data checks: a bad row is reported even where trlx is not set up yet
     if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "

@@ -70,6 +70,7 @@ class RewardModelConfig:
     num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
     hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, value-head init)"})
+    allow_arch: bool = field(default=False, metadata={"help": "train a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
 
     @property
     def tiny(self) -> bool:
@@ -639,6 +640,8 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
         from rlhf_overlay.hostfile import deepspeed_launcher_flags
 
         deepspeed_launcher_flags(cfg.hostfile)  # format and reachability, before anything is created
+    from rlhf_overlay import preflight   # MODEL (kind, --arch, weights), DATA, OUTPUT: before anything is created
+    preflight.trlx(f"rm-{cfg.arch}", cfg, False, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch)])
     model_path = resolve_model_path(cfg)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)
