@@ -122,6 +122,13 @@ eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histog
 chat: ## Chat with a trained actor; PROMPT="..." answers once and exits (MODEL)
 	@bash training_scripts/run.sh chat
 
+# two "nodes" on this machine for trying HOSTFILE runs by hand (root; rlhf_overlay/cluster.py, used by the tests)
+.PHONY: cluster-up cluster-down
+cluster-up: ## Test cluster: node-b = a network namespace + sshd, node-a = this machine (installs pdsh, openssh-server)
+	"$$PYTHON" -m rlhf_overlay.cluster up
+cluster-down: ## Remove everything cluster-up made (namespace, veth, /etc/hosts block, keys, sshd); safe to repeat
+	"$$PYTHON" -m rlhf_overlay.cluster down
+
 # ---------------------------------------------------------------- reports
 .PHONY: report
 report: ## Curves (report.png) and summary.md for one or more run folders (RUN="runs/a runs/b")
