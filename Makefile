@@ -39,6 +39,8 @@ NUM_GPUS   ?=
 HOSTFILE   ?=
 # 1 = every rank writes what it trained on and its optimizer-state size to <run>/ranks/*.json
 RANK_REPORT ?= 0
+# 1 = train a MODEL whose architecture is not the target's (LLaMA for *-llama2, BLOOM / GPT-J for the trlx ones)
+ALLOW_ARCH ?= 0
 # ppo-join: this machine's rank (its line in HOSTFILE, counting from 0) in the run RUN started on the first host
 MACHINE_RANK ?=
 # accelerate-config: base accelerate config (cpu, multi_gpu, zero2 or a YAML file) and the folder to write into
@@ -56,7 +58,7 @@ PYTEST_ARGS ?=
 # expands `$` in command-line and environment values (`DATA='$(x)'` would arrive empty), so such values are
 # refused here, before anything runs.
 USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
-             NUM_GPUS HOSTFILE RANK_REPORT MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
+             NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
              EXTRA_VOCAB_SIZE CONVERT_FLAGS
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
   environment%,$(origin $(v))))),$(if $(findstring $$,$(value $(v))),$(error $(v)=$(value $(v)) contains '$$', which \

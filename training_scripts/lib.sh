@@ -2,7 +2,8 @@
 # Shared by the training_scripts/*.sh entry points (sourced, not run): where the project and its python are, and
 # the make variables every training target takes, as flags of the entry module. Empty variables keep the entry
 # module's default (embedded tiny model and data, a new run folder under runs/).
-#   common_flags NUM_FLAG   fills the array `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE;
+#   common_flags NUM_FLAG   fills the array `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE
+#                           ALLOW_ARCH;
 #                           NUM_FLAG is how the module calls ranks per node (--num-gpus or --num-processes).
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # PYTHON (exported by the Makefile: the venv's python, or the user's PYTHON=) when it is executable; made absolute
@@ -23,5 +24,6 @@ common_flags() {
     [[ -n "${ZERO_STAGE:-}" ]]   && args+=(--zero-stage "$ZERO_STAGE")
     [[ -n "${NUM_GPUS:-}" ]]     && args+=("$1" "$NUM_GPUS")
     [[ -n "${HOSTFILE:-}" ]]     && args+=(--hostfile "$HOSTFILE")
+    [[ "${ALLOW_ARCH:-0}" == 1 ]] && args+=(--allow-arch)
     return 0
 }
