@@ -3,6 +3,7 @@
     python -m rlhf_overlay.cluster up       # make cluster-up   (root; installs pdsh + openssh-server if missing)
     python -m rlhf_overlay.cluster run node-b -- make ppo-join RUN=... MACHINE_RANK=1
     python -m rlhf_overlay.cluster down     # make cluster-down (removes everything `up` made; safe to repeat)
+    python -m rlhf_overlay.cluster install  # only pdsh + openssh-server from Debian, when missing (.ci/run)
 
 What `up` makes (and `down` removes, also after a crash of whatever used it):
 - node-b: the network namespace rlhf-node-b with its own hostname (a UTS namespace) and its own /tmp (a tmpfs in
@@ -395,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("up", help="make node-a/node-b (make cluster-up)")
     sub.add_parser("down", help="remove everything up made (make cluster-down)")
     sub.add_parser("status", help="what of a cluster exists now")
+    sub.add_parser("install", help="only install pdsh and openssh-server from Debian when missing (.ci/run)")
     r = sub.add_parser("run", help="run a command on a node: run node-b -- make ppo-join ...")
     r.add_argument("node", choices=NODES)
     r.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -414,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif ns.command == "down":
             removed = down()
             print("removed: " + ("; ".join(removed) if removed else "nothing (no test cluster was up)"))
+        elif ns.command == "install":
+            missing = missing_packages()
+            install_packages()
+            print(f"installed: {' '.join(missing)}" if missing else "pdsh and openssh-server are installed")
         elif ns.command == "status":
             found = leftovers()
             print("test cluster: " + ("; ".join(found) if found else "none"))
