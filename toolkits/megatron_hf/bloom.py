@@ -57,6 +57,11 @@ LAYER_PARAMS = [
     *_pair("mlp.dense_4h_to_h", "mlp.dense_4h_to_h", ROW, REPLICATED),
 ]
 LAYER_ALIASES: dict = {}
+OPTIONAL_LAYER_PARAMS: list[Param] = []
+
+
+def layer_params(d: ModelDims) -> list[Param]:
+    return LAYER_PARAMS
 
 
 def first_stage_params(dims: ModelDims) -> list[Param]:

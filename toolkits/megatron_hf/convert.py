@@ -1,15 +1,20 @@
-"""Megatron <-> HuggingFace checkpoint conversion for LLaMA2 and BLOOM; needs only torch and safetensors.
+"""Megatron <-> HuggingFace checkpoint conversion for the LLaMA family (LLaMA2, Llama 3/3.1, Qwen2) and BLOOM;
+needs only torch and safetensors.
 
-Megatron -> HF (TP/PP are read from the checkpoint; SOURCE is the root, an iter_*/ folder or release/):
+Megatron -> HF (format, names and TP/PP are read from the checkpoint: legacy or Megatron-Core rank files, or
+Megatron-Core torch_dist; SOURCE is the root, an iter_*/ folder or release/):
 
     python -m toolkits.megatron_hf.convert mg2hf --model llama2 --source /ckpt/llama2-7b-sft \\
         --target /models/llama2-7b-sft-hf --model-name llama2-7b --tokenizer /models/Llama-2-7b-hf
     python -m toolkits.megatron_hf.convert mg2hf --model bloom --source /ckpt/bloom-sft --target /models/bloom-hf
 
-HF -> Megatron (e.g. the RLHF policy back into Megatron for more training):
+HF -> Megatron (e.g. the RLHF policy back into Megatron for more training); LLaMA family default: Megatron-Core
+torch_dist, as Megatron-LM writes today (--tp only sets the vocabulary padding); --format torch / legacy for rank files:
 
+    python -m toolkits.megatron_hf.convert hf2mg --model llama2 --source /models/Meta-Llama-3.1-8B \\
+        --target /ckpt/llama31-8b-dist --tp 4
     python -m toolkits.megatron_hf.convert hf2mg --model llama2 --source /models/Llama-2-13b-hf \\
-        --target /ckpt/llama2-13b-tp2-pp2 --tp 2 --pp 2
+        --target /ckpt/llama2-13b-tp2-pp2 --tp 2 --pp 2 --format legacy
     python -m toolkits.megatron_hf.convert hf2mg --model bloom --source /models/bloom-7b1 --target /ckpt/b --tp 4
 
 Seed-compatible wrappers: toolkits/model_checkpoints_convertor/{llama2/model_convertor.sh,
@@ -24,6 +29,7 @@ import sys
 from pathlib import Path
 
 FAMILIES = ("llama2", "bloom")
+ALIASES = {"llama": "llama2", "llama3": "llama2", "qwen2": "llama2"}  # one LLaMA-family converter
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -33,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="direction", required=True, metavar="{mg2hf,hf2mg}")
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--model", choices=FAMILIES, required=True, help="model family")
+        sub.add_argument("--model", choices=FAMILIES + tuple(ALIASES), required=True,
+                         help="model family: llama2 (= llama, llama3, qwen2: the LLaMA family) or bloom")
         sub.add_argument("--source", type=Path, required=True, help="folder to convert")
         sub.add_argument("--target", type=Path, required=True, help="folder to create (must be empty or absent)")
         sub.add_argument("--model-name", help="size preset, e.g. llama2-7b, llama2-70b, bloom-7b1; fills only what "
@@ -68,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     hf2mg.add_argument("--norm-names", choices=("layernorm", "norm"), default="layernorm",
                        help="layernorm: input_layernorm/final_layernorm (Pai-Megatron-Patch, Megatron-LM <= 23.08); "
                             "norm: input_norm/final_norm (Megatron-LM >= 23.09)")
+    hf2mg.add_argument("--format", choices=("torch_dist", "torch", "legacy"),
+                       help="what to write: torch_dist (Megatron-Core distributed checkpoint, Megatron-LM's default "
+                            "format; not split by TP/PP), torch (Megatron-Core rank files, TP x PP) or legacy "
+                            "(language_model.encoder... rank files). Default: torch_dist for the LLaMA family, "
+                            "legacy for BLOOM")
+    hf2mg.add_argument("--layer-spec", choices=("te", "local"), default="te",
+                       help="--format torch: Transformer-Engine layer names (te, Megatron-LM's default) or the "
+                            "local spec's (--transformer-impl local)")
     hf2mg.add_argument("--decoder-first-pipeline-num-layers", type=int,
                        help="layers on the first stage for an uneven pipeline split")
     hf2mg.add_argument("--decoder-last-pipeline-num-layers", type=int,
@@ -99,7 +114,8 @@ def main(argv=None) -> int:
     from toolkits.megatron_hf.errors import ConversionError
     from toolkits.megatron_hf.hf_format import DTYPE_NAMES, parse_size
 
-    spec = {"llama2": llama2, "bloom": bloom}[args.model]
+    family = ALIASES.get(args.model, args.model)
+    spec = {"llama2": llama2, "bloom": bloom}[family]
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
     # Conversion never needs autograd. Restored in `finally`, so callers that run main() in-process (tests,
     # notebooks) keep their own grad mode.
@@ -121,7 +137,9 @@ def main(argv=None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 padded_vocab_size=args.padded_vocab_size, norm_names=args.norm_names,
                 first_stage_layers=args.decoder_first_pipeline_num_layers,
-                last_stage_layers=args.decoder_last_pipeline_num_layers, dtype=dtype, overwrite=args.overwrite,
+                last_stage_layers=args.decoder_last_pipeline_num_layers, dtype=dtype,
+                format=args.format or ("torch_dist" if family == "llama2" else "legacy"), layer_spec=args.layer_spec,
+                overwrite=args.overwrite,
                 progress=args.progress))
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""LLaMA / LLaMA2 (MHA and GQA, e.g. 70B with 8 query groups): name map, layouts, configs.
+"""The LLaMA family: LLaMA / LLaMA2 (MHA and GQA, e.g. 70B with 8 query groups), Llama 3 / 3.1 (GQA, RoPE
+scaling) and Qwen2 (bias on q/k/v): name map, layouts, configs.
 
     Megatron (under `model.`)                                   HF                               layout
     language_model.embedding.word_embeddings.weight             model.embed_tokens.weight        vocab-parallel
@@ -11,6 +12,9 @@
     language_model.encoder.final_layernorm.weight               model.norm.weight                replicated
     language_model.output_layer.weight                          lm_head.weight                   vocab-parallel
 
+    layers.i.self_attention.query_key_value.bias (Qwen2)        self_attn.{q,k,v}_proj.bias      grouped QKV
+
+Megatron-Core names (decoder.layers.i.self_attention.linear_qkv, ...) are mapped onto these in mcore_format.py.
 Read-only aliases: `query` + `key_value` (Pai-Megatron-Patch llama2-70b), `dense_h_to_4h_1` / `_2` (gate / up).
 Megatron's rotary embedding rotates halves (rotate_half), as HF does, so q/k rows need no permutation.
 """
@@ -32,6 +36,9 @@ FINAL_NORM = "language_model.encoder.final_layernorm.weight"
 OUTPUT_LAYER = "language_model.output_layer.weight"
 QKV = "self_attention.query_key_value.weight"
 H_TO_4H = "mlp.dense_h_to_4h.weight"
+QKV_BIAS = "self_attention.query_key_value.bias"
+# Megatron-Core's Llama 3.1 RoPE scaling has these fixed (only the factor is an argument, --rope-scaling-factor).
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 _LLAMA2 = dict(norm_epsilon=1e-5, rope_theta=10000.0, max_position_embeddings=4096, vocab_size=32000,
                bos_token_id=1, eos_token_id=2)
@@ -55,6 +62,10 @@ LAYER_PARAMS = [
     Param(("post_attention_layernorm.weight",), ("post_attention_layernorm.weight",), REPLICATED),
     Param((H_TO_4H,), ("mlp.gate_proj.weight", "mlp.up_proj.weight"), SwiGLUGateUp()),
     Param(("mlp.dense_4h_to_h.weight",), ("mlp.down_proj.weight",), ROW),
+]
+# Present only in some models (Qwen2's q/k/v bias): read when found, written when the HF model has it.
+OPTIONAL_LAYER_PARAMS = [
+    Param((QKV_BIAS,), ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), GroupedQKV()),
 ]
 # Other spellings of a canonical Param, accepted when reading (the key is the canonical megatron names).
 LAYER_ALIASES = {
@@ -90,7 +101,14 @@ def layer_hf_shapes(d: ModelDims) -> dict[str, tuple[int, ...]]:
     return {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
             "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
-            "mlp.down_proj.weight": (h, f)}
+            "mlp.down_proj.weight": (h, f),
+            **({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+               if d.qkv_bias else {})}
+
+
+def layer_params(d: ModelDims) -> list[Param]:
+    """The layer table of this model (with Qwen2's q/k/v bias when it has one)."""
+    return LAYER_PARAMS + (OPTIONAL_LAYER_PARAMS if d.qkv_bias else [])
 
 
 def global_hf_shapes(d: ModelDims) -> dict[str, tuple[int, ...]]:
@@ -147,6 +165,10 @@ def dims_from_megatron(args: Any, global_shapes: dict, layer_shapes: dict, tp: i
     else:
         raise ConversionError(f"no {H_TO_4H} (or dense_h_to_4h_1/_2) in the first layer")
     check_declared(args, ("ffn_hidden_size",), ffn, evidence)
+    rope_scaling = None
+    if arg(args, "use_rope_scaling"):
+        rope_scaling = {"rope_type": "llama3", "factor": float(arg(args, "rope_scaling_factor", default=8.0)),
+                        **MEGATRON_LLAMA3_ROPE}
     return ModelDims(
         hidden_size=hidden, num_layers=num_layers, num_attention_heads=heads, num_query_groups=groups,
         head_dim=head_dim, ffn_hidden_size=ffn, hf_vocab_size=rows_per_rank * tp,
@@ -155,8 +177,8 @@ def dims_from_megatron(args: Any, global_shapes: dict, layer_shapes: dict, tp: i
         rope_theta=_with_default(args, ("rotary_base", "rope_theta"), preset, "rope_theta"),
         max_position_embeddings=_with_default(args, ("max_position_embeddings", "seq_length"), preset,
                                               "max_position_embeddings"),
-        tie_word_embeddings=OUTPUT_LAYER not in global_shapes,
-        bos_token_id=arg(args, "bos_token_id", default=preset.get("bos_token_id")),
+        tie_word_embeddings=OUTPUT_LAYER not in global_shapes, qkv_bias=QKV_BIAS in layer_shapes,
+        rope_scaling=rope_scaling, bos_token_id=arg(args, "bos_token_id", default=preset.get("bos_token_id")),
         eos_token_id=arg(args, "eos_token_id", default=preset.get("eos_token_id")),
         pad_token_id=arg(args, "pad_token_id"))
 
@@ -171,17 +193,22 @@ def _with_default(args: Any, names: tuple[str, ...], preset: dict, key: str):
 
 # ----------------------------------------------------------------------------- HF -> dims
 def dims_from_hf(config: dict, hf_shapes: dict) -> ModelDims:
-    if config.get("model_type") != "llama":
-        raise ConversionError(f"config.json has model_type {config.get('model_type')!r}, not 'llama'; "
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        raise ConversionError(f"config.json has model_type {model_type!r}, not 'llama' or 'qwen2'; "
                               f"use the converter for that family")
     unsupported = {"hidden_act": (config.get("hidden_act", "silu"), "silu"),
                    "attention_bias": (config.get("attention_bias", False), False),
                    "mlp_bias": (config.get("mlp_bias", False), False),
-                   "rope_scaling": (config.get("rope_scaling"), None)}
+                   "use_sliding_window": (config.get("use_sliding_window", False), False)}
     for key, (value, wanted) in unsupported.items():
         if value != wanted:
-            raise ConversionError(f"config.json {key}={value!r}: Megatron's LLaMA2 has {key}={wanted!r}; this model "
+            raise ConversionError(f"config.json {key}={value!r}: Megatron's LLaMA has {key}={wanted!r}; this model "
                                   f"cannot be represented without changing its outputs")
+    rope_scaling = _megatron_rope_scaling(config.get("rope_scaling"))
+    qkv_bias = model_type == "qwen2"
+    if qkv_bias and "model.layers.0.self_attn.q_proj.bias" not in hf_shapes:
+        raise ConversionError("config.json says qwen2 but model.layers.0.self_attn.q_proj.bias is missing")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
@@ -196,19 +223,46 @@ def dims_from_hf(config: dict, hf_shapes: dict) -> ModelDims:
         ffn_hidden_size=config["intermediate_size"], hf_vocab_size=vocab_rows, megatron_vocab_size=vocab_rows,
         norm_epsilon=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
         max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), bos_token_id=config.get("bos_token_id"),
+        tie_word_embeddings=config.get("tie_word_embeddings", False), qkv_bias=qkv_bias, rope_scaling=rope_scaling,
+        bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"))
+
+
+def _megatron_rope_scaling(scaling: dict | None) -> dict | None:
+    """HF rope_scaling that Megatron-Core can reproduce: none, or Llama 3.1's (its fixed frequencies)."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    fixed = {k: scaling.get(k) for k in MEGATRON_LLAMA3_ROPE}
+    if kind != "llama3" or any(float(fixed[k] or 0) != v for k, v in MEGATRON_LLAMA3_ROPE.items()):
+        raise ConversionError(f"config.json rope_scaling={scaling!r}: Megatron-Core implements only Llama 3.1's "
+                              f"scaling (rope_type llama3 with {MEGATRON_LLAMA3_ROPE}); this model cannot be "
+                              f"represented without changing its outputs")
+    return {"rope_type": "llama3", "factor": float(scaling["factor"]), **MEGATRON_LLAMA3_ROPE}
 
 
 # ----------------------------------------------------------------------------- configs written
 def hf_config(d: ModelDims, dtype: torch.dtype) -> dict:
+    if d.qkv_bias:  # Qwen2: the only LLaMA-family HF model with bias on q/k/v alone
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "hidden_size": d.hidden_size, "intermediate_size": d.ffn_hidden_size,
+            "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
+            "num_key_value_heads": d.num_query_groups, "hidden_act": "silu",
+            "max_position_embeddings": d.max_position_embeddings, "rms_norm_eps": d.norm_epsilon,
+            "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling, "attention_dropout": 0.0,
+            "use_sliding_window": False, "sliding_window": d.max_position_embeddings,
+            "max_window_layers": d.num_layers, "initializer_range": 0.02, "use_cache": True,
+            "vocab_size": d.hf_vocab_size, "tie_word_embeddings": d.tie_word_embeddings,
+            "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
+        }
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": d.hidden_size, "intermediate_size": d.ffn_hidden_size,
         "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
         "num_key_value_heads": d.num_query_groups, "hidden_act": "silu",
         "max_position_embeddings": d.max_position_embeddings, "rms_norm_eps": d.norm_epsilon,
-        "rope_theta": d.rope_theta, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling, "attention_bias": False, "attention_dropout": 0.0,
         "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
         "vocab_size": d.hf_vocab_size, "tie_word_embeddings": d.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
@@ -220,4 +274,5 @@ def megatron_args(d: ModelDims) -> dict:
     return {**d.megatron_architecture_args(),
             "position_embedding_type": "rope", "use_rotary_position_embeddings": True, "rotary_base": d.rope_theta,
             "rotary_percent": 1.0, "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
-            "add_qkv_bias": False}
+            "add_qkv_bias": d.qkv_bias, "use_rope_scaling": d.rope_scaling is not None,
+            "rope_scaling_factor": (d.rope_scaling or {}).get("factor", 8.0)}

@@ -115,7 +115,8 @@ def _checkpoint_root_and_iteration_dir(source: Path, iteration: str | None) -> t
     if re.fullmatch(r"mp_rank_\d{2}(_\d{3})*", source.name):
         raise ConversionError(f"{source} is a single rank folder; pass the checkpoint root or {source.parent} "
                               f"(all ranks are needed)")
-    if any(source.glob("mp_rank_*")):
+    from toolkits.megatron_hf.mcore_format import is_torch_dist
+    if any(source.glob("mp_rank_*")) or is_torch_dist(source):
         tracker_root = source.parent if (source.parent / TRACKER_FILE).exists() else None
         return tracker_root, source
     if iteration is not None:
@@ -139,7 +140,7 @@ def _checkpoint_root_and_iteration_dir(source: Path, iteration: str | None) -> t
         raise ConversionError(f"{source} holds several iterations ({', '.join(p.name for p in candidates)}) and "
                               f"no {TRACKER_FILE}; pass --iteration N or the iteration folder itself")
     raise ConversionError(f"no Megatron checkpoint in {source}: expected {TRACKER_FILE}, a release/ or "
-                          f"iter_NNNNNNN/ folder, or mp_rank_* folders")
+                          f"iter_NNNNNNN/ folder, mp_rank_* folders or a torch_dist .metadata file")
 
 
 def _discover_rank_files(iteration_dir: Path) -> tuple[int, int, dict[tuple[int, int], Path]]:
@@ -224,11 +225,13 @@ def _model_chunks(state: dict, path: Path) -> list[dict]:
 def _chunk_tensors(chunk: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
     """Canonical globals and {local layer index: {local name: tensor}} of one model chunk."""
     flat = dict(_flatten(chunk))
-    if any(k.startswith(("decoder.", "embedding.")) for k in flat):
-        raise ConversionError(
-            f"{path}: this is a Megatron-Core (mcore) checkpoint (`decoder.layers...`); only the legacy "
-            f"`language_model.encoder...` layout is supported. Re-save with --use-legacy-models or convert it "
-            f"with Megatron-LM's tools/checkpoint first")
+    from toolkits.megatron_hf import mcore_format
+    if mcore_format.is_mcore_state(flat):  # Megatron-Core names -> the canonical legacy ones
+        globals_, layers = mcore_format.legacy_tensors(flat)
+        for name, value in [*globals_.items(), *((n, v) for d in layers.values() for n, v in d.items())]:
+            if not isinstance(value, torch.Tensor):
+                raise ConversionError(f"{path}: model entry {name} is a {type(value).__name__}, not a tensor")
+        return globals_, layers
     globals_, layers = {}, {}
     for raw_name, value in flat.items():
         if _IGNORED.search(raw_name):
@@ -294,10 +297,16 @@ class MegatronCheckpoint:
     rank_files: dict[tuple[int, int], Path]
     args: Any
     checkpoint_version: float | None
+    is_mcore: bool = False     # Megatron-Core names (decoder.layers...) in the rank files
+    format: str = "legacy"     # "legacy", "torch" (Megatron-Core rank files) or "torch_dist"
 
     @classmethod
-    def open(cls, source: Path, iteration: str | None = None) -> "MegatronCheckpoint":
+    def open(cls, source: Path, iteration: str | None = None):
+        """The checkpoint in SOURCE, whatever its format (a TorchDistCheckpoint for torch_dist)."""
         root, iteration_dir = _checkpoint_root_and_iteration_dir(Path(source), iteration)
+        from toolkits.megatron_hf import mcore_format
+        if mcore_format.is_torch_dist(iteration_dir) and not any(iteration_dir.glob("mp_rank_*")):
+            return mcore_format.TorchDistCheckpoint.open(root, iteration_dir)
         tp, pp, files = _discover_rank_files(iteration_dir)
         first = safe_torch_load(files[(0, 0)])
         if not isinstance(first, dict):
@@ -310,7 +319,10 @@ class MegatronCheckpoint:
                     f"{files[(0, 0)]}: args say {field_name}={declared} but {iteration_dir} holds rank folders "
                     f"for {field_name.split('_')[0].upper()}={found}; the checkpoint is incomplete or was resharded "
                     f"without updating its args")
-        return cls(root, iteration_dir, tp, pp, files, args, first.get("checkpoint_version"))
+        chunks = _model_chunks(first, files[(0, 0)])
+        is_mcore = mcore_format.is_mcore_state(dict(_flatten(chunks[0])))
+        return cls(root, iteration_dir, tp, pp, files, args, first.get("checkpoint_version"), is_mcore,
+                   "torch" if is_mcore else "legacy")
 
     def load_stage(self, pp_rank: int, stage_offsets: list[int] | None = None) -> list[RankState]:
         """All TP ranks of one stage, layer indices made global. Tensors are mmap'd, not read."""
@@ -334,6 +346,9 @@ class MegatronCheckpoint:
                 offset = stage_offsets[pp_rank] if stage_offsets else 0
             for local, tensors in layers.items():
                 rank.layers[offset + local] = tensors
+        if self.is_mcore:
+            from toolkits.megatron_hf.mcore_format import drop_tied_head_copy
+            drop_tied_head_copy(rank, self.args)
         return rank
 
     def stage_layer_offsets(self) -> tuple[list[int], int]:
@@ -430,10 +445,13 @@ class RankFileWriter:
     """
 
     def __init__(self, path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 args: argparse.Namespace, norm_names: str):
+                 args: argparse.Namespace, norm_names: str, model_state=None):
+        """`model_state(placeholders)` builds the `model` entry from the canonical names (default: legacy
+        nesting with `norm_names`; mcore_format.mcore_model_state for Megatron-Core rank files)."""
         import pickle
         placeholders = {name: _untouched_tensor(shape, dtype) for name, (shape, dtype) in specs.items()}
-        state = {"model": nest_model_state(placeholders, norm_names), "args": args,
+        model = model_state(placeholders) if model_state else nest_model_state(placeholders, norm_names)
+        state = {"model": model, "args": args,
                  "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
         path.parent.mkdir(parents=True, exist_ok=True)
         self._opener = torch.serialization._open_zipfile_writer(str(path))

@@ -17,6 +17,7 @@ from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
 from toolkits.megatron_hf.hf_format import (TOKENIZER_FILES, PlannedTensor, SafetensorsShardWriter, check_target,
                                             copy_tokenizer_files, staged_output_folder, tokenizer_facts,
                                             tokenizer_files)
+from toolkits.megatron_hf.mcore_format import materialize
 from toolkits.megatron_hf.megatron_format import LAYER_PREFIX, MegatronCheckpoint, RankState, arg
 from toolkits.megatron_hf.tensor_parallel import REPLICATED, LayoutError, ModelDims, Param
 
@@ -53,7 +54,7 @@ def layer_params_present(spec: ModuleType, names: set[str]) -> list[Param]:
         if alias is not None and not set(param.megatron) <= names and set(alias.megatron) <= names:
             param = alias
         params.append(param)
-    return params
+    return params + [p for p in spec.OPTIONAL_LAYER_PARAMS if set(p.megatron) <= names]
 
 
 def _expected_rank_shapes(params: list[Param], hf_shapes: dict, dims: ModelDims, tp: int, prefix: str = "") -> dict:
@@ -105,7 +106,10 @@ def _resolve_vocab(opts: MegatronToHFOptions, args, preset: dict, tokenizer: dic
 
 def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
     check_target(opts.target, opts.overwrite, opts.source)
-    checkpoint = MegatronCheckpoint.open(opts.source, opts.iteration)
+    checkpoint = MegatronCheckpoint.open(opts.source, opts.iteration)  # legacy, Megatron-Core torch or torch_dist
+    if checkpoint.is_mcore and spec.FAMILY != "llama2":
+        raise ConversionError(f"{checkpoint.iteration_dir} is a Megatron-Core checkpoint; Megatron-Core is supported "
+                              f"for the LLaMA family (--model llama2), {spec.FAMILY} only in the legacy layout")
     offsets, num_layers = checkpoint.stage_layer_offsets()
     stages: list[list[RankState] | None] = [checkpoint.load_stage(p, offsets) for p in range(checkpoint.pp)]
     dims = _infer_dims(spec, checkpoint, stages, num_layers, opts)
@@ -134,7 +138,7 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
                 rank_dicts = [r.globals if layer is None else r.layers[layer] for r in ranks]
                 hf_prefix, _ = _hf_prefix_and_shapes(spec, layer, hf_global_shapes, hf_layer_shapes)
                 for param in params:
-                    per_rank = [[d[n] for n in param.megatron] for d in rank_dicts]
+                    per_rank = [[materialize(d[n]) for n in param.megatron] for d in rank_dicts]
                     if param.layout is REPLICATED:
                         _warn_if_ranks_differ(param, per_rank, ranks[0].path)
                     for hf_name, tensor in zip(param.hf, param.layout.merge(per_rank, dims)):
@@ -146,7 +150,8 @@ def megatron_to_hf(spec: ModuleType, opts: MegatronToHFOptions) -> Path:
         config = spec.hf_config(dims, plan[0].dtype)  # torch_dtype: the embedding's
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer_files(tokenizer_paths, staging)
-    print(f"wrote {opts.target}: {len(plan)} tensors in {len(writer.shard_names)} shard(s), "
+    print(f"read {checkpoint.format} checkpoint ({'Megatron-Core' if checkpoint.is_mcore else 'legacy'} names, "
+          f"TP={tp}, PP={pp}); wrote {opts.target}: {len(plan)} tensors in {len(writer.shard_names)} shard(s), "
           f"{writer.total_bytes / 1e9:.2f} GB, {dims.num_layers} layers, vocab {dims.hf_vocab_size}")
     return Path(opts.target)
 

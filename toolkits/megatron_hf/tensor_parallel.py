@@ -34,6 +34,8 @@ class ModelDims:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False          # Qwen2: bias on q, k, v (not on o_proj or the MLP)
+    rope_scaling: dict | None = None  # HF's rope_scaling (Llama 3.1: rope_type llama3), None = plain RoPE
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -146,6 +148,7 @@ class GroupedQKV:
 
     Rows are grouped per query group: the group's heads/groups query heads, then its key head, then its
     value head, each `head_dim` rows. TP rank r holds groups [r*G/TP, (r+1)*G/TP). HF keeps q, k, v apart.
+    The same layout holds for the weights ([rows, hidden]) and for Qwen2's q/k/v biases ([rows]).
     """
 
     def _group_rows(self, dims: ModelDims) -> tuple[int, int]:
@@ -154,22 +157,24 @@ class GroupedQKV:
 
     def rank_shapes(self, hf_shapes: Sequence[Shape], dims: ModelDims, tp: int) -> list[Shape]:
         groups = _divide(dims.num_query_groups, tp, "number of query groups")
-        return [(groups * self._group_rows(dims)[1] * dims.head_dim, dims.hidden_size)]
+        return [(groups * self._group_rows(dims)[1] * dims.head_dim, *hf_shapes[0][1:])]
 
     def merge(self, per_rank: Sequence[Sequence[torch.Tensor]], dims: ModelDims) -> list[torch.Tensor]:
         heads_per_group, rows_per_group = self._group_rows(dims)
-        grouped = torch.cat([rank[0].reshape(-1, rows_per_group, dims.head_dim, dims.hidden_size)
+        trailing = per_rank[0][0].shape[1:]
+        grouped = torch.cat([rank[0].reshape(-1, rows_per_group, dims.head_dim, *trailing)
                              for rank in per_rank], dim=0)
         q, k, v = grouped.split([heads_per_group, 1, 1], dim=1)
-        return [t.reshape(-1, dims.hidden_size) for t in (q, k, v)]
+        return [t.reshape(-1, *trailing) for t in (q, k, v)]
 
     def split(self, hf: Sequence[torch.Tensor], dims: ModelDims, tp: int) -> list[list[torch.Tensor]]:
         heads_per_group, _ = self._group_rows(dims)
         q, k, v = hf
-        grouped = torch.cat([q.reshape(dims.num_query_groups, heads_per_group, dims.head_dim, -1),
-                             k.reshape(dims.num_query_groups, 1, dims.head_dim, -1),
-                             v.reshape(dims.num_query_groups, 1, dims.head_dim, -1)], dim=1)
-        return [[chunk.reshape(-1, dims.hidden_size)] for chunk in grouped.chunk(tp, dim=0)]
+        trailing = q.shape[1:]
+        grouped = torch.cat([q.reshape(dims.num_query_groups, heads_per_group, dims.head_dim, *trailing),
+                             k.reshape(dims.num_query_groups, 1, dims.head_dim, *trailing),
+                             v.reshape(dims.num_query_groups, 1, dims.head_dim, *trailing)], dim=1)
+        return [[chunk.reshape(-1, *trailing)] for chunk in grouped.chunk(tp, dim=0)]
 
 
 class GroupedQueryAndKeyValue(GroupedQKV):
