@@ -10,11 +10,10 @@ Interactive commands: `clear` forgets the history, `quit`/`exit` or Ctrl-D leave
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import UserError, interrupted
 
 
 class ChatError(UserError, RuntimeError):
@@ -38,36 +37,11 @@ class ChatConfig:
             raise ChatError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
-        path = Path(self.model).expanduser()
-        looks_local = path.is_absolute() or self.model.startswith(".") or path.exists() or self.model.count("/") != 1
-        if looks_local:
-            if not path.is_dir():
-                raise ChatError(f"model folder {path} does not exist; pass MODEL=<folder with config.json and "
-                                f"weights>, e.g. the actor folder of a PPO run")
-            if not (path / "config.json").is_file():
-                raise ChatError(f"{path} has no config.json, so it is not a HuggingFace model folder; pass the "
-                                f"exported policy/actor folder of a run")
-            _refuse_wrapped_checkpoint(path)
-
-
-def _refuse_wrapped_checkpoint(path: Path) -> None:
-    """trlx and DeepSpeed-Chat critics save wrapped state dicts; loading them as a causal LM silently gives
-    random weights, so say so instead."""
-    index = path / "model.safetensors.index.json"
-    keys: list[str] = []
-    if index.is_file():
-        keys = list(json.loads(index.read_text()).get("weight_map", {}))
-    elif (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            keys = list(f.keys())
-    elif (path / "pytorch_model.bin").is_file():  # DeepSpeed-Chat saves its actor and critic this way
-        import torch
-        keys = list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
-    if keys and all(k.startswith(("base_model.", "v_head.", "rwtransformer.", "rwtranrsformer.")) for k in keys):
-        raise ChatError(f"{path} holds a wrapped checkpoint (keys like {keys[0]!r}: a value-head / reward model or a "
-                        f"trlx training checkpoint), not a plain causal LM; chat with the exported policy folder "
-                        f"instead")
+        from rlhf_overlay import preflight
+        r = preflight.check_model(self.model, "MODEL", accept=(preflight.CAUSAL_LM,), consumer="make chat")
+        preflight.say(r)
+        if r.local is not None:
+            self.model = str(r.local)   # a run folder -> its policy/ or actor/
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,11 +95,24 @@ def main(argv=None) -> int:
     cfg = ChatConfig(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
     try:
-        cfg.validate()
+        cfg.validate()   # MODEL: a causal LM folder (a run folder's policy/ or actor/) or hub id; weights complete
         bot = Chatbot(cfg)
-    except (ChatError, OSError, ValueError) as exc:
-        print(f"chat: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as exc:   # what transformers says about a folder it cannot load
+        print(f"error: MODEL={cfg.model} cannot be loaded: {str(exc).splitlines()[0]} — pass the folder of a "
+              f"trained policy/actor (config.json, weights and tokenizer files)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return interrupted()
+    try:
+        return _talk(bot, cfg)
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+def _talk(bot: Chatbot, cfg: ChatConfig) -> int:
     if cfg.prompt is not None:
         print(bot.answer(cfg.prompt))
         return 0

@@ -11,3 +11,13 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting that cannot work; the message names the setting (field / make variable), its value and what to do."""
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def interrupted(where: str = "") -> int:
+    """What every CLI does on Ctrl-C: one line instead of a KeyboardInterrupt traceback, exit code 130."""
+    import sys
+    print(f"\nerror: interrupted (Ctrl-C){f'; {where}' if where else ''}", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT

@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import UserError, interrupted
 
 
 class EvalError(UserError, RuntimeError):
@@ -46,12 +46,38 @@ class EvalConfig:
             raise EvalError("pass RM=<reward model folder> (the model folder of `make rm-llama2`, or the "
                             "reward_model/ folder of `make rm-bloom` / `make rm-gptj`)")
         if not Path(self.rm).is_dir():
-            raise EvalError(f"RM={self.rm} does not exist or is not a folder")
+            raise EvalError(f"RM={self.rm} does not exist or is not a folder — pass the model folder of `make "
+                            f"rm-llama2` or the reward_model/ folder of `make rm-bloom` / `make rm-gptj`")
+        self.rm = str(check_reward_model_folder(Path(self.rm)))
         for name in ("max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.limit < 0:
             raise EvalError(f"limit must be >= 0, got {self.limit}")
+        from rlhf_overlay.preflight import check_output
+        check_output(self.output, self.overwrite)
+
+
+def check_reward_model_folder(path: Path) -> Path:
+    """The reward model in `path` (itself, or the model/ / reward_model/ of a run folder) with complete weights;
+    any other kind of folder this project writes (a policy, an actor, a checkpoint, ...) is refused by name."""
+    from rlhf_overlay import preflight as pf
+    kind = pf.folder_kind(path)
+    found = path if kind in (pf.TRLX_RM, pf.DSCHAT_CRITIC) else \
+        pf.find_in_run_folder(path, pf.TRLX_RM) or pf.find_in_run_folder(path, pf.DSCHAT_CRITIC)
+    todo = ("pass the model folder written by `make rm-llama2` or the reward_model/ folder of `make rm-bloom` / "
+            "`make rm-gptj`")
+    if found is None and kind in (pf.NOT_A_MODEL, pf.RUN_FOLDER):
+        raise EvalError(f"RM={path} is neither a DeepSpeed-Chat critic (config.json + pytorch_model.bin) nor a "
+                        f"value-head reward model of the trlx path (reward_model.json + value_head.safetensors) — "
+                        f"{todo}")
+    if found is None and kind == pf.CAUSAL_LM:
+        raise EvalError(f"RM={path} is not a DeepSpeed-Chat reward model or a trlx value-head reward model: it is "
+                        f"{pf.DESCRIBE[kind]} — {todo}")
+    if found is None:
+        raise EvalError(f"RM={path} is {pf.DESCRIBE[kind]}, not a reward model — {todo}")
+    pf.check_weights(found)
+    return found
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed-Chat critics
@@ -233,8 +259,10 @@ def main(argv=None) -> int:
     try:
         metrics, run_dir = evaluate(cfg)
     except UserError as exc:  # EvalError, RunDirError, ...
-        print(f"eval-rm: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted()
     print(f"eval-rm: {metrics['rm_kind']} {metrics['rm']}")
     print(f"eval-rm: {metrics['pairs']} pairs  accuracy {metrics['accuracy']:.3f} (chance 0.5)  mean margin "
           f"{metrics['mean_margin']:.4g}  chosen {metrics['mean_chosen']:.4g} vs rejected {metrics['mean_rejected']:.4g}")

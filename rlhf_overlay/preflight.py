@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,9 @@ def resolve_name(value: str, var: str, dataset: bool = False, default_of: str = 
                  or value.endswith(DATA_SUFFIXES) or ("/" in value and Path(first).is_dir())
                  or not HUB_ID.match(value))
     if path_like:
-        raise PreflightError(f"{var}={value!r}: no such file or folder{_did_you_mean(p)} (read as a local path, "
-                             f"relative to {Path.cwd()}) — check the path")
+        rel = "" if p.is_absolute() else f", relative to {Path.cwd()}"
+        raise PreflightError(f"{var}={value!r}: no such file or folder{_did_you_mean(p)} (read as a local path"
+                             f"{rel}) — check the path")
     if _hub_cached(value, dataset):
         return Resolved(value, hub_id=value, note=f"{given}: no such local path, so it is the hub {what} {value} "
                                                   f"(found in the local cache)")
@@ -277,6 +279,19 @@ def _read_config(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def not_a_model_reason(path: Path) -> str:
+    """Why folder_kind(path) is NOT_A_MODEL, in a few words."""
+    if not path.is_dir():
+        return "no such folder"
+    if not (path / "config.json").is_file():
+        subs = [p.name for p in sorted(path.iterdir()) if p.is_dir()][:6]
+        return ("has no config.json, so it is not a Hugging Face model folder"
+                + (f" (it holds {', '.join(subs)}/)" if subs else ""))
+    if "model_type" not in (_read_config(path) or {}):
+        return "its config.json is not a Hugging Face model config (no model_type)"
+    return "has config.json but no weights (model.safetensors, pytorch_model.bin or a sharded index)"
+
+
 def find_in_run_folder(path: Path, kind: str) -> Path | None:
     """The subfolder of a run folder (or of a checkpoint) that holds a model of `kind`, if any."""
     for sub in RUN_SUBFOLDERS.get(kind, ()):
@@ -300,11 +315,8 @@ def check_kind(path: Path, var: str, accept: tuple[str, ...], consumer: str) -> 
             sub = find_in_run_folder(path, want)
             if sub is not None:
                 return sub, want
-    if kind == NOT_A_MODEL and not (path / "config.json").is_file():
-        subs = [p.name for p in sorted(path.iterdir()) if p.is_dir()][:6] if path.is_dir() else []
-        raise PreflightError(f"{var}={path}: has no config.json, so it is not a Hugging Face model folder"
-                             + (f" (it holds {', '.join(subs)}/)" if subs else "")
-                             + f" — {consumer} takes {_kinds_text(accept)}")
+    if kind == NOT_A_MODEL:
+        raise PreflightError(f"{var}={path}: {not_a_model_reason(path)} — {consumer} takes {_kinds_text(accept)}")
     todo = f"{consumer} takes {_kinds_text(accept)}"
     if kind == TRLX_CHECKPOINT and (path / "hf_model").is_dir():
         todo += f"; its exported policy is {path / 'hf_model'}"
@@ -437,7 +449,7 @@ def say(*resolved: Resolved) -> None:
     """Print how hub ids and run folders were read (one line each), so nobody wonders which was meant."""
     for r in resolved:
         if r is not None and r.note:
-            print(f"note: {r.note}", flush=True)
+            print(f"note: {r.note}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- per framework
