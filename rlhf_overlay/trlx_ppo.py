@@ -20,15 +20,13 @@ Several GPUs / nodes (accelerate launch with configs/accelerate/zero2.yaml; a De
     python -m rlhf_overlay.trlx_ppo ... --accelerate-config my_accelerate.yaml   # any accelerate config
 
 Output folder: policy/ (the trained policy as a plain HF model + tokenizer: AutoModelForCausalLM loads it),
-metrics.json (per-step mean reward, KL, fluency, losses, timings), tensorboard/ (ppo/reward_mean, ppo/kl,
-ppo/kl_per_token, ppo/fluency, ppo/policy_loss, ppo/value_loss, ppo/response_length; trlx's own scalars under
-tensorboard/trlx; the eval tables have a fluency column), checkpoints/ (trlx), samples.jsonl
+metrics.json (per-step mean reward, KL, losses, timings), tensorboard/ (ppo/reward_mean, ppo/kl, ppo/policy_loss,
+ppo/value_loss, ppo/response_length; trlx's own scalars under tensorboard/trlx), checkpoints/ (trlx), samples.jsonl
 (a few generations per step), training.log, command.txt, config.json.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -247,8 +245,6 @@ class StepRecorder:
         self.steps: list[dict] = []
         self.phase = "rollout"
         self._rewards: list[float] = []
-        self._outputs: list[str] = []
-        self._kl_tokens = [0.0, 0]   # summed KL over answer tokens, answer tokens (this step's rollouts)
         self._lengths: list[int] = []
         self._samples: list[dict] = []
         self._losses: list[dict] = []
@@ -263,7 +259,6 @@ class StepRecorder:
         if self.phase != "rollout":
             return
         self._rewards += [float(r) for r in rewards]
-        self._outputs += list(outputs)
         if len(self._samples) < 4:
             self._samples += [{"prompt": p, "output": o, "reward": float(r)}
                               for p, o, r in list(zip(prompts, outputs, rewards))[: 4 - len(self._samples)]]
@@ -276,20 +271,11 @@ class StepRecorder:
         self.close_step()
         self.phase = "rollout"
         self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
-        self._outputs, self._kl_tokens = [], [0.0, 0]
-
-    def add_answer_kl(self, kl_sum: float, tokens: int):
-        """KL(policy || reference) summed over the answer tokens of some rollouts, and their count."""
-        self._kl_tokens[0] += kl_sum
-        self._kl_tokens[1] += tokens
 
     def rollouts_done(self, rollout_seconds: float, kl: float, lengths: list[int]):
         """A make_experience call ended: open the step whose updates follow."""
-        from rlhf_overlay.synthetic import fluency
-
         self._lengths = list(lengths)
         n = len(self._rewards)
-        flu = fluency(self._outputs)
         self._cur = {
             "step": len(self.steps) + 1,
             "reward_mean": sum(self._rewards) / n if n else float("nan"),
@@ -299,12 +285,9 @@ class StepRecorder:
             if n else float("nan"),
             "response_length": sum(self._lengths) / max(1, len(self._lengths)),
             "kl": kl, "samples": n, "rollout_seconds": rollout_seconds, "train_start": time.time(),
-            "kl_per_token": self._kl_tokens[0] / self._kl_tokens[1] if self._kl_tokens[1] else float("nan"),
-            "fluency": flu["fluency"], "in_language": flu["in_language"], "degenerate": flu["degenerate"],
             "eval_seconds": 0.0, "examples": self._samples,
         }
         self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
-        self._outputs, self._kl_tokens = [], [0.0, 0]
 
     def add_eval_time(self, seconds: float):
         if self._cur is not None:
@@ -326,14 +309,12 @@ class StepRecorder:
             return
         self.steps.append(cur)
         self.scalars.log({"ppo/reward_mean": cur["reward_mean"], "ppo/kl": cur["kl"],
-                          "ppo/kl_per_token": cur["kl_per_token"], "ppo/fluency": cur["fluency"],
                           "ppo/policy_loss": cur["policy_loss"], "ppo/value_loss": cur["value_loss"],
                           "ppo/response_length": cur["response_length"]}, cur["step"])
         with open(self.run_dir / "samples.jsonl", "a") as f:
             for ex in cur["examples"]:
                 f.write(json.dumps({"step": cur["step"], **ex}) + "\n")
         line = (f"step {cur['step']:>3}/{self.total}  mean reward {cur['reward_mean']:+.3f}  kl {cur['kl']:.3f}  "
-                f"kl/token {cur['kl_per_token']:.3f}  fluency {cur['fluency']:.2f}  "
                 f"len {cur['response_length']:.1f}  policy_loss {cur['policy_loss']:+.3f}  "
                 f"value_loss {cur['value_loss']:.3f}  [rollout {cur['rollout_seconds']:.1f}s, "
                 f"{n_opt} updates {cur['ppo_step_seconds'] * 1000:.0f} ms each]")
@@ -461,57 +442,6 @@ def build_trl_config(cfg: PPORunConfig, resolved: dict, run_dir: Path, tokenizer
     )
 
 
-class AnswerKL:
-    """KL(policy || reference) per answer token of trlx's rollouts. trlx's own `mean_kl` sums over the prompt
-    positions too (its attention mask covers prompt and answer) and its estimator exp(r) - 1 - r (r = log pi -
-    log pi_ref) estimates KL(reference || policy), which explodes where the policy grew confident. This keeps the
-    log-probs trlx computes in make_experience (its logprobs_of_labels calls, 2 per chunk: policy then reference)
-    and sums the unbiased, non-negative estimator of KL(policy || reference) for tokens sampled from the policy,
-    exp(-r) - 1 + r ("k3"), over the answer tokens only (not padding)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-        self.calls: list = []
-        self._on = False
-
-    @contextlib.contextmanager
-    def recording(self):
-        import trlx.trainer.accelerate_ppo_trainer as ppo_module
-
-        original = ppo_module.logprobs_of_labels
-
-        def recorded(logits, labels):
-            out = original(logits, labels)
-            self.calls.append((out.detach().float().cpu(), labels.detach().cpu()))
-            return out
-
-        self.calls = []
-        ppo_module.logprobs_of_labels = recorded
-        try:
-            yield
-        finally:
-            ppo_module.logprobs_of_labels = original
-
-    def answer_kl(self, elements) -> tuple[float, int]:
-        """(KL summed over the answer tokens, answer tokens) of the rollouts just recorded; `elements` are the
-        PPORLElements they produced, in order (each chunk's prompts share one padded width)."""
-        import torch
-
-        total, tokens, i = 0.0, 0, 0
-        for (logprobs, labels), (ref_logprobs, _) in zip(self.calls[0::2], self.calls[1::2]):
-            n = logprobs.shape[0]
-            if i + n > len(elements):
-                break
-            start = elements[i].query_tensor.shape[0] - 1   # logprobs[:, t] scores token t + 1
-            mask = (labels[:, start:] != self.pad).float()
-            r = (logprobs[:, start:] - ref_logprobs[:, start:]) * mask
-            total += float(((torch.exp(-r) - 1 + r) * mask).sum())
-            tokens += int(mask.sum())
-            i += n
-        self.calls = []
-        return total, tokens
-
-
 def _rm_device(choice: str, policy_device):
     import torch
 
@@ -555,7 +485,6 @@ def worker_main(run_dir: Path) -> int:
     rank_report = RankReport("ppo")
     recorder = StepRecorder(run_dir, cfg.steps, scalars, tty=resolved.get("tty", False)) if main_proc else None
     timings = {"eval_seconds": 0.0}
-    answer_kl = AnswerKL(tok.pad_token_id)
 
     @register_trainer
     class OverlayPPOTrainer(AcceleratePPOTrainer):
@@ -582,10 +511,8 @@ def worker_main(run_dir: Path) -> int:
                 recorder.start_rollouts()
             t0 = time.time()
             before = len(self.store.history)
-            with answer_kl.recording():
-                super().make_experience(num_rollouts, iter_count)
+            super().make_experience(num_rollouts, iter_count)
             if recorder is not None:
-                recorder.add_answer_kl(*answer_kl.answer_kl(self.store.history[before:]))
                 pad = self.tokenizer.pad_token_id
                 lengths = [int((el.response_tensor != pad).sum()) for el in self.store.history[before:]]
                 recorder.rollouts_done(time.time() - t0, float(self.mean_kl), lengths)
@@ -627,13 +554,7 @@ def worker_main(run_dir: Path) -> int:
     t0 = time.time()
     # RANK_REPORT=1: each prompt carries its row number (trlx passes extra keys along as metadata)
     row_ids = (lambda i: {"rank_report_row": i}) if rank_report.enabled else (lambda i: {})
-    def metric_fn(samples, prompts, outputs, **metadata):  # a fluency column in trlx's eval tables
-        from rlhf_overlay.synthetic import answer_fluency
-
-        return {"fluency": [answer_fluency(strip_eos(o, tok.eos_token)) for o in outputs]}
-
-    trainer = trlx.train(reward_fn=reward_fn, metric_fn=metric_fn,
-                         prompts=[dict(r, **row_ids(i)) for i, r in enumerate(train_rows)],
+    trainer = trlx.train(reward_fn=reward_fn, prompts=[dict(r, **row_ids(i)) for i, r in enumerate(train_rows)],
                          eval_prompts=[dict(r) for r in eval_rows], config=trl_config)
     train_seconds = time.time() - t0
     if recorder is not None:
@@ -789,16 +710,12 @@ def join(run_dir: Path, machine_rank: int) -> int:
         env.setdefault(ENV, str(run_dir / "ranks"))
     cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)], config_file=config,
                              num_processes=0, machine_config=True)
-    if "DEEPSPEED" in config.read_text():
-        from rlhf_overlay.waits import check_torch_extensions
-        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     print(f"joining {run_dir} as machine {machine_rank} (log: {run_dir / f'training-machine{machine_rank}.log'})",
           flush=True)
     return run_logged(cmd, run_dir, env=env, log_name=f"training-machine{machine_rank}.log")
 
 
-def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_ppo",
-        worker=None) -> tuple[int, Path | None]:
+def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_ppo") -> tuple[int, Path | None]:
     """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder)"""
     from rlhf_overlay.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
     from rlhf_overlay.trlx_common import check_trlx, trlx_env
@@ -892,12 +809,8 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
               f"MACHINE_RANK={machine['machine_rank']}", flush=True)
     env = trlx_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
-    config_text = Path(launch["accelerate_config"]).read_text() if launch.get("accelerate_config") else ""
-    if launch["zero_stage"] or "DEEPSPEED" in config_text:
-        from rlhf_overlay.waits import check_torch_extensions
-        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     t0 = time.time()
-    rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)  # worker: seed_launch
+    rc = run_logged(cmd, run_dir, env=env)
     if rc != 0:
         print(f"error: PPO failed (exit {rc}); see {run_dir / 'training.log'}", file=sys.stderr)
         return rc, run_dir

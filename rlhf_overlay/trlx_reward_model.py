@@ -447,11 +447,6 @@ def worker_main(run_dir: Path) -> int:
     cuda = torch.cuda.is_available()
     main_proc = int(os.environ.get("RANK", "0")) == 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from rlhf_overlay.waits import dist_timeout, roll_call
-
-    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
-    if distributed:
-        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
     transformers.set_seed(cfg.seed)
     transformers.logging.set_verbosity_error()
 
@@ -497,7 +492,6 @@ def worker_main(run_dir: Path) -> int:
         # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
         ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
         use_cpu=not cuda and ds_config is None,
-        ddp_timeout=timeout,
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=not main_proc,
@@ -610,9 +604,7 @@ def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
         return interrupted()
 
 
-def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) -> int:
-    """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
-    (rlhf_overlay.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already)."""
+def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     from rlhf_overlay.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
     from rlhf_overlay.trlx_common import trainer_command
 
@@ -671,15 +663,12 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
                           num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
     env = runtime_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
-    if ds is not None:
-        from rlhf_overlay.waits import check_torch_extensions
-        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     env.setdefault("WANDB_DISABLED", "true")
     if cfg.hostfile:
         from rlhf_overlay.hostfile import remote_env
 
         env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
-    rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)
+    rc = run_logged(cmd, run_dir, env=env)
     if rc != 0:
         print(f"error: reward model training failed (exit {rc}); see {run_dir / 'training.log'}", file=sys.stderr)
         return rc
