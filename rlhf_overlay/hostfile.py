@@ -203,7 +203,7 @@ def deepspeed_launcher_flags(hostfile: str | os.PathLike) -> list[str]:
 
 # variables the ranks on the other nodes need that DeepSpeed's runner does not forward by itself (it forwards
 # PYTHON*, MLFLOW*, MV2*, UCX* and, on GPUs, NCCL*): caches, offline mode, threads, CPU accelerator, ours
-REMOTE_ENV_PREFIXES = ("RLHF_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "GLOO_", "TORCH_")
+REMOTE_ENV_PREFIXES = ("RLHF_", "DEEPSPEED_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "GLOO_", "TORCH_")
 REMOTE_ENV_NAMES = ("TOKENIZERS_PARALLELISM", "DS_ACCELERATOR", "OMP_NUM_THREADS")
 
 
