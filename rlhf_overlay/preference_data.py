@@ -7,11 +7,12 @@ Accepted inputs (docs/data_formats.md has the full description):
     rows.jsonl            one JSON object per line (blank lines are skipped)
     rows.json             a JSON list of objects (the line reported is where the object starts)
     folder/               holding train.jsonl|train.json and eval.jsonl|eval.json; pass split="train" or "eval"
+A single file given as DATA is split: a fixed EVAL_SHARE of its rows is held out for evaluation (split_held_out).
 Preference rows: {"prompt": str, "chosen": str, "rejected": str}; the seed's misspelt "choosen" is read as
 "chosen" with one warning per file. Prompt rows: {"prompt": str, "reference": str (optional)}; a preference
 row also works as a prompt row (its chosen answer becomes the reference). Other keys are ignored.
 
-    python -m rlhf_overlay.preference_data my_pairs.jsonl              # validate a file, print a summary
+    python -m rlhf_overlay.preference_data my_pairs.jsonl              # validate DATA as training reads it
     python -m rlhf_overlay.preference_data assets/data/prompts --prompts
     from rlhf_overlay.preference_data import load_preference_rows
     rows = load_preference_rows("assets/data/preference", split="train")
@@ -198,6 +199,11 @@ def _warn_alias(file, line) -> None:
 def load_preference_rows(path, split: str | None = None) -> list[dict]:
     """Validated preference rows [{"prompt", "chosen", "rejected"}] of a .json/.jsonl file, or of a folder's
     <split>.jsonl|.json. Raises PreferenceDataError (`file:line: what — what to do`) at the first bad row."""
+    return [row for _, row in preference_rows_with_lines(path, split)]
+
+
+def preference_rows_with_lines(path, split: str | None = None) -> list[tuple[int, dict]]:
+    """load_preference_rows with the line each row starts on: [(line, row)]."""
     file = resolve_data_file(path, split)
     example = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
     rows, alias_line = [], None
@@ -211,7 +217,7 @@ def load_preference_rows(path, split: str | None = None) -> list[dict]:
         if chosen.strip() == rejected.strip():
             raise _error(file, line, "'chosen' and 'rejected' are the same text",
                          "a preference pair needs two different answers: fix or drop this row")
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        rows.append((line, {"prompt": prompt, "chosen": chosen, "rejected": rejected}))
     if alias_line is not None:
         _warn_alias(file, alias_line)
     if not rows:
@@ -222,6 +228,11 @@ def load_preference_rows(path, split: str | None = None) -> list[dict]:
 def load_prompt_rows(path, split: str | None = None) -> list[dict]:
     """Validated prompt rows [{"prompt", "reference"?}] (PPO prompts) of a .json/.jsonl file or a folder's
     <split> file. A preference row is accepted too: its chosen answer becomes the reference."""
+    return [row for _, row in prompt_rows_with_lines(path, split)]
+
+
+def prompt_rows_with_lines(path, split: str | None = None) -> list[tuple[int, dict]]:
+    """load_prompt_rows with the line each row starts on: [(line, row)]."""
     file = resolve_data_file(path, split)
     example = '{"prompt": "...", "reference": "..."}'
     rows, alias_line = [], None
@@ -236,12 +247,82 @@ def load_prompt_rows(path, split: str | None = None) -> list[dict]:
             out["reference"] = _text_field(file, line, row, "reference", ("prompt",))
         elif "chosen" in row:
             out["reference"] = _text_field(file, line, row, "chosen", ("prompt",))
-        rows.append(out)
+        rows.append((line, out))
     if alias_line is not None:
         _warn_alias(file, alias_line)
     if not rows:
         raise _error(file, 1, "no rows", f"a prompt file needs at least one row {example}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- train / eval
+EVAL_SHARE = 0.1   # share of a single data file held out for evaluation
+SPLIT_SEED = 1234  # which rows: a fixed permutation, so every run and every rank holds out the same ones
+
+
+def data_files(path) -> tuple[Path, Path | None]:
+    """(train file, eval file or None) of DATA as every training target reads it: a folder must hold
+    train.jsonl|.json and may hold eval.jsonl|.json; a single file is both (None: hold out a share of it)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        train = resolve_data_file(p, "train")
+        has_eval = any((p / f"eval{x}").is_file() for x in DATA_SUFFIXES)
+        return train, resolve_data_file(p, "eval") if has_eval else None
+    return resolve_data_file(p), None
+
+
+def held_out_indices(n: int, share: float = EVAL_SHARE) -> list[int]:
+    """The row indices of a single file that are held out for evaluation: max(1, round(n * share)) of them, from a
+    fixed permutation (as DeepSpeed-Chat's data_split picks rows), in file order."""
+    import random
+    if n < 2:
+        raise ValueError("need at least 2 rows to hold one out")
+    k = min(n - 1, max(1, round(n * share)))
+    order = list(range(n))
+    random.Random(SPLIT_SEED).shuffle(order)
+    return sorted(order[:k])
+
+
+def split_held_out(rows: Sequence, share: float = EVAL_SHARE, file=None) -> tuple[list, list]:
+    """(train, eval) of one file's rows, eval = held_out_indices; too few rows is a PreferenceDataError."""
+    if len(rows) < 2:
+        raise _error(file or "data", None, f"{len(rows)} row(s) are too few to hold out an evaluation share",
+                     "add rows, or give a folder with train.jsonl and eval.jsonl")
+    held = set(held_out_indices(len(rows), share))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def held_out_note(file, n_rows: int, share: float = EVAL_SHARE) -> str:
+    k = len(held_out_indices(n_rows, share)) if n_rows >= 2 else 0
+    return (f"{file} is a single file: {k} of its {n_rows} rows ({share:.0%}) are held out for evaluation and not "
+            f"trained on — put train.jsonl and eval.jsonl in a folder to choose them yourself")
+
+
+# ---------------------------------------------------------------------------------------------- over-long rows
+def truncation_warning(file, cuts: Sequence[tuple[int, str, int]], max_tokens: int, side: str,
+                       action: str = "truncated") -> str | None:
+    """One warning for a file whose rows are longer than `max_tokens`: `cuts` = [(line, field, tokens)] of the
+    rows that are too long; `side` = "left" or "right" (where the tokens are dropped). None when nothing is cut."""
+    if not cuts:
+        return None
+    line, what, n = max(cuts, key=lambda c: c[2])
+    dropped = (f"{n - max_tokens} of its {n} tokens dropped from the {side}" if action == "truncated"
+               else f"{n} tokens, the row is dropped")
+    lines = len({c[0] for c in cuts})
+    more = f"; {lines} rows of this file are {action} to {max_tokens} tokens" if lines > 1 else ""
+    return (f"warning: {file}:{line}: {what} is longer than {max_tokens} tokens ({dropped}){more} — raise the "
+            f"maximum length (max_seq_len / --max-length) or shorten these rows")
+
+
+def overlong_warning(file, rows: Sequence[tuple[int, dict]], texts, count_tokens, max_tokens: int, side: str,
+                     action: str = "truncated") -> str | None:
+    """The one warning for `file` (None if no row is too long). `rows` = [(line, row)]; `texts(row)` = [(what,
+    text)] as the model sees them (e.g. ("prompt + chosen", ...)); `count_tokens(list of texts)` = their lengths in
+    tokens; `side` = where the tokens are dropped ("left" / "right")."""
+    labelled = [(line, what, text) for line, row in rows for what, text in texts(row)]
+    counts = count_tokens([t for _, _, t in labelled]) if labelled else []
+    cuts = [(line, what, n) for (line, what, _), n in zip(labelled, counts) if n > max_tokens]
+    return truncation_warning(file, cuts, max_tokens, side, action)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -250,26 +331,33 @@ def build_parser():
 
     p = argparse.ArgumentParser(prog="python -m rlhf_overlay.preference_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a .json/.jsonl file or a folder with train/eval files")
-    p.add_argument("--split", default=None, help="train or eval (for a folder; default: both that exist)")
+    p.add_argument("path", help="a .json/.jsonl file or a folder with train.jsonl [+ eval.jsonl], as DATA= takes it")
     p.add_argument("--prompts", action="store_true", help="validate as prompt rows (PPO) instead of preference rows")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Validate DATA exactly as the training targets read it: a folder needs train.jsonl|.json (eval optional), a
+    single file is split into train and a held-out eval share; exit 2 with `file:line: ...` at the first bad row."""
     args = build_parser().parse_args(argv)
-    load = load_prompt_rows if args.prompts else load_preference_rows
-    p = Path(args.path)
-    splits = [args.split] if args.split or not p.is_dir() else \
-        [s for s in ("train", "eval") if any((p / f"{s}{x}").is_file() for x in DATA_SUFFIXES)] or ["train"]
+    load = prompt_rows_with_lines if args.prompts else preference_rows_with_lines
+    kind = "prompt" if args.prompts else "preference"
     try:
-        for split in splits:
-            rows = load(p, split=split)
-            name = resolve_data_file(p, split)
-            print(f"{name}: {len(rows)} valid {'prompt' if args.prompts else 'preference'} rows")
+        train_file, eval_file = data_files(args.path)
+        train = load(train_file)
+        if eval_file is not None:
+            print(f"{train_file}: {len(train)} valid {kind} rows (train)")
+            print(f"{eval_file}: {len(load(eval_file))} valid {kind} rows (eval)")
+        else:
+            tr, ev = split_held_out(train, file=train_file)
+            print(f"{train_file}: {len(train)} valid {kind} rows: {len(tr)} train, {len(ev)} eval")
+            print(f"note: {held_out_note(train_file, len(train))}")
     except PreferenceDataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt:
+        from rlhf_overlay.errors import interrupted
+        return interrupted()
     return 0
 
 

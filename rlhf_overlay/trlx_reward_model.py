@@ -186,13 +186,11 @@ def load_train_eval(cfg: RewardModelConfig) -> tuple[list, list, dict]:
     if eval_file is not None:
         ev = load_pairs(eval_file, "eval")
         src = {"train": str(train_file), "eval": str(eval_file)}
-    else:
-        n_eval = max(1, int(round(len(train) * cfg.eval_fraction)))
-        if len(train) - n_eval < 1:
-            raise ConfigError(f"data (DATA)={train_file}: {len(train)} row(s) are too few to hold out an eval "
-                              f"share; give an eval file (--eval-data or DATA/eval.jsonl)")
-        train, ev = train[:-n_eval], train[-n_eval:]
-        src = {"train": str(train_file), "eval": f"{train_file} (last {n_eval} rows held out)"}
+    else:  # one file: a held-out share, the same rows for every run and rank (rlhf_overlay.preference_data)
+        from rlhf_overlay.preference_data import split_held_out
+
+        train, ev = split_held_out(train, cfg.eval_fraction, file=train_file)
+        src = {"train": str(train_file), "eval": f"{train_file} ({len(ev)} of its rows held out, not trained on)"}
     return train, ev, src
 
 
@@ -391,6 +389,21 @@ def _pair_dataset(pairs, tokenizer, cfg: RewardModelConfig):
     return PairDataset(), len(pairs) - len(keep)
 
 
+def warn_overlong(cfg: RewardModelConfig, tokenizer) -> None:
+    """Print one warning per data file whose prompt + answer + eos is longer than max_length (cut on the left)."""
+    from rlhf_overlay.preference_data import overlong_warning, preference_rows_with_lines
+
+    def texts(r):
+        return [(f"prompt + {k}", join_prompt_response(r["prompt"], r[k], cfg.separator)) for k in ("chosen", "rejected")]
+
+    for file in dict.fromkeys(f for f in resolve_data_files(cfg.data, cfg.eval_data) if f is not None):
+        w = overlong_warning(file, preference_rows_with_lines(file), texts,
+                             lambda ts: [len(ids) for ids in encode_texts(tokenizer, ts, 10 ** 9)], cfg.max_length,
+                             "left")
+        if w:
+            print(w, flush=True)
+
+
 def _collator(pad_id: int):
     def collate(items):
         c_ids, c_mask = pad_batch([it["chosen"] for it in items], pad_id)
@@ -460,6 +473,8 @@ def worker_main(run_dir: Path) -> int:
         n_train = max(1, int(cfg.unfrozen_fraction * len(layers)))
         for layer in layers[: len(layers) - n_train]:
             layer.requires_grad_(False)
+    if main_proc:
+        warn_overlong(cfg, tokenizer)   # once per file: which line, how many tokens are cut, from which side
     train_ds, dropped_train = _pair_dataset(train_pairs, tokenizer, cfg)
     eval_ds, dropped_eval = _pair_dataset(eval_pairs, tokenizer, cfg)
     if len(train_ds) == 0 or len(eval_ds) == 0:
@@ -657,7 +672,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     record_invocation(run_dir, [sys.executable, "-m", "rlhf_overlay.trlx_reward_model",
                                 *(argv if argv is not None else sys.argv[1:])], resolved)
     print(f"reward model ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {model_path}\n"
-          f"data: {len(train)} train / {len(ev)} eval pairs ({sources['train']})\n"
+          f"data: {len(train)} train / {len(ev)} eval pairs (train: {sources['train']}; eval: {sources['eval']})\n"
           f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
     cmd = trainer_command("rlhf_overlay.trlx_reward_model", ["--worker", str(run_dir)],
                           num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)

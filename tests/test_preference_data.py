@@ -183,8 +183,53 @@ def test_cli_validates_a_folder(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     assert "train.jsonl: 2 valid preference rows" in capsys.readouterr().out
     write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "p"}])
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path)]) == 2
     assert f"{tmp_path / 'eval.jsonl'}:1: missing field 'chosen'" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_folder_without_train_as_training_does(tmp_path, capsys):
+    """A folder with only eval.jsonl used to pass (`eval.jsonl: 100 valid rows`, exit 0); every training target
+    refuses it, so the validator does too."""
+    from rlhf_overlay.preference_data import main
+
+    write_jsonl(tmp_path / "eval.jsonl", ROWS)
+    before = sorted(tmp_path.iterdir())
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path}: folder has no train.jsonl or train.json — put the train rows there, or pass " \
+                  f"the data file itself\n"
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_single_file_is_split_into_train_and_a_held_out_share(tmp_path, capsys):
+    from rlhf_overlay.preference_data import held_out_indices, main, split_held_out
+
+    rows = [dict(ROWS[0], prompt=f"Human: question {i}? Assistant:") for i in range(50)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert main([str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"{f}: 50 valid preference rows: 45 train, 5 eval" in out
+    assert f"note: {f} is a single file: 5 of its 50 rows (10%) are held out for evaluation and not trained on" in out
+    train, ev = split_held_out(rows)
+    assert len(train) == 45 and len(ev) == 5 and not {r["prompt"] for r in train} & {r["prompt"] for r in ev}
+    assert held_out_indices(50) == held_out_indices(50) and held_out_indices(50) != [45, 46, 47, 48, 49]
+    with pytest.raises(PreferenceDataError, match="too few to hold out"):
+        split_held_out(rows[:1], file=f)
+
+
+def test_overlong_rows_are_one_warning_per_file_with_line_tokens_and_side(tmp_path):
+    from rlhf_overlay.preference_data import overlong_warning, preference_rows_with_lines
+
+    rows = [dict(ROWS[0]), dict(ROWS[1], chosen=" long" * 40), dict(ROWS[0], rejected=" x" * 20)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731  (a whitespace "tokenizer")
+    both = lambda r: [("prompt + chosen", r["prompt"] + r["chosen"]), ("prompt + rejected", r["prompt"] + r["rejected"])]  # noqa: E731
+    w = overlong_warning(f, preference_rows_with_lines(f), both, words, 20, "right")
+    n = len((ROWS[1]["prompt"] + " long" * 40).split())
+    assert w == (f"warning: {f}:2: prompt + chosen is longer than 20 tokens ({n - 20} of its {n} tokens dropped from "
+                 f"the right); 2 rows of this file are truncated to 20 tokens — raise the maximum length (max_seq_len "
+                 f"/ --max-length) or shorten these rows")
+    assert overlong_warning(f, preference_rows_with_lines(f), both, words, 1000, "left") is None
 
 
 def test_join_conversation_is_prompt_plus_answer():
