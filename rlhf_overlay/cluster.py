@@ -25,6 +25,7 @@ real cluster each node's name resolves to its address; here `run node-a` (and no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -168,7 +169,18 @@ def _pid(name: str) -> int | None:
 
 
 def _alive(pid: int | None) -> bool:
-    return pid is not None and Path(f"/proc/{pid}").exists()
+    """The process exists and is not a zombie (a holder started by this process is reaped here)."""
+    if pid is None:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _stop(pids: Sequence[int], grace: float = 3.0) -> None:
@@ -279,6 +291,19 @@ def up() -> None:
     except BaseException:
         down()
         raise
+
+
+@contextlib.contextmanager
+def running(replace_leftovers: bool = False):
+    """`with running():` the cluster is up inside the block and removed after it, also when the block raises.
+    `replace_leftovers`: remove a cluster left up (by `make cluster-up` or an interrupted run) first."""
+    if replace_leftovers and is_up():
+        down()
+    up()
+    try:
+        yield
+    finally:
+        down()
 
 
 def _up() -> None:
