@@ -1,6 +1,6 @@
 """Run megatron-core (the reference the Megatron-Core converter tests compare against) on CPU with gloo.
 
-megatron-core 0.16.1 builds, runs and saves a GPTModel on CPU once three CUDA assumptions are neutralised;
+megatron-core 0.16.1 builds, runs and saves a GPTModel on CPU once these CUDA assumptions are neutralised;
 `cpu_shims()` does exactly that and nothing else:
 
 - rotary embeddings move `inv_freq` to `torch.cuda.current_device()` on the first forward
@@ -8,7 +8,9 @@ megatron-core 0.16.1 builds, runs and saves a GPTModel on CPU once three CUDA as
 - attention forks the CUDA RNG tracker around its dropout (CUDA generator state we do not have)
   -> fork() is a no-op context; harmless because every test model has attention dropout 0;
 - the dist_checkpointing saver calls torch.cuda.synchronize() before writing
-  -> a no-op (there is no device work to wait for on CPU).
+  -> a no-op (there is no device work to wait for on CPU);
+- with tied embeddings and PP > 1, the model moves the last stage's copy of the embedding with `.cuda()` before
+  the all-reduce that makes it equal to the first stage's -> Tensor.cuda() returns the tensor itself.
 
 `dist_checkpointing.save` starts a saver subprocess that re-imports the main module, so a script using this
 must keep its work under `if __name__ == "__main__":` (pytest's entry point already does).
@@ -30,7 +32,8 @@ import torch
 @contextlib.contextmanager
 def cpu_shims():
     from megatron.core.tensor_parallel import random as mcore_random
-    saved = (torch.cuda.current_device, torch.cuda.synchronize, mcore_random.CudaRNGStatesTracker.fork)
+    saved = (torch.cuda.current_device, torch.cuda.synchronize, mcore_random.CudaRNGStatesTracker.fork,
+             torch.Tensor.cuda)
 
     @contextlib.contextmanager
     def no_fork(self, name=None):
@@ -39,10 +42,12 @@ def cpu_shims():
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mcore_random.CudaRNGStatesTracker.fork = no_fork
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     try:
         yield
     finally:
-        torch.cuda.current_device, torch.cuda.synchronize, mcore_random.CudaRNGStatesTracker.fork = saved
+        (torch.cuda.current_device, torch.cuda.synchronize, mcore_random.CudaRNGStatesTracker.fork,
+         torch.Tensor.cuda) = saved
 
 
 @dataclass(frozen=True)
