@@ -200,10 +200,11 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
     n_rows = validate_local_data(data, need_pairs=True)    # file:line of a bad row, before anything starts
     files = local_data_files(data)
     if files and files["train"] == files["eval"] and not cfg.dry_run:
-        print(f"[{KIND}] note: {data} has no separate eval file, so the evaluation uses training pairs; put "
-              f"train.jsonl and eval.jsonl in a folder for held-out accuracy", flush=True)
+        from rlhf_overlay.preference_data import held_out_note
+        print(f"[{KIND}] note: {held_out_note(files['train'], n_rows)}", flush=True)
     from rlhf_overlay import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
-    preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    checked = preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
     cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, model_dir, plan.data_cache,

@@ -217,8 +217,9 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
         data = data or str(tiny["prompts"])
     n_rows = validate_local_data(data, need_pairs=False)
     from rlhf_overlay import preflight   # upstream tree, ACTOR, CRITIC, DATA, OUTPUT: before anything is created
-    preflight.dschat(KIND, cfg, r, [("ACTOR", cfg.actor, (preflight.CAUSAL_LM,)),
-                                    ("CRITIC", cfg.critic, (preflight.DSCHAT_CRITIC,))])
+    checked = preflight.dschat(KIND, cfg, r, [("ACTOR", cfg.actor, (preflight.CAUSAL_LM,)),
+                                              ("CRITIC", cfg.critic, (preflight.DSCHAT_CRITIC,))])
+    actor, data = preflight.absolute(checked, "ACTOR", actor), preflight.absolute(checked, "DATA", data)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     run_dir = plan.run_dir
 

@@ -177,7 +177,8 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
         data = data or str(tiny["preference"])
     n_rows = validate_local_data(data, need_pairs=True)
     from rlhf_overlay import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
-    preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    checked = preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
     cmd = plan.launcher + ["main.py"] + main_py_args(

@@ -294,8 +294,8 @@ def split_held_out(rows: Sequence, share: float = EVAL_SHARE, file=None) -> tupl
 
 def held_out_note(file, n_rows: int, share: float = EVAL_SHARE) -> str:
     k = len(held_out_indices(n_rows, share)) if n_rows >= 2 else 0
-    return (f"{file} is a single file: {k} of its {n_rows} rows ({share:.0%}) are held out for evaluation and not "
-            f"trained on — put train.jsonl and eval.jsonl in a folder to choose them yourself")
+    return (f"{file} is the only data file (no eval file): {k} of its {n_rows} rows ({share:.0%}) are held out for "
+            f"evaluation and not trained on — put train.jsonl and eval.jsonl in a folder to choose them yourself")
 
 
 # ---------------------------------------------------------------------------------------------- over-long rows

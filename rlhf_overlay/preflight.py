@@ -491,3 +491,10 @@ def trlx(target: str, cfg, upstream: bool, models: list[tuple[str, str, tuple[st
                              f"— `make {target}` reads a local .json/.jsonl file or a folder with train.jsonl")
     say(*out.values())
     return out
+
+
+def absolute(checked: dict[str, Resolved], var: str, value: str) -> str:
+    """The checked local path of `var` as an absolute path (upstream steps run in their own folder, so a relative
+    MODEL/DATA would point elsewhere there), else `value` unchanged (a hub id, or not checked)."""
+    r = checked.get(var)
+    return str(r.local) if r is not None and r.local is not None else value

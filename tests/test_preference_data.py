@@ -209,7 +209,8 @@ def test_a_single_file_is_split_into_train_and_a_held_out_share(tmp_path, capsys
     assert main([str(f)]) == 0
     out = capsys.readouterr().out
     assert f"{f}: 50 valid preference rows: 45 train, 5 eval" in out
-    assert f"note: {f} is a single file: 5 of its 50 rows (10%) are held out for evaluation and not trained on" in out
+    assert f"note: {f} is the only data file (no eval file): 5 of its 50 rows (10%) are held out for evaluation " \
+           f"and not trained on" in out
     train, ev = split_held_out(rows)
     assert len(train) == 45 and len(ev) == 5 and not {r["prompt"] for r in train} & {r["prompt"] for r in ev}
     assert held_out_indices(50) == held_out_indices(50) and held_out_indices(50) != [45, 46, 47, 48, 49]

@@ -5,9 +5,10 @@
 """Local JSON/JSONL data for DeepSpeed-Chat.
 
 `--data_path` may be
-  - a folder holding train.jsonl/train.json and eval.jsonl/eval.json (eval optional: then the train file is
-    used for both, as DeepSpeed-Chat's split still applies per phase),
-  - one .json/.jsonl file (used for train and eval),
+  - a folder holding train.jsonl/train.json and eval.jsonl/eval.json (eval optional: then a held-out share of the
+    train file is the eval data),
+  - one .json/.jsonl file: a fixed share of its rows (rlhf_overlay.preference_data.held_out_indices) is held out
+    for evaluation and not trained on, and the run says so,
   - `local/jsonfile` (upstream's fixed <DeepSpeed-Chat>/data/{train,eval}.json, kept for compatibility).
 Rows: {"prompt", "chosen", "rejected"} (phases 1-3), or {"prompt"} plus optional other keys for a prompt-only
 file (phase 3 PPO prompts). JSON files hold a list of rows; JSONL one row per line.
@@ -73,17 +74,31 @@ def data_fingerprint(paths):
 
 
 def load_rows(path, split):
-    """Validated rows of one file: preference rows via rlhf_overlay.preference_data, or prompt-only rows."""
+    """Validated rows of one file as [(line, row)]: preference rows via rlhf_overlay.preference_data, or
+    prompt-only rows."""
     try:
-        from rlhf_overlay.preference_data import load_preference_rows, load_prompt_rows
+        from rlhf_overlay.preference_data import preference_rows_with_lines, prompt_rows_with_lines
     except ImportError as e:  # DeepSpeed-Chat used outside rlhf-overlay's environment
         raise LocalDataError(
             f"{path}: reading local data needs the rlhf_overlay package on PYTHONPATH "
             f"(run through `make rm-llama2`/`make ppo-llama2` or `pip install -e <rlhf-overlay>`): {e}"
         ) from e
     if _first_row_has_any(path, ("chosen", "choosen", "rejected")):
-        return load_preference_rows(path, split=split)
-    return load_prompt_rows(path, split=split)
+        return preference_rows_with_lines(path, split=split)
+    return prompt_rows_with_lines(path, split=split)
+
+
+def split_rows(files, local_rank):
+    """{split: [(line, row)]}: each file's rows; one file for both splits is split into train and a held-out
+    eval share (the same rows on every rank and every run), which rank 0 announces."""
+    if files["train"] != files["eval"]:
+        return {split: load_rows(path, split) for split, path in files.items()}
+    from rlhf_overlay.preference_data import held_out_note, split_held_out
+    rows = load_rows(files["train"], "train")
+    train, evaluation = split_held_out(rows, file=files["train"])
+    if local_rank <= 0:
+        print(f"note: {held_out_note(files['train'], len(rows))}", flush=True)
+    return {"train": train, "eval": evaluation}
 
 
 def _first_row_has_any(path, keys):
@@ -116,9 +131,10 @@ class LocalFileDataset(PromptRawDataset):
         # Unique per path *and* content, so split indices and tokenized caches never mix two data versions.
         self.dataset_name_clean = "localfile_" + data_fingerprint(
             files.values())
+        self.lines = split_rows(files, local_rank)  # {split: [(line, row)]}
         self.rows = {
-            split: load_rows(path, split)
-            for split, path in files.items()
+            split: [row for _, row in rows]
+            for split, rows in self.lines.items()
         }
         self.has_pairs = all("chosen" in r and "rejected" in r
                              for rows in self.rows.values() for r in rows)
@@ -137,6 +153,39 @@ class LocalFileDataset(PromptRawDataset):
                 f"{self.dataset_name}: phase {train_phase} needs rows with prompt, chosen and rejected; "
                 f"{', '.join(sorted(set(self.files.values())))} hold prompt-only rows (fit for PPO only)"
             )
+
+    def warn_overlong(self, tokenizer, max_seq_len, end_of_conversation_token,
+                      train_phase):
+        """One warning per file whose rows are longer than max_seq_len tokens as this phase tokenizes them:
+        phases 1-2 truncate prompt + answer + end-of-conversation token (on the tokenizer's truncation side),
+        phase 3 drops prompts longer than the maximum prompt length."""
+        from rlhf_overlay.preference_data import join_conversation, overlong_warning
+
+        def texts(row):
+            if train_phase == 3:
+                return [("prompt", row["prompt"])]
+            answers = ("chosen", ) if train_phase == 1 else ("chosen",
+                                                               "rejected")
+            return [(f"prompt + {k}",
+                     join_conversation(row["prompt"], row[k]) +
+                     end_of_conversation_token) for k in answers]
+
+        def count(batch):
+            return [
+                len(ids)
+                for ids in tokenizer(batch, verbose=False)["input_ids"]
+            ]
+
+        side = getattr(tokenizer, "truncation_side", "right")
+        by_file = {}  # one file for both splits: warn once for all of it
+        for split, path in self.files.items():
+            by_file.setdefault(path, []).extend(self.lines[split])
+        for path, rows in by_file.items():
+            w = overlong_warning(path, sorted(rows, key=lambda lr: lr[0]),
+                                 texts, count, max_seq_len, side,
+                                 "dropped" if train_phase == 3 else "truncated")
+            if w:
+                print(w, flush=True)
 
     def get_train_data(self):
         return self.raw_datasets["train"]
