@@ -233,7 +233,8 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
     else:
         run_dir = prepare_run_dir(kind, output=cfg.output or None, overwrite=cfg.overwrite)
     multi_node = bool(cfg.hostfile) and "--no_ssh_check" not in flags   # this machine alone runs locally
-    port = cfg.master_port or (29500 if multi_node else free_port())
+    from rlhf_overlay.hostfile import rendezvous_port
+    port = cfg.master_port or (rendezvous_port(cfg.hostfile) if multi_node else free_port())
     data_cache = f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache")
     return RunPlan(run_dir=run_dir, port=port, data_cache=data_cache,
                    launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port, flags), cwd=folder)

@@ -201,6 +201,17 @@ def deepspeed_launcher_flags(hostfile: str | os.PathLike) -> list[str]:
     return ["--master_addr", hosts[0].name]
 
 
+def rendezvous_port(hostfile: str | os.PathLike) -> int:
+    """The rank-0 rendezvous port for DeepSpeed's launcher on several nodes. Rank 0 runs on the first host: when
+    that is this machine (where the launch starts), a port free here (a fixed one may be taken by another job);
+    otherwise DeepSpeed's default, 29500, which must be free on the first host."""
+    if is_local(read_hostfile(hostfile)[0].name):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+    return DEFAULT_PORT
+
+
 # variables the ranks on the other nodes need that DeepSpeed's runner does not forward by itself (it forwards
 # PYTHON*, MLFLOW*, MV2*, UCX* and, on GPUs, NCCL*): caches, offline mode, threads, CPU accelerator, ours
 REMOTE_ENV_PREFIXES = ("RLHF_", "DEEPSPEED_", "HF_", "TRANSFORMERS_", "WANDB_", "NCCL_", "GLOO_", "TORCH_")

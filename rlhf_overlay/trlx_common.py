@@ -126,10 +126,10 @@ def trainer_command(module: str, args: Sequence[str], *, num_processes: int, dee
     a hostfile of this machine alone runs without ssh; remote hosts must be reachable)."""
     py = python or sys.executable
     if hostfile:
-        from rlhf_overlay.hostfile import deepspeed_launcher_flags
+        from rlhf_overlay.hostfile import deepspeed_launcher_flags, rendezvous_port
 
         flags = deepspeed_launcher_flags(hostfile)
-        port = str(free_port()) if "--no_ssh_check" in flags else "29500"  # this machine alone: any free port
+        port = str(free_port() if "--no_ssh_check" in flags else rendezvous_port(hostfile))
         # --no_local_rank: the worker reads LOCAL_RANK from the environment (its parser has no --local_rank)
         return [py, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(hostfile).resolve()),
                 "--master_port", port, *flags, "--no_local_rank", "--module", module, *args]
