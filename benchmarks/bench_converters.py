@@ -1,4 +1,5 @@
-"""Benchmark: Megatron -> HF and back on a synthetic >= 1 B-parameter LLaMA at TP=2, PP=2.
+"""Benchmark: Megatron -> HF and back on a synthetic >= 1 B-parameter LLaMA at TP=2, PP=2, and the same HF model
+through Megatron-Core's torch_dist format (HF -> torch_dist -> HF).
 
     flock /tmp/rlhf-heavy.lock .venv/bin/python benchmarks/bench_converters.py              # 1.1 B params, bf16
     .venv/bin/python benchmarks/bench_converters.py --layers 2 --hidden 1024 --ffn 2816      # a quick dry run
@@ -9,7 +10,8 @@ each direction in a child process and prints: wall time, bytes, the time to copy
 and a plain read/write loop), the child's peak anonymous memory (RssAnon from /proc/<pid>/status, sampled
 every 5 ms: mmap'd checkpoint pages are file-backed and reclaimable, so they are not counted), the same for a
 child that only imports the converter (interpreter + torch), and the largest layer plus the embeddings, which
-the conversion's own memory must stay within ~1.5x of. Finally it checks the round trip is bit-exact.
+the conversion's own memory must stay within ~1.5x of. Finally it checks the round trips are bit-exact
+(legacy rank files against the originals, the HF model after torch_dist against the HF model before).
 Everything lives in a temporary folder that is deleted afterwards (unless --keep).
 """
 from __future__ import annotations
@@ -166,6 +168,23 @@ def verify_round_trip(original: Path, converted: Path, a) -> int:
     return compared
 
 
+def verify_same_hf(left: Path, right: Path) -> int:
+    """Every tensor of two HF folders equal (safetensors, opened lazily, one tensor at a time)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    index = [json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+             for folder in (left, right)]
+    if index[0].keys() != index[1].keys():
+        raise SystemExit(f"HF tensor names differ: {sorted(index[0].keys() ^ index[1].keys())[:5]}")
+    for name in index[0]:
+        with safe_open(str(left / index[0][name]), "pt") as a, safe_open(str(right / index[1][name]), "pt") as b:
+            if not torch.equal(a.get_tensor(name), b.get_tensor(name)):
+                raise SystemExit(f"round trip through torch_dist differs: {name}")
+    return len(index[0])
+
+
 def flatten(tree, prefix=""):
     out = {}
     for key, value in tree.items():
@@ -199,8 +218,15 @@ def main(argv=None) -> int:
                                         "--target", str(work / "hf"), "--no-progress"])
         hf2mg = run_measured(convert + ["hf2mg", "--model", "llama2", "--source", str(work / "hf"),
                                         "--target", str(work / "megatron-again"), "--tp", str(a.tp), "--pp",
-                                        str(a.pp), "--no-progress"])
+                                        str(a.pp), "--format", "legacy", "--no-progress"])
         compared = verify_round_trip(work / "megatron", work / "megatron-again", a)
+        to_dist = run_measured(convert + ["hf2mg", "--model", "llama2", "--source", str(work / "hf"),
+                                          "--target", str(work / "megatron-dist"), "--tp", str(a.tp),
+                                          "--format", "torch_dist", "--no-progress"])
+        from_dist = run_measured(convert + ["mg2hf", "--model", "llama2", "--source", str(work / "megatron-dist"),
+                                            "--target", str(work / "hf-from-dist"), "--no-progress"])
+        compared_dist = verify_same_hf(work / "hf", work / "hf-from-dist")
+        dist_bytes = sum(f.stat().st_size for f in (work / "megatron-dist").rglob("*") if f.is_file())
 
         budget = 1.5 * (layer_bytes + embeddings_bytes)
         mb = 1e6
@@ -209,12 +235,16 @@ def main(argv=None) -> int:
         print(f"copy baseline ({source_bytes / 1e9:.2f} GB): shutil.copyfile {copyfile:.1f} s, "
               f"read/write loop {read_write:.1f} s")
         print(f"a child that only imports torch + the converter: {startup:.1f} s, RssAnon {floor / mb:.0f} MB")
-        for label, (wall, peak) in [("Megatron -> HF", mg2hf), ("HF -> Megatron", hf2mg)]:
+        print(f"torch_dist checkpoint: {dist_bytes / 1e9:.2f} GB")
+        for label, (wall, peak) in [("Megatron -> HF", mg2hf), ("HF -> Megatron", hf2mg),
+                                    ("HF -> Megatron-Core torch_dist", to_dist),
+                                    ("Megatron-Core torch_dist -> HF", from_dist)]:
             print(f"{label}: {wall:.1f} s, {wall - startup:.1f} s after start-up ({(wall - startup) / read_write:.2f}x "
                   f"read/write copy, {(wall - startup) / copyfile:.2f}x copyfile); "
                   f"peak RssAnon {peak / mb:.0f} MB, {(peak - floor) / mb:.0f} MB above the import floor "
                   f"({(peak - floor) / budget:.2f} of the budget)")
         print(f"round trip Megatron -> HF -> Megatron: {compared} tensors bit-identical")
+        print(f"round trip HF -> torch_dist -> HF: {compared_dist} tensors bit-identical")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
