@@ -158,9 +158,9 @@ convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(
 llama_model_name = $(if $(MODEL_NAME),--model-name "$$MODEL_NAME")
 
 .PHONY: convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg
-convert-llama2-mg2hf: ## Megatron -> HF LLaMA2 (SOURCE, TARGET, MODEL_NAME, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+convert-llama2-mg2hf: ## Megatron -> HF, LLaMA family; legacy, Megatron-Core or torch_dist, detected (SOURCE, TARGET, MODEL_NAME, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
 	$(convert_py) mg2hf --model llama2 $(llama_model_name) $(convert_common)
-convert-llama2-hf2mg: ## HF -> Megatron LLaMA2 at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+convert-llama2-hf2mg: ## HF -> Megatron-Core torch_dist; CONVERT_FLAGS="--format torch|legacy": TP x PP rank files (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
 	$(convert_py) hf2mg --model llama2 --tp "$$TP" --pp "$$PP" $(llama_model_name) $(convert_common)
 convert-bloom-mg2hf: ## Megatron -> HF BLOOM (SOURCE, TARGET, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
 	$(convert_py) mg2hf --model bloom $(convert_common)
