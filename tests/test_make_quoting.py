@@ -1,0 +1,193 @@
+"""The Makefile passes user values to programs as single arguments, never through the shell's parser, and refuses
+values make itself would expand. Every variable of every target gets a hostile value (`;`, backticks, quotes,
+spaces, a newline, `$(...)`): nothing may run (a canary file never appears) and the value either reaches the program
+intact or is refused with a message.
+
+Programs are replaced by a stub interpreter (PYTHON=<stub>) that records its argv, so this runs in seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_overlay import PROJECT_ROOT
+
+MAKEFILE = (PROJECT_ROOT / "Makefile").read_text()
+TARGETS = re.findall(r"^([a-zA-Z0-9_-]+):.*?## ", MAKEFILE, flags=re.M)
+SETTABLE = sorted(set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*\?=", MAKEFILE, flags=re.M)) | {"RM"})
+USER_VARS = re.search(r"^USER_VARS := (.*?)\n(?!\s)", MAKEFILE, flags=re.M | re.S).group(1).replace("\\\n", " ").split()
+
+STUB = """#!{python}
+import json, os, sys
+sys.path.insert(0, {root!r})
+if sys.argv[1:3] == ["-m", "rlhf_overlay.make_args"]:      # the list-splitting helper: run it for real
+    from rlhf_overlay import make_args
+    sys.exit(make_args.main(sys.argv[3:]))
+with open(os.environ["ARGV_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def hostile(name: str, canary: Path) -> str:
+    """A value with everything a shell would act on, except `$` (make refuses that one; tested separately)."""
+    return (f"{name.lower()};touch {canary} `touch {canary}` \"dq {name}\" 'sq' two  words\n"
+            f"line2 && touch {canary} | cat > {canary}")
+
+
+@pytest.fixture()
+def stub(tmp_path):
+    folder = tmp_path / "py dir;`x`"          # the interpreter's own path has a space, a ; and backticks
+    folder.mkdir()
+    py = folder / "python"
+    py.write_text(STUB.format(python=sys.executable, root=str(PROJECT_ROOT)))
+    py.chmod(0o755)
+    return py
+
+
+def run_make(args, env, timeout=120):
+    return subprocess.run(["make", "-s", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SETTABLE and k != "MAKEFLAGS"}
+    env.update(extra)
+    return env
+
+
+def test_every_settable_variable_is_guarded_and_exported():
+    assert set(SETTABLE) <= set(USER_VARS), set(SETTABLE) - set(USER_VARS)
+    for target in TARGETS:   # no recipe pastes a user value into the command text (`"$$VAR"`, not `$(VAR)`)
+        recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)*)", MAKEFILE, flags=re.M).group(1)
+        pasted = [v for v in USER_VARS if re.search(rf"\$[({{]{v}[)}}]", recipe)
+                  and not re.search(rf"\$\(if \$\({v}\),", recipe) and not re.search(rf"\$\(filter 1,\$\({v}\)", recipe)]
+        assert not pasted, f"{target} pastes {pasted} into its recipe"
+
+
+@pytest.mark.parametrize("how", ["command line", "environment"])
+def test_a_value_make_would_expand_is_refused_before_anything_runs(tmp_path, how):
+    canary = tmp_path / "canary"
+    for var in USER_VARS:
+        value = f"$(shell touch {canary})`touch {canary}`$(touch {canary})"
+        args, env = ["help"], clean_env()
+        if how == "command line":
+            args.append(f"{var}={value}")
+        else:
+            env[var] = value
+        res = run_make(args, env)
+        assert res.returncode == 2, (var, res.stdout, res.stderr)
+        assert f"{var}=$(shell touch {canary})" in res.stderr and "contains '$'" in res.stderr, res.stderr
+        assert "give the value without '$'" in res.stderr and res.stdout == ""
+        assert not canary.exists(), var
+
+
+def test_the_issue_cases(tmp_path, stub):
+    """`make rm-bloom DATA='$(x)'` trained on the embedded data with exit 0; `RUN='runs/a; touch pwned'` ran the
+    touch; SOURCE='`touch pwned`' ran it and converted the current folder."""
+    log = tmp_path / "argv.log"
+    env = clean_env(PYTHON=str(stub), ARGV_LOG=str(log))
+    res = run_make(["rm-bloom", "DATA=$(x)"], env)
+    assert res.returncode == 2 and "DATA=$(x) contains '$'" in res.stderr and not log.exists()
+    res = run_make(["report", f"RUN=runs/a; touch {tmp_path / 'pwned'}"], env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(log.read_text()) == ["-m", "rlhf_overlay.report", "runs/a;", "touch", str(tmp_path / "pwned")]
+    log.unlink()
+    res = run_make(["convert-llama2-mg2hf", f"SOURCE=`touch {tmp_path / 'pwned'}`", "TARGET=out"], env)
+    assert res.returncode == 0, res.stderr
+    argv = json.loads(log.read_text())
+    assert argv[argv.index("--source") + 1] == f"`touch {tmp_path / 'pwned'}`"
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_make_n_never_shows_a_user_value_in_a_command(tmp_path):
+    """For every target, with every variable hostile, the commands make would run hold no user value: values
+    reach programs only through the environment."""
+    canary = tmp_path / "canary"
+    values = {v: hostile(v, canary) for v in USER_VARS if v not in ("PYTHON", "VENV")}
+    args = [f"{k}={v}" for k, v in values.items()]
+    for target in TARGETS:
+        res = run_make(["-n", target, *args], clean_env())
+        assert res.returncode == 0, (target, res.stderr)
+        for v in values.values():
+            assert v.splitlines()[0] not in res.stdout, target
+    assert not canary.exists()
+
+
+# what each target passes: (make variable, flag before it); None = the value is split into several arguments
+COMMON = [("DATA", "--data"), ("OUTPUT", "--output"), ("ZERO_STAGE", "--zero-stage"), ("HOSTFILE", "--hostfile")]
+PASSES = {
+    "rm-llama2": [("MODEL", "--model"), *COMMON, ("NUM_GPUS", "--num-gpus"), ("LORA_DIM", "--lora-dim")],
+    "dpo-llama2": [("MODEL", "--model"), *COMMON, ("NUM_GPUS", "--num-gpus"), ("LORA_DIM", "--lora-dim")],
+    "ppo-llama2": [("ACTOR", "--actor"), ("CRITIC", "--critic"), *COMMON, ("NUM_GPUS", "--num-gpus"),
+                   ("LORA_DIM", "--lora-dim")],
+    "rm-bloom": [("MODEL", "--model"), *COMMON, ("NUM_GPUS", "--num-processes")],
+    "rm-gptj": [("MODEL", "--model"), *COMMON, ("NUM_GPUS", "--num-processes")],
+    "ppo-bloom": [("MODEL", "--model"), ("RM", "--rm"), *COMMON, ("NUM_GPUS", "--num-processes")],
+    "ppo-gptj": [("MODEL", "--model"), ("RM", "--rm"), *COMMON, ("NUM_GPUS", "--num-processes")],
+    "ppo-smoke-test": [("MODEL", "--model"), ("RM", "--rm"), ("REWARD", "--reward"), *COMMON,
+                       ("NUM_GPUS", "--num-processes")],
+    "eval-rm": [("RM", "--rm"), ("DATA", "--data"), ("OUTPUT", "--output")],
+    "chat": [("MODEL", "--model"), ("PROMPT", "--prompt")],
+    "ppo-join": [("RUN", "--join"), ("MACHINE_RANK", "--machine-rank")],
+    "accelerate-config": [("HOSTFILE", "--hostfile"), ("BASE", "--base"), ("OUT", "--out")],
+    "report": [("RUN", None)],
+    "convert-llama2-mg2hf": [("SOURCE", "--source"), ("TARGET", "--target"), ("MODEL_NAME", "--model-name"),
+                             ("EXTRA_VOCAB_SIZE", "--extra-vocab-size"), ("CONVERT_FLAGS", None)],
+    "convert-llama2-hf2mg": [("SOURCE", "--source"), ("TARGET", "--target"), ("TP", "--tp"), ("PP", "--pp"),
+                             ("MODEL_NAME", "--model-name"), ("EXTRA_VOCAB_SIZE", "--extra-vocab-size"),
+                             ("CONVERT_FLAGS", None)],
+    "convert-bloom-mg2hf": [("SOURCE", "--source"), ("TARGET", "--target"), ("EXTRA_VOCAB_SIZE", "--extra-vocab-size"),
+                            ("CONVERT_FLAGS", None)],
+    "convert-bloom-hf2mg": [("SOURCE", "--source"), ("TARGET", "--target"), ("TP", "--tp"), ("PP", "--pp"),
+                            ("EXTRA_VOCAB_SIZE", "--extra-vocab-size"), ("CONVERT_FLAGS", None)],
+    "verify": [], "lock": [], "assets": [],
+}
+
+
+@pytest.mark.parametrize("target", sorted(PASSES))
+def test_hostile_values_reach_the_program_intact(tmp_path, stub, target):
+    canary = tmp_path / "canary"
+    log = tmp_path / "argv.log"
+    values = {v: hostile(v, canary) for v in USER_VARS if v not in ("PYTHON", "VENV", "OVERWRITE", "ALLOW_ARCH",
+                                                                     "RANK_REPORT", "FORCE")}
+    if target == "ppo-llama2":
+        values.pop("MODEL")   # ppo-llama2 refuses MODEL (it takes ACTOR and CRITIC): tested below
+    env = clean_env(PYTHON=str(stub), ARGV_LOG=str(log))
+    res = run_make([target, *(f"{k}={v}" for k, v in values.items())], env)
+    assert res.returncode == 0, res.stderr
+    assert not canary.exists()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 1, calls
+    argv = calls[0]
+    for var, flag in PASSES[target]:
+        if flag is None:
+            assert argv[-len(shlex.split(values[var])):] == shlex.split(values[var]), (var, argv)
+        else:
+            assert flag in argv and argv[argv.index(flag) + 1] == values[var], (var, argv)
+
+
+def test_ppo_llama2_refuses_model_with_a_message(tmp_path, stub):
+    log = tmp_path / "argv.log"
+    res = run_make(["ppo-llama2", "MODEL=a;b `c`"], clean_env(PYTHON=str(stub), ARGV_LOG=str(log)))
+    assert res.returncode == 2 and "not MODEL=a;b `c`" in res.stderr and not log.exists()
+
+
+def test_list_variables_split_like_shell_words_without_expansion(tmp_path, stub):
+    from rlhf_overlay.make_args import split_list
+
+    assert split_list("RUN", '"runs/my run" runs/b') == ["runs/my run", "runs/b"]
+    assert split_list("RUN", "runs/a;rm -rf x `y` $(z)") == ["runs/a;rm", "-rf", "x", "`y`", "$(z)"]
+    (tmp_path / "my run").mkdir()
+    assert split_list("RUN", str(tmp_path / "my run")) == [str(tmp_path / "my run")]   # an existing path stays one
+    assert split_list("RUN", "  ") == []
+    log = tmp_path / "argv.log"
+    res = run_make(["report", "RUN=runs/a 'unclosed"], clean_env(PYTHON=str(stub), ARGV_LOG=str(log)))
+    assert res.returncode != 0 and "error: RUN=\"runs/a 'unclosed\": No closing quotation — close the quote" in res.stderr
+    assert not log.exists()
