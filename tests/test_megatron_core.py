@@ -299,3 +299,23 @@ def test_refusals_and_the_legacy_gqa_warning(llama_hf, tmp_path, capsys):
         assert convert("hf2mg", "--model", "llama2", "--source", llama_hf, "--target", tmp_path / f"legacy-{tp}",
                        "--tp", tp, "--format", "legacy") == 0
         assert ("NVIDIA/Megatron-LM#875" in capsys.readouterr().err) == warned
+
+
+def test_virtual_pipeline_rank_files_read_the_same(llama_hf, tmp_path):
+    """Megatron-Core rank files of an interleaved pipeline (PP=2, 2 chunks): `model0`/`model1` per rank, layers
+    numbered from 0 in each chunk; chunk c of stage p holds layer c * L/2 + p * L/4 (here one layer per chunk)."""
+    assert convert("hf2mg", "--model", "llama2", "--source", llama_hf, "--target", tmp_path / "mg", "--pp", 4,
+                   "--format", "torch", "--layer-spec", "local") == 0
+    stages = [torch.load(tmp_path / f"mg/release/mp_rank_00_{p:03d}/model_optim_rng.pt", weights_only=False)
+              for p in range(4)]  # one layer per stage: stage s holds global layer s
+    for p in range(2):
+        state = dict(stages[p], model0=stages[p]["model"], model1=stages[p + 2]["model"])
+        del state["model"]
+        state["args"].pipeline_model_parallel_size, state["args"].virtual_pipeline_model_parallel_size = 2, 2
+        folder = tmp_path / f"vp/release/mp_rank_00_{p:03d}"
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "model_optim_rng.pt")
+    (tmp_path / "vp/latest_checkpointed_iteration.txt").write_text("release")
+    assert convert("mg2hf", "--model", "llama2", "--source", tmp_path / "vp", "--target", tmp_path / "hf") == 0
+    original, back = hf_tensors(llama_hf), hf_tensors(tmp_path / "hf")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
