@@ -12,14 +12,18 @@ all three tiny tokenizers, so both answers have the same number of tokens: lengt
 say everything. In frames with three slots the chosen answer may carry one NEGATIVE word (and the rejected one
 POSITIVE word), so "contains a positive word" is not enough — a model has to weigh the words.
 
-`rule_reward(texts)` scores any text by the same signal; it is the reward of the PPO smoke test. Nothing here
-imports torch or transformers, so it is cheap to import from tests and reward functions.
+`rule_reward(texts)` scores any text by the same signal; it is the reward of the PPO smoke test. `fluency(texts)`
+measures whether answers are still the language: the share of their words that belong to it, and the share of
+answers that are empty or repeat one token / n-gram (a collapsed policy). Nothing here imports torch or
+transformers, so it is cheap to import from tests and reward functions.
 
     python -c "from rlhf_overlay.synthetic import *; print(preference_rows(2, seed=0))"
     python -c "from rlhf_overlay.synthetic import rule_reward; print(rule_reward([' the garden is lovely.']))"
+    python -c "from rlhf_overlay.synthetic import fluency; print(fluency([' the garden is lovely.', 'good good good']))"
 """
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -179,3 +183,70 @@ def rule_reward(texts: list[str]) -> list[float]:
         neg = sum(w in NEGATIVE_SET for w in words)
         scores.append(0.5 + 0.5 * (pos - neg) / max(len(words), MIN_WORDS))
     return scores
+
+
+# ---------------------------------------------------------------------------------------------- fluency
+# What may surround a word: the language's punctuation. Anything else attached to a word (byte-level fragments
+# such as "can\ufffd", "do~") makes the chunk a non-word.
+PUNCTUATION = ".,?!:;"
+# An answer is degenerate when it is empty or when one n-gram (n <= REPEAT_MAX_N words) follows itself
+# REPEAT_MIN_TIMES times in a row ("good good good", "so calm so calm so calm"): the language never does that.
+REPEAT_MAX_N = 4
+REPEAT_MIN_TIMES = 3
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset:
+    """Every word of the synthetic language, lower case."""
+    return frozenset(w.lower() for w in all_words())
+
+
+def answer_words(text: str) -> list[str]:
+    """Whitespace-separated chunks of `text`, lower case, language punctuation stripped from both ends; chunks
+    that are only punctuation are dropped (they are not words, and not wrong either)."""
+    words = []
+    for chunk in text.split():
+        w = chunk.strip(PUNCTUATION).lower()
+        if w:
+            words.append(w)
+    return words
+
+
+def is_degenerate(words: list[str]) -> bool:
+    """Empty, or one n-gram (n <= REPEAT_MAX_N) repeated REPEAT_MIN_TIMES times in a row."""
+    if not words:
+        return True
+    for n in range(1, REPEAT_MAX_N + 1):
+        span = n * REPEAT_MIN_TIMES
+        for i in range(len(words) - span + 1):
+            gram = words[i:i + n]
+            if all(words[i + k * n:i + (k + 1) * n] == gram for k in range(1, REPEAT_MIN_TIMES)):
+                return True
+    return False
+
+
+def answer_fluency(text: str) -> float:
+    """One answer: 0 if degenerate, else the share of its words that belong to the synthetic language."""
+    words = answer_words(text)
+    if is_degenerate(words):
+        return 0.0
+    vocab = vocabulary()
+    return sum(w in vocab for w in words) / len(words)
+
+
+def fluency(texts: list[str]) -> dict:
+    """Fluency of a batch of answers: {"fluency": mean answer_fluency (1.0 = every answer is words of the
+    language and none degenerate), "in_language": share of all words that belong to the language,
+    "degenerate": share of answers empty or repeating one token/n-gram, "answers": count}."""
+    vocab = vocabulary()
+    scores, n_words, n_known, n_degenerate = [], 0, 0, 0
+    for text in texts:
+        words = answer_words(text)
+        n_words += len(words)
+        n_known += sum(w in vocab for w in words)
+        n_degenerate += is_degenerate(words)
+        scores.append(answer_fluency(text))
+    n = len(texts)
+    return {"fluency": sum(scores) / n if n else float("nan"),
+            "in_language": n_known / n_words if n_words else 0.0,
+            "degenerate": n_degenerate / n if n else float("nan"), "answers": n}

@@ -14,11 +14,19 @@ Layout (a contract: other modules use these exact names):
     models/tiny-gptj/       GPTJForCausalLM; GPT-2 style byte-level BPE (<|endoftext|> = bos = eos = pad)
     data/preference/        train.jsonl, eval.jsonl: {"prompt", "chosen", "rejected"} (docs/data_formats.md)
     data/prompts/           train.jsonl, eval.jsonl: {"prompt", "reference"} for PPO
-    BUILD_INFO.json         per part: a hash of the settings that made it, and the sha256 of every file
+    BUILD_INFO.json         per part: a hash of the settings that made it, the sha256 of every file, and for each
+                            model how it was trained (PRETRAIN) and its held-out loss
 
-Random init and tokenizer training are seeded (SentencePiece single-threaded; the byte-level BPE trainer gives
-the same merges with or without TOKENIZERS_PARALLELISM), and nothing written records a path or a time, so two
-builds give byte-identical files (tested). A second call checks the stamp and the file hashes (~50 ms, imports
+Each tiny model is pre-trained (PRETRAIN: ~300 AdamW steps, ~15 s per model on one core) as a language model on
+synthetic conversations, prompt + chosen and prompt + rejected answers alike, each ending in EOS: it answers a
+prompt in the synthetic language, stops, and is neutral between POSITIVE and NEGATIVE words (it saw both
+equally) — a stand-in for an SFT model. `--random-init` (ensure_tiny_assets(random_init=True)) builds the
+untrained models instead (same tokenizers and data), e.g. into a separate --out folder.
+
+Random init, pre-training and tokenizer training are seeded (SentencePiece single-threaded; the byte-level BPE
+trainer gives the same merges with or without TOKENIZERS_PARALLELISM; pre-training runs on one thread with
+torch.use_deterministic_algorithms), and nothing written records a path or a time, so two builds on one machine
+give byte-identical files (tested). A second call checks the stamp and the file hashes (~50 ms, imports
 neither torch nor transformers) and rewrites nothing. A part is rebuilt when it is
 missing, incomplete, or made by other settings/library versions; the new part is built in a temporary folder
 beside the old one and swapped in by rename. A file you edited (its hash no longer matches the stamp) is kept,
@@ -46,7 +54,8 @@ from rlhf_overlay.errors import UserError
 
 # Bump when a builder below changes what it writes: the stamp only knows settings and versions, so without a
 # bump existing assets/ folders keep the old output. 2: LLaMA tokenizer legacy=True, add_prefix_space=True.
-BUILDER_VERSION = 2
+# 3: models pre-trained on the synthetic conversations (PRETRAIN) unless random_init.
+BUILDER_VERSION = 3
 SEED = 1234
 STAMP_FILE = "BUILD_INFO.json"
 LOCK_FILE = ".build.lock"
@@ -63,6 +72,13 @@ LLAMA_SP_VOCAB = 768
 # Byte-level BPE stops by itself once every word is one token (~650); this is only an upper bound.
 BPE_MAX_VOCAB = 2048
 DATA_SIZES = {"preference": {"train": 4000, "eval": 400}, "prompts": {"train": 2000, "eval": 200}}
+# Language-model pre-training of every tiny model (the stand-in for SFT): conversations from
+# synthetic.preference_rows(rows, seed) as prompt + chosen and prompt + rejected (+ EOS), loss on every token;
+# held-out loss on eval_rows conversations of another seed. ~0.7-0.85 nats/token at the end (the language's own
+# entropy: topic, frame and sentiment words are drawn at random), from ~6.5 at random init.
+PRETRAIN = dict(rows=6000, eval_rows=200, seed=SEED + 20, steps=300, batch_size=64, lr=3e-3, warmup=0.1,
+                schedule="one-cycle (linear warm-up, cosine down)", optimizer="AdamW, no weight decay",
+                grad_clip=1.0, threads=1, data="synthetic.preference_rows: prompt + chosen, prompt + rejected, + EOS")
 
 MODEL_LIBS = ("torch", "transformers", "tokenizers", "sentencepiece", "safetensors")
 
@@ -135,17 +151,97 @@ def word_token_count(tokenizer, word: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _save_model(model_cls, config, dest: Path) -> int:
-    """Random-init `model_cls(config)` with a fixed seed (without disturbing the caller's RNG), save it as
-    safetensors, return its parameter count."""
+def _save_model(model_cls, config, dest: Path, pretrain: dict | None) -> dict:
+    """Random-init `model_cls(config)` with a fixed seed (without disturbing the caller's RNG), pre-train it as
+    `pretrain` says (None = keep the random init), save it as safetensors; returns info for the stamp."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = model_cls(config)
+        info = {"params": sum(p.numel() for p in model.parameters())}
+        if pretrain is None:
+            info["init"] = "random"
+        else:
+            from transformers import AutoTokenizer
+
+            info["init"] = "pretrained"
+            info["pretrain"] = pretrain_lm(model, AutoTokenizer.from_pretrained(dest), pretrain)
     model.eval()
     model.save_pretrained(dest, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return info
+
+
+def _lm_batch(tokenizer, texts: list[str]):
+    """Right-padded input_ids/attention_mask/labels; every text ends in EOS, which is learnt (not masked), also
+    where EOS = pad (GPT-J): the labels follow the attention mask, not the pad id."""
+    import torch
+
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    x = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, row in enumerate(ids):
+        x[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return x, mask, x.masked_fill(mask == 0, -100)
+
+
+def conversations(n_rows: int, seed: int) -> list[str]:
+    """prompt + chosen and prompt + rejected of `n_rows` synthetic pairs: both polarities equally often."""
+    return [r["prompt"] + r[k] for r in synthetic.preference_rows(n_rows, seed=seed) for k in ("chosen", "rejected")]
+
+
+def pretrain_lm(model, tokenizer, cfg: dict) -> dict:
+    """Train `model` in place as a language model on synthetic conversations; deterministic (one thread,
+    deterministic algorithms, seeded order). Returns what BUILD_INFO.json records: the settings, the last
+    training losses and the held-out loss (nats per token)."""
+    import math
+    import random
+
+    import torch
+
+    train = conversations(cfg["rows"], cfg["seed"])
+    held_out = conversations(cfg["eval_rows"], cfg["seed"] + 1)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg["threads"])
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(cfg["seed"])
+        rng = random.Random(cfg["seed"])
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        warm = max(1, int(cfg["steps"] * cfg["warmup"]))
+
+        def lr_factor(step):
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg["steps"] - warm)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        model.train()
+        losses = []
+        for _ in range(cfg["steps"]):
+            x, mask, labels = _lm_batch(tokenizer, rng.sample(train, cfg["batch_size"]))
+            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            total, tokens = 0.0, 0
+            for i in range(0, len(held_out), 100):
+                x, mask, labels = _lm_batch(tokenizer, held_out[i:i + 100])
+                n = int((labels[:, 1:] != -100).sum())
+                total += model(input_ids=x, attention_mask=mask, labels=labels).loss.item() * n
+                tokens += n
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    tail = losses[-20:]
+    return {"settings": cfg, "train_loss_first": round(losses[0], 4), "train_loss_last20": round(sum(tail) / len(tail), 4),
+            "heldout_loss": round(total / tokens, 4), "heldout_conversations": len(held_out)}
 
 
 def _check_tokenizer(dest: Path, name: str) -> int:
@@ -164,7 +260,7 @@ def _check_tokenizer(dest: Path, name: str) -> int:
     return len(tok)
 
 
-def build_tiny_llama(dest: Path) -> dict:
+def build_tiny_llama(dest: Path, pretrain: dict | None = PRETRAIN) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast
 
     # The slow tokenizer reads tokenizer.model (DeepSpeed-Chat uses LlamaTokenizer); the fast one is converted
@@ -185,11 +281,11 @@ def build_tiny_llama(dest: Path) -> dict:
     slow = LlamaTokenizer.from_pretrained(dest)  # must load: DeepSpeed-Chat's path
     config = LlamaConfig(vocab_size=len(slow), bos_token_id=slow.bos_token_id, eos_token_id=slow.eos_token_id,
                          pad_token_id=None, tie_word_embeddings=False, torch_dtype="float32", **LLAMA)
-    params = _save_model(LlamaForCausalLM, config, dest)
-    return {"params": params, "vocab_size": _check_tokenizer(dest, "tiny-llama")}
+    info = _save_model(LlamaForCausalLM, config, dest, pretrain)
+    return {**info, "vocab_size": _check_tokenizer(dest, "tiny-llama")}
 
 
-def build_tiny_bloom(dest: Path) -> dict:
+def build_tiny_bloom(dest: Path, pretrain: dict | None = PRETRAIN) -> dict:
     from transformers import BloomConfig, BloomForCausalLM, BloomTokenizerFast
 
     # BLOOM's special tokens and ids: <unk>=0 <s>=1 </s>=2 <pad>=3; no bos/eos added to encoded text (as BLOOM).
@@ -200,11 +296,11 @@ def build_tiny_bloom(dest: Path) -> dict:
     config = BloomConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, unk_token_id=tok.unk_token_id, torch_dtype="float32",
                          **BLOOM)
-    params = _save_model(BloomForCausalLM, config, dest)
-    return {"params": params, "vocab_size": _check_tokenizer(dest, "tiny-bloom")}
+    info = _save_model(BloomForCausalLM, config, dest, pretrain)
+    return {**info, "vocab_size": _check_tokenizer(dest, "tiny-bloom")}
 
 
-def build_tiny_gptj(dest: Path) -> dict:
+def build_tiny_gptj(dest: Path, pretrain: dict | None = PRETRAIN) -> dict:
     from transformers import GPT2TokenizerFast, GPTJConfig, GPTJForCausalLM
 
     eot = "<|endoftext|>"
@@ -221,8 +317,8 @@ def build_tiny_gptj(dest: Path) -> dict:
     shutil.rmtree(vocab_dir)
     config = GPTJConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype="float32", **GPTJ)
-    params = _save_model(GPTJForCausalLM, config, dest)
-    return {"params": params, "vocab_size": _check_tokenizer(dest, "tiny-gptj")}
+    info = _save_model(GPTJForCausalLM, config, dest, pretrain)
+    return {**info, "vocab_size": _check_tokenizer(dest, "tiny-gptj")}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -252,16 +348,18 @@ def build_prompts(dest: Path) -> dict:
     return {"rows": {"train": len(train), "eval": len(evaluation)}}
 
 
-def parts() -> list[Part]:
+def parts(random_init: bool = False) -> list[Part]:
     lang = _language_fingerprint()
     tok_common = {"language": lang, "seed": SEED, "corpus": "synthetic.tokenizer_corpus"}
+    pretrain = None if random_init else PRETRAIN
+    train = {"pretrain": pretrain}
     return [
-        Part("models/tiny-llama", {"model": LLAMA, "tokenizer": {"sentencepiece_bpe": LLAMA_SP_VOCAB, **tok_common}},
-             MODEL_LIBS, build_tiny_llama),
-        Part("models/tiny-bloom", {"model": BLOOM, "tokenizer": {"byte_bpe_max": BPE_MAX_VOCAB, **tok_common}},
-             MODEL_LIBS, build_tiny_bloom),
-        Part("models/tiny-gptj", {"model": GPTJ, "tokenizer": {"byte_bpe_max": BPE_MAX_VOCAB, **tok_common}},
-             MODEL_LIBS, build_tiny_gptj),
+        Part("models/tiny-llama", {"model": LLAMA, "tokenizer": {"sentencepiece_bpe": LLAMA_SP_VOCAB, **tok_common},
+                                   **train}, MODEL_LIBS, functools.partial(build_tiny_llama, pretrain=pretrain)),
+        Part("models/tiny-bloom", {"model": BLOOM, "tokenizer": {"byte_bpe_max": BPE_MAX_VOCAB, **tok_common},
+                                   **train}, MODEL_LIBS, functools.partial(build_tiny_bloom, pretrain=pretrain)),
+        Part("models/tiny-gptj", {"model": GPTJ, "tokenizer": {"byte_bpe_max": BPE_MAX_VOCAB, **tok_common},
+                                  **train}, MODEL_LIBS, functools.partial(build_tiny_gptj, pretrain=pretrain)),
         Part("data/preference", {"sizes": DATA_SIZES["preference"], "language": lang, "seed": SEED}, (),
              build_preference),
         Part("data/prompts", {"sizes": DATA_SIZES["prompts"], "language": lang, "seed": SEED}, (), build_prompts),
@@ -335,7 +433,10 @@ def _locked(root: Path):
         yield e
         return
     with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        from rlhf_overlay.waits import acquire_flock  # a live builder is waited for (named, RLHF_LOCK_TIMEOUT)
+
+        acquire_flock(f, f"the tiny-asset build lock {root / LOCK_FILE}",
+                      "Another process is building the tiny assets; this run goes on when it is done.")
         try:
             yield None
         finally:
@@ -406,9 +507,10 @@ def _remove_leftovers(root: Path) -> None:
 
 
 def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = False,
-                       log: Callable[[str], None] | None = None) -> Path:
+                       log: Callable[[str], None] | None = None, random_init: bool = False) -> Path:
     """Make sure the tiny assets exist and are current in `out_dir` (default: $RLHF_OVERLAY_ASSETS or
     <repo>/assets); build only what is missing or outdated. Returns the folder (absolute).
+    random_init=True: the models are left untrained (their stamp differs, so switching rebuilds them).
     Raises AssetsError when a rebuild would overwrite a file you edited (pass force=True to allow it)."""
     from rlhf_overlay.paths import assets_dir
 
@@ -422,7 +524,8 @@ def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = F
     with _locked(root) as read_only:
         stamp = _read_stamp(root)
         todo = []
-        for part in parts():
+        all_parts = parts(random_init)
+        for part in all_parts:
             entry = stamp["parts"].get(part.name)
             reason, edited = _part_state(root, part, entry, force)
             if reason:
@@ -443,7 +546,7 @@ def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = F
             say(f"building {part.name} ({reason}) in {root}")
             stamp["parts"][part.name] = _build_part(root, part, entry, force)
             # Stamp after every part: an interrupted build keeps what it finished.
-            stamp["parts"] = {k: v for k, v in stamp["parts"].items() if k in {p.name for p in parts()}}
+            stamp["parts"] = {k: v for k, v in stamp["parts"].items() if k in {p.name for p in all_parts}}
             _write_stamp(root, stamp)
             say(f"built {part.name} in {time.perf_counter() - t0:.1f}s")
     return root
@@ -457,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="assets folder (default: $RLHF_OVERLAY_ASSETS or <repo>/assets)")
     p.add_argument("--force", action="store_true",
                    help="rebuild every part, overwriting files you edited in it")
+    p.add_argument("--random-init", action="store_true",
+                   help="leave the models untrained (random init) instead of pre-training them; best with --out")
     return p
 
 
@@ -467,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     try:
-        root = ensure_tiny_assets(args.out, force=args.force)
+        root = ensure_tiny_assets(args.out, force=args.force, random_init=args.random_init)
     except AssetsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -477,6 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = entry.get("info", {})
         if "params" in info:
             what = f"{info['params']:,} params, vocab {info['vocab_size']}"
+            if "pretrain" in info:
+                what += f", pre-trained: held-out loss {info['pretrain']['heldout_loss']:.3f}"
+            elif info.get("init") == "random":
+                what += ", random init"
         else:
             what = ", ".join(f"{k} {v} rows" for k, v in info.get("rows", {}).items())
         print(f"  {name:<20} {what}")

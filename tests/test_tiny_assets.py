@@ -1,6 +1,6 @@
 """The embedded tiny assets: models load and run offline, tokenizers keep the synthetic words whole, the data
-validates and carries a learnable (not length-based) signal, builds are deterministic, idempotent and careful
-with your edits. Everything is built into tmp folders, never into the repo's assets/."""
+validates and carries a learnable (not length-based) signal, the pre-trained bases answer fluently and neutrally
+(random-init ones do not), builds are deterministic, idempotent and careful with your edits. Everything is built into tmp folders, never into the repo's assets/."""
 from __future__ import annotations
 
 import json
@@ -28,11 +28,8 @@ def _quiet(_msg):
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    t0 = time.perf_counter()
-    root = ensure_tiny_assets(tmp_path_factory.mktemp("assets-a"), log=_quiet)
-    # The build budget is "well under a minute on 2 cores"; generous here so a busy CI machine does not flake.
-    assert time.perf_counter() - t0 < 120
-    return root
+    # Pre-training the three models takes ~40 s of CPU (benchmarked by `make assets`, not asserted here).
+    return ensure_tiny_assets(tmp_path_factory.mktemp("assets-a"), log=_quiet)
 
 
 def _tokenizer(root: Path, name: str):
@@ -327,3 +324,74 @@ def test_read_only_assets_are_usable_when_current_and_say_so_when_not(assets, tm
     (root / "data" / "prompts" / "eval.jsonl").unlink()
     with pytest.raises(AssetsError, match=r"data/prompts: needs a build \(missing eval\.jsonl\) but .* not writable"):
         ensure_tiny_assets(root, log=_quiet)
+
+
+# ---------------------------------------------------------------------------------------------- pre-trained bases
+def _sample_answers(folder: Path, prompts: list[str], seed: int = 0) -> list[str]:
+    """Sampled (temperature 1, as PPO's rollouts) answers of the model in `folder` to `prompts`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=20, pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def random_init_assets(tmp_path_factory) -> Path:
+    return ensure_tiny_assets(tmp_path_factory.mktemp("assets-random"), log=_quiet, random_init=True)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pretrained_bases_answer_fluently_and_neutrally_random_init_do_not(assets, random_init_assets, name):
+    prompts = [r["prompt"] for r in _read_jsonl(assets / "data" / "prompts" / "eval.jsonl")[:48]]
+    answers = _sample_answers(assets / "models" / name, prompts)
+    flu = synthetic.fluency(answers)
+    assert flu["fluency"] >= 0.95 and flu["degenerate"] <= 0.05, (flu, answers[:5])
+    # neutral between POSITIVE and NEGATIVE words: it saw both equally often
+    reward = sum(synthetic.rule_reward(answers)) / len(answers)
+    assert abs(reward - 0.5) < 0.07, (reward, answers[:5])
+    noise = synthetic.fluency(_sample_answers(random_init_assets / "models" / name, prompts))
+    assert noise["fluency"] < 0.5, noise
+
+
+def test_build_info_records_how_each_base_was_trained(assets, random_init_assets):
+    from rlhf_overlay.tiny_assets import PRETRAIN
+
+    for name in MODELS:
+        info = json.loads((assets / STAMP_FILE).read_text())["parts"][f"models/{name}"]["info"]
+        assert info["init"] == "pretrained" and info["pretrain"]["settings"] == PRETRAIN
+        # held-out loss in nats/token: far below random init (~ln(vocab) = 6.5), near the language's own entropy
+        assert 0.3 < info["pretrain"]["heldout_loss"] < 1.2, info["pretrain"]
+        assert info["pretrain"]["train_loss_first"] > 5.0
+        rand = json.loads((random_init_assets / STAMP_FILE).read_text())["parts"][f"models/{name}"]["info"]
+        assert rand["init"] == "random" and "pretrain" not in rand
+
+
+def test_random_init_flag_rebuilds_only_the_models(assets, tmp_path):
+    root = _copy(assets, tmp_path / "copy")
+    messages = []
+    ensure_tiny_assets(root, log=messages.append, random_init=True)
+    built = sorted(m.split()[1] for m in messages if m.startswith("building"))
+    assert built == ["models/tiny-bloom", "models/tiny-gptj", "models/tiny-llama"]
+    assert (root / "data").exists() and _all_files(root)["data/preference/train.jsonl"].read_bytes() == \
+        (assets / "data" / "preference" / "train.jsonl").read_bytes()
+
+
+def test_fluency_measure():
+    good = " the garden is bright and calm."
+    assert synthetic.fluency([good])["fluency"] == 1.0
+    assert synthetic.answer_fluency("\ufffd calm can\ufffd\ufffd gentle happy do~") == pytest.approx(0.5)
+    for degenerate in ("", "  .  ", "good good good", " so calm so calm so calm.", "a b c d a b c d a b c d"):
+        assert synthetic.answer_fluency(degenerate) == 0.0, degenerate
+    flu = synthetic.fluency([good, "good good good", "xyzzy garden"])
+    assert flu["degenerate"] == pytest.approx(1 / 3) and flu["in_language"] == pytest.approx(10 / 11)
+    assert flu["fluency"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    rows = synthetic.preference_rows(300, seed=3)   # the language itself is fluent
+    assert synthetic.fluency([r["chosen"] for r in rows] + [r["rejected"] for r in rows])["fluency"] == 1.0
