@@ -124,7 +124,8 @@ class PPORunConfig:
         if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
             bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
         if self.data and not Path(self.data).expanduser().exists():
-            bad("data (DATA)", self.data, "does not exist")
+            bad("data (DATA)", self.data, "no such file or folder — pass a .json/.jsonl file or a folder with "
+                "train.jsonl (a relative path is taken from the current folder)")
         if self.reward not in REWARDS:
             bad("reward (REWARD)", self.reward, "must be `model` (a reward model) or `rule` (the learnable rule)")
         if self.normalize_reward not in ("auto", "running", "none"):

@@ -131,7 +131,8 @@ class RewardModelConfig:
         for name in ("data", "eval_data"):
             v = getattr(self, name)
             if v and not Path(v).expanduser().exists():
-                bad(f"{name} (DATA)" if name == "data" else name, v, "does not exist")
+                bad(f"{name} (DATA)" if name == "data" else name, v, "no such file or folder — pass a .json/.jsonl "
+                    "file or a folder with train.jsonl (a relative path is taken from the current folder)")
         if self.hostfile and not Path(self.hostfile).is_file():
             bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
 
