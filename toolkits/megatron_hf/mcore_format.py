@@ -55,11 +55,10 @@ LAYER_NAMES_TE = {
     "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
     "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
 }
-LAYER_NAMES_LOCAL = {**LAYER_NAMES_TE, "input_layernorm.weight": "input_layernorm.weight",
+_FUSED_NORMS = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
+LAYER_NAMES_LOCAL = {**{k: v for k, v in LAYER_NAMES_TE.items() if k not in _FUSED_NORMS},
+                     "input_layernorm.weight": "input_layernorm.weight",
                      "pre_mlp_layernorm.weight": "post_attention_layernorm.weight"}
-for _te, _local in [("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
-                    ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")]:
-    del LAYER_NAMES_LOCAL[_te]
 READ_LAYER_NAMES = {**LAYER_NAMES_TE, **LAYER_NAMES_LOCAL}
 # Modules whose `_extra_state` Megatron-Core keeps in its state_dict (None on CPU / without FP8); a strict
 # load_state_dict wants the keys. Transformer Engine's attention has one more.
