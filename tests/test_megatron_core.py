@@ -319,3 +319,27 @@ def test_virtual_pipeline_rank_files_read_the_same(llama_hf, tmp_path):
     assert convert("mg2hf", "--model", "llama2", "--source", tmp_path / "vp", "--target", tmp_path / "hf") == 0
     original, back = hf_tensors(llama_hf), hf_tensors(tmp_path / "hf")
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+
+
+@pytest.mark.slow
+def test_seed_wrapper_and_make_target_take_megatron_core_without_flags(llama_hf, tmp_path):
+    import os
+    import subprocess
+    from rlhf_overlay import PROJECT_ROOT
+    wrapper = PROJECT_ROOT / "toolkits/model_checkpoints_convertor/llama2/model_convertor.sh"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(cmd):
+        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+    run(["bash", wrapper, "", llama_hf, tmp_path / "dist", 2, 1, "llama2-7b", 0, "false"])  # torch_dist by default
+    assert (tmp_path / "dist/release/.metadata").is_file()
+    run(["make", "-s", "-C", PROJECT_ROOT, "convert-llama2-mg2hf", f"SOURCE={tmp_path / 'dist'}",
+         f"TARGET={tmp_path / 'hf-dist'}"])
+    assert convert("hf2mg", "--model", "llama2", "--source", llama_hf, "--target", tmp_path / "ranks", "--tp", 2,
+                   "--pp", 2, "--format", "torch") == 0
+    run(["bash", wrapper, "", tmp_path / "ranks", tmp_path / "hf-ranks", 1, 1, "llama2-7b", 0, "true"])
+    original = hf_tensors(llama_hf)
+    for folder in ("hf-dist", "hf-ranks"):
+        back = hf_tensors(tmp_path / folder)
+        assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
