@@ -25,7 +25,7 @@ from toolkits.megatron_hf.convert import main as convert_main
 needs_mcore = pytest.mark.skipif(importlib.util.find_spec("megatron") is None or
                                  importlib.util.find_spec("megatron.core") is None,
                                  reason="megatron-core is not installed (requirements.txt pins it; run make setup)")
-TOLERANCE = 1e-5  # float32 on both sides; measured differences are ~1e-6, a wrong layout moves logits by > 0.1
+TOLERANCE = 2e-5  # float32 on both sides; measured differences are <= 5e-6, a wrong layout moves logits by > 0.1
 
 
 def convert(*argv) -> int:
