@@ -292,7 +292,13 @@ def test_refusals_and_the_legacy_gqa_warning(llama_hf, tmp_path, capsys):
     (linear / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
     assert convert("hf2mg", "--model", "llama2", "--source", linear, "--target", tmp_path / "c") == 2
     assert "Megatron-Core implements only Llama 3.1's scaling" in capsys.readouterr().err
-    assert not any((tmp_path / t).exists() for t in "abc")
+    qwen_config = json.loads((tmp_path / "qwen/config.json").read_text())
+    (tmp_path / "qwen/config.json").write_text(json.dumps({**qwen_config, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}}))
+    assert convert("hf2mg", "--model", "qwen2", "--source", tmp_path / "qwen", "--target", tmp_path / "d") == 2
+    assert "HF's Qwen2 (transformers 4.44) does not apply rope_scaling" in capsys.readouterr().err
+    assert not any((tmp_path / t).exists() for t in "abcd")
 
     # 8 heads in 4 query groups: TP=1 and TP=2 put several groups on a rank (legacy Megatron-LM #875), TP=4 not
     for tp, warned in [(2, True), (4, False)]:

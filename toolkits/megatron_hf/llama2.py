@@ -169,6 +169,8 @@ def dims_from_megatron(args: Any, global_shapes: dict, layer_shapes: dict, tp: i
     if arg(args, "use_rope_scaling"):
         rope_scaling = {"rope_type": "llama3", "factor": float(arg(args, "rope_scaling_factor", default=8.0)),
                         **MEGATRON_LLAMA3_ROPE}
+        if QKV_BIAS in layer_shapes:
+            raise ConversionError(_QWEN2_ROPE_SCALING)
     return ModelDims(
         hidden_size=hidden, num_layers=num_layers, num_attention_heads=heads, num_query_groups=groups,
         head_dim=head_dim, ffn_hidden_size=ffn, hf_vocab_size=rows_per_rank * tp,
@@ -207,6 +209,8 @@ def dims_from_hf(config: dict, hf_shapes: dict) -> ModelDims:
                                   f"cannot be represented without changing its outputs")
     rope_scaling = _megatron_rope_scaling(config.get("rope_scaling"))
     qkv_bias = model_type == "qwen2"
+    if qkv_bias and rope_scaling:
+        raise ConversionError(_QWEN2_ROPE_SCALING)
     if qkv_bias and "model.layers.0.self_attn.q_proj.bias" not in hf_shapes:
         raise ConversionError("config.json says qwen2 but model.layers.0.self_attn.q_proj.bias is missing")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
@@ -226,6 +230,10 @@ def dims_from_hf(config: dict, hf_shapes: dict) -> ModelDims:
         tie_word_embeddings=config.get("tie_word_embeddings", False), qkv_bias=qkv_bias, rope_scaling=rope_scaling,
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"))
+
+
+_QWEN2_ROPE_SCALING = ("RoPE scaling with bias on q/k/v (Qwen2): HF's Qwen2 (transformers 4.44) does not apply "
+                       "rope_scaling, Megatron-Core does, so the two models would differ; not converted")
 
 
 def _megatron_rope_scaling(scaling: dict | None) -> dict | None:
