@@ -8,7 +8,8 @@
 #   - end-of-conversation token = the tokenizer's EOS (LLaMA2 has no <|endoftext|>);
 #   - tensorboard scalars always written (rank 0) to <output_dir>/tensorboard with a global step across epochs:
 #     upstream's reward/actor_loss/critic_loss plus the project's ppo/reward_mean, ppo/kl, ppo/policy_loss,
-#     ppo/value_loss, ppo/response_length; the writer is no longer opened by every rank in parse_args;
+#     ppo/value_loss, ppo/response_length, ppo/fluency (rlhf_overlay.synthetic.fluency of the sampled answers);
+#     the writer is no longer opened by every rank in parse_args;
 #   - RANK_REPORT=1 (rlhf_overlay.rank_report): each rank records its prompts and the optimizer state sizes of
 #     actor and critic, to check data splitting and ZeRO partitioning with several ranks;
 #   - --max_steps stops after that many PPO steps (upstream's --enable_test_mode/--test_stop_step still work).
@@ -612,7 +613,7 @@ def main():
                 inner_iter = 0
                 actor_loss_sum, critic_loss_sum, unsup_loss_sum = 0, 0, 0
                 average_reward = 0
-                kl_sum, length_sum = 0., 0.
+                kl_sum, length_sum, fluency_sum = 0., 0., 0.
 
                 if args.actor_gradient_checkpointing:
                     rlhf_engine.actor.gradient_checkpointing_enable()
@@ -627,6 +628,7 @@ def main():
                         kl, length = experience_kl_and_length(exp_data)
                         kl_sum += kl
                         length_sum += length
+                        fluency_sum += answers_fluency(exp_data, tokenizer)
 
                         if unsupervised_training_enabled:
                             unsup_loss = trainer.train_unsupervised(
@@ -686,6 +688,7 @@ def main():
                         'ppo/policy_loss': actor_loss_sum / inner_iter,
                         'ppo/value_loss': critic_loss_sum / inner_iter,
                         'ppo/response_length': length_mean,
+                        'ppo/fluency': fluency_sum / inner_iter,
                         'ppo/step_time_s': time.time() - step_start,
                     }
                     for tag, value in scalars.items():
@@ -783,6 +786,14 @@ def main():
                                   zero_stage=args.critic_zero_stage)
     if writer is not None:
         writer.close()
+
+
+def answers_fluency(exp, tokenizer):
+    """Fluency (rlhf_overlay.synthetic.fluency: words of the synthetic language, no empty or looping answers) of
+    the answers sampled in this experience batch (this rank's)."""
+    from rlhf_overlay.synthetic import fluency
+    answers = exp['input_ids'][:, exp['prompts'].shape[1]:]
+    return fluency(tokenizer.batch_decode(answers, skip_special_tokens=True))['fluency']
 
 
 def experience_kl_and_length(exp):
