@@ -101,8 +101,12 @@ def resolve_critic(critic: str) -> Path | str:
     if not path.is_dir():
         raise ConfigError(f"critic={critic!r}: no such folder; pass a run folder of `make rm-llama2` (or its model/)")
     if not (path / "pytorch_model.bin").is_file() or not (path / "config.json").is_file():
-        raise ConfigError(f"critic={critic!r}: no config.json + pytorch_model.bin (in it or in its model/); the critic "
-                          f"must be a reward model saved by `make rm-llama2`, not a plain base model")
+        from rlhf_overlay.preflight import DESCRIBE, NOT_A_MODEL, folder_kind
+        kind = folder_kind(path)
+        what = f"it is {DESCRIBE[kind]}" if kind != NOT_A_MODEL else "no config.json + pytorch_model.bin (in it or in " \
+                                                                      "its model/)"
+        raise ConfigError(f"critic={critic!r}: {what} — the critic must be a reward model saved by `make rm-llama2`, "
+                          f"not a plain base model")
     return path
 
 

@@ -25,9 +25,11 @@ import difflib
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +66,10 @@ def check_upstream(name: str, lock_path: Path | None = None) -> Path:
         raise PreflightError(f"overlays/{name}: {e}".splitlines()[0] + " — fix the overlays, then `make lock && "
                              "make upstream`") from None
 
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True)
+    def git(*args: str, index: str | None = None) -> str:
+        # read-only: no opportunistic index refresh, and write-tree on a copy of the index (it updates its cache)
+        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", **({"GIT_INDEX_FILE": index} if index else {}))
+        out = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise PreflightError(f"{tree}: git {' '.join(args)} failed ({out.stderr.strip()[:200]}) — {fix}")
         return out.stdout.strip()
@@ -77,15 +81,27 @@ def check_upstream(name: str, lock_path: Path | None = None) -> Path:
             or not state.get("tree"):
         raise PreflightError(f"{tree} is not pin + the current overlays (overlays/{name} changed since the last "
                              f"`make upstream`, or it was interrupted) — {fix}")
-    if git("write-tree", "--missing-ok") != state["tree"]:
+    with tempfile.TemporaryDirectory(prefix="rlhf-overlay-preflight-") as tmp:
+        shutil.copy2(tree / ".git" / "index", Path(tmp) / "index")
+        index_tree = git("write-tree", "--missing-ok", index=str(Path(tmp) / "index"))
+    if index_tree != state["tree"]:
         raise PreflightError(f"{tree}: its git index is not pin + overlays (changed by hand or by an interrupted "
                              f"`make upstream`) — {fix}")
-    edited = git("diff-files", "--name-only").splitlines()
+    edited = [f for f in git("diff-files", "--name-only").splitlines()[:200] if _content_differs(git, tree, f)]
     if edited:
         raise PreflightError(f"{tree}: {len(edited)} file(s) edited by hand ({', '.join(edited[:3])}"
                              f"{', ...' if len(edited) > 3 else ''}) — move the change into overlays/{name} and "
                              f"run `make lock && make upstream`, or undo it (`make setup FORCE=1` backs it up first)")
     return tree
+
+
+def _content_differs(git, tree: Path, rel: str) -> bool:
+    """diff-files lists files whose stat changed (a touch, a rewrite with the same text); compare the content
+    with the index's blob, without refreshing (= writing) the index."""
+    staged = git("ls-files", "-s", "--", rel).split()
+    if not (tree / rel).is_file() or not staged:
+        return True
+    return git("hash-object", "--", rel) != staged[1]
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -341,27 +357,36 @@ def check_arch(path: Path, var: str, family: str, target: str, allow_arch: bool)
 def _safetensors_header(file: Path, strict: bool = True) -> dict | None:
     """The JSON header of a safetensors file; with `strict`, also that the file holds every byte it declares."""
     size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"only {size} bytes")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes, file of {size}")
-            header = json.loads(f.read(n))
-    except (ValueError, OSError) as e:
+    again = "copy or save the model again (an interrupted download or copy)"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        cut = n is None or n + 8 > size
+        raw = f.read(n) if not cut else b""
+    if cut and (n is None or n < 100_000_000):   # a plausible header length, cut short
         if not strict:
             return None
-        raise PreflightError(f"{file}: not a readable safetensors file ({e}; truncated or not safetensors) — "
-                             f"copy or save the model again") from None
+        declares = f"its header alone declares {8 + n:,}" if n is not None else "not even a header"
+        raise PreflightError(f"{file} is truncated: {size:,} bytes, {declares} — {again}")
+    try:
+        if cut:
+            raise ValueError(f"a header length of {n:,} bytes")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        if not strict:
+            return None
+        raise PreflightError(f"{file}: not a safetensors file ({str(e)[:80]}) — {again}") from None
     if strict:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                   if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+        try:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+        except (TypeError, ValueError, IndexError):
+            raise PreflightError(f"{file}: not a safetensors file (bad data_offsets in its header) — {again}") from None
         expected = 8 + n + end
         if size < expected:
-            raise PreflightError(f"{file} is truncated: {size:,} bytes, its header declares {expected:,} — copy or "
-                                 f"save the model again (an interrupted download or copy)")
+            raise PreflightError(f"{file} is truncated: {size:,} bytes, its header declares {expected:,} — {again}")
     return header
 
 
@@ -423,6 +448,11 @@ def check_output(output: str, overwrite: bool, var: str = "OUTPUT") -> None:
         if not target.is_dir():
             raise PreflightError(f"{var}={target} exists and is a file, not a folder — pass another {var}")
         if any(target.iterdir()) and not overwrite:
+            from rlhf_overlay.status import incomplete_reason
+            why = incomplete_reason(target)
+            if why:  # a killed / interrupted / failed run: say so and how to continue it
+                raise PreflightError(f"{var}={target}: {why}; or pass OVERWRITE=1 to start a new run there (the old "
+                                     f"contents are moved to a backup folder next to it)")
             raise PreflightError(f"{var}={target} is not empty (it holds an earlier run) — choose a new {var}, leave "
                                  f"it unset for a fresh folder under runs/, or pass OVERWRITE=1 to write into it")
     existing = target
