@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ -z "${MODEL:-}" ]]; then
-    echo "make chat: pass MODEL=<folder of a trained actor/policy in HF format>, e.g. MODEL=runs/<ppo run>/actor" >&2
+    echo "error: make chat needs a model — pass MODEL=<folder of a trained actor/policy in HF format>, e.g. MODEL=runs/<ppo run>/actor" >&2
     exit 2
 fi
 args=(--model "$MODEL")

@@ -8,7 +8,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ -n "${MODEL:-}" ]]; then
-    echo "make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2 output>, not MODEL=${MODEL}" >&2
+    echo "error: make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2 output>, not MODEL=${MODEL} — pass ACTOR= and CRITIC= instead" >&2
     exit 2
 fi
 common_flags --num-gpus
