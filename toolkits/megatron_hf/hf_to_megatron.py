@@ -18,10 +18,10 @@ import torch
 from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
 from toolkits.megatron_hf.hf_format import (HFCheckpoint, check_target, copy_tokenizer_files, staged_output_folder,
                                             tokenizer_files)
+from toolkits.megatron_hf import mcore_format
 from toolkits.megatron_hf.megatron_format import (CHECKPOINT_VERSION, LAYER_PREFIX, NORM_NAME_STYLES, TRACKER_FILE,
                                                   RankFileWriter, expected_stage_layer_counts, padded_vocab_size,
                                                   rank_file_path)
-from toolkits.megatron_hf import mcore_format
 from toolkits.megatron_hf.megatron_to_hf import resolve_preset
 from toolkits.megatron_hf.tensor_parallel import LayoutError, ModelDims
 
@@ -186,8 +186,8 @@ def _write_torch_dist(spec: ModuleType, hf: HFCheckpoint, names: dict[str, str],
                     else:
                         writer.add_tensor(mcore_format.stacked_key(name), tensor.to(opts.dtype or tensor.dtype),
                                           layer, dims.num_layers)
-            if layer is not None:
-                for module in mcore_format.EXTRA_STATE_MODULES:
+            if layer is not None:  # Transformer Engine's set (a superset of the local spec's): loads with either
+                for module in mcore_format.EXTRA_STATE_MODULES_TE:
                     writer.add_object(f"decoder.layers.{module}._extra_state/shard_{layer}_{dims.num_layers}",
                                       [None])
                 bar.update(1)
