@@ -245,6 +245,10 @@ class TorchDistCheckpoint:
                     flat[f"decoder.layers.{i}.{local}"] = LazyTensor(self, key, i)
             else:
                 flat[key] = LazyTensor(self, key, None)
+        if not flat:
+            some = ", ".join(sorted(self.metadata.state_dict_metadata)[:5])
+            raise ConversionError(f"{self.iteration_dir}/.metadata lists no Megatron-Core model tensors (embedding.*, "
+                                  f"decoder.*, output_layer.*); it holds e.g. {some or 'nothing'}")
         globals_, layers = legacy_tensors(flat)
         rank = RankState(self.iteration_dir / ".metadata", globals=globals_, layers=layers)
         drop_tied_head_copy(rank, self.args)
