@@ -15,6 +15,12 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+def warning(message: str) -> None:
+    """Output that will be written but that a known consumer cannot use as it is (on stderr)."""
+    import sys
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def raise_if_problems(what: str, problems: list[str], limit: int = 25) -> None:
     """Report every mismatch found (not just the first), so one run tells the user all that is wrong."""
     if problems:

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems
+from toolkits.megatron_hf.errors import ConversionError, note, raise_if_problems, warning
 from toolkits.megatron_hf.hf_format import (HFCheckpoint, check_target, copy_tokenizer_files, staged_output_folder,
                                             tokenizer_files)
 from toolkits.megatron_hf import mcore_format
@@ -104,7 +104,7 @@ def _check_format(spec: ModuleType, dims: ModelDims, opts: HFToMegatronOptions) 
              f"padding, TP/PP are recorded in the args (--format torch or legacy for TP x PP rank files)")
     groups = dims.num_query_groups
     if opts.format == "legacy" and groups != dims.num_attention_heads and groups // opts.tp > 1:
-        note(f"GQA with {groups} query groups at TP={opts.tp} puts {groups // opts.tp} groups on each TP rank; "
+        warning(f"GQA with {groups} query groups at TP={opts.tp} puts {groups // opts.tp} groups on each TP rank; "
              f"legacy (non-Megatron-Core) Megatron-LM fails to run that ('view size is not compatible', "
              f"NVIDIA/Megatron-LM#875, open at r0.9): use TP={groups} or --format torch_dist / torch")
 
