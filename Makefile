@@ -73,7 +73,7 @@ help: ## List the targets with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # ---------------------------------------------------------------- foundation
-.PHONY: setup upstream verify lock assets test
+.PHONY: setup upstream verify lock assets test upstream-tests
 setup: ## Create .venv with pinned deps, clone upstreams at the pin, apply overlays (UPSTREAM_MIRROR=dir, FORCE=1)
 	$(SETUP_SH)
 
@@ -92,6 +92,9 @@ assets: ## Build the embedded tiny models, tokenizers and synthetic data into as
 test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
 	$(SETUP_SH) --for-tests
 	"$$VENV/bin/python" -m rlhf_overlay.make_args --append PYTEST_ARGS -- "$$VENV/bin/python" -m pytest
+
+upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit (OUTPUT)
+	"$$PYTHON" -m rlhf_overlay.upstream_tests
 
 # ---------------------------------------------------------------- training targets
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.

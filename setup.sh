@@ -100,6 +100,22 @@ prebuild_deepspeed_cpu_ops() {
         || say "warning: could not pre-build CPU Adam; DeepSpeed will try again at the first training step"
 }
 
+install_upstream_test_deps() {
+    # `make upstream-tests` runs the upstreams' own test suites, which need a few test-only packages
+    # (requirements-upstream-tests.txt). They go into their own folder, on PYTHONPATH only for those runs
+    # (rlhf_overlay/upstream_tests.py): peft, for one, changes what trlx does at import.
+    local target="$VENV/upstream-tests-deps" want
+    want="$(sha256sum requirements-upstream-tests.txt | cut -c1-64)"
+    [[ -f "$target/.rlhf-overlay-stamp" && "$(cat "$target/.rlhf-overlay-stamp")" == "$want" ]] && return 0
+    say "installing the upstream test suites' dependencies into $target"
+    rm -rf "$target.tmp"
+    # shellcheck disable=SC2086
+    "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --target "$target.tmp" -r requirements-upstream-tests.txt \
+        >/dev/null || return 1
+    echo "$want" > "$target.tmp/.rlhf-overlay-stamp"
+    rm -rf "$target" && mv "$target.tmp" "$target"
+}
+
 sync_args=()
 [[ "$mode" == tests ]] && sync_args+=(--best-effort)
 
@@ -112,6 +128,7 @@ fi
 ensure_venv
 "$py" -m rlhf_overlay.setup_engine sync "${sync_args[@]}"
 install_upstreams
+install_upstream_test_deps || say "warning: could not install requirements-upstream-tests.txt; make upstream-tests will say so"
 prebuild_deepspeed_cpu_ops
 [[ "$mode" == full ]] && say "ready. Next: make ppo-smoke-test (or make help)"
 exit 0

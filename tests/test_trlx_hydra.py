@@ -1,6 +1,8 @@
 """trlx hydra heads on the pinned transformers: the frozen reference head must reproduce the policy exactly at
-initialisation (max |logits diff| == 0) for BLOOM, GPT-J and LLaMA — GPT-J is silently wrong on transformers
-4.45+, BLOOM/LLaMA needed patch 0003. Also the other library patches that need no training run.
+initialisation (max |logits diff| == 0) for every architecture trlx has a branch for (GPT-2, GPT-J, GPT-Neo,
+GPT-NeoX, OPT, BLOOM, LLaMA, GPTBigCode), under every attention implementation the model supports on CPU (SDPA,
+eager) — GPT-J is silently wrong on transformers 4.45+, BLOOM/LLaMA needed patch 0003, GPT-2/GPT-NeoX under SDPA,
+OPT and GPTBigCode patch 0010. Also the other library patches that need no training run.
 
 Skipped, with the reason, when upstream/trlx is not set up.
 """
@@ -57,6 +59,103 @@ def test_frozen_head_equals_policy_at_init(trlx_modules, tiny_assets, name, unfr
     assert torch.isfinite(ref[real]).all()
     assert (policy - ref).abs()[real].max().item() == 0.0, f"{name}: frozen head differs on real tokens"
     assert (policy - ref).abs().max().item() == 0.0, f"{name}: frozen head differs on padded positions"
+
+
+# One tiny random config per architecture trlx has a hydra branch for (trlx.models.modeling_ppo.hf_get_branch_class);
+# 3 layers, so 1 or 2 unfrozen layers leave a trunk below the branch. GPT-Neo mixes global and local (window 4)
+# attention; LLaMA uses grouped-query attention; GPTBigCode comes as multi-query (StarCoder) and multi-head.
+BRANCH_CONFIGS = {
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64)),
+    "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64)),
+    "gpt_neo": ("GPTNeoConfig", dict(hidden_size=32, num_layers=3, num_heads=4, max_position_embeddings=64,
+                                     attention_types=[[["global", "local", "global"], 1]], window_size=4)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64)),
+    "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=64,
+                              word_embed_proj_dim=32, max_position_embeddings=64)),
+    "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=3, n_head=4)),
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64)),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, multi_query=True)),
+    "gpt_bigcode_mha": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, multi_query=False)),
+}
+VOCAB = 97
+
+
+def _branch_cases():
+    """(architecture, attention implementation) for every implementation the architecture has on CPU."""
+    import transformers
+
+    cases = []
+    for arch, (config_name, kwargs) in BRANCH_CONFIGS.items():
+        config = getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)
+        model_class = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        cases += [(arch, impl) for impl in ("sdpa", "eager") if impl == "eager" or model_class._supports_sdpa]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def branch_model_dirs(tmp_path_factory):
+    """Each architecture of BRANCH_CONFIGS saved once as a random-init HF folder."""
+    import torch
+    import transformers
+
+    dirs = {}
+    for arch, (config_name, kwargs) in BRANCH_CONFIGS.items():
+        config = getattr(transformers, config_name)(vocab_size=VOCAB, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        dirs[arch] = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(dirs[arch])
+    return dirs
+
+
+@pytest.mark.parametrize("unfrozen", [1, 2])
+@pytest.mark.parametrize("arch,implementation", _branch_cases())
+def test_every_branch_is_exact_under_its_attention_implementation(trlx_modules, branch_model_dirs, arch,
+                                                                   implementation, unfrozen):
+    import torch
+
+    model = trlx_modules.AutoModelForCausalLMWithHydraValueHead.from_pretrained(
+        str(branch_model_dirs[arch]), num_layers_unfrozen=unfrozen, attn_implementation=implementation).eval()
+    assert model.base_model.config._attn_implementation == implementation
+    assert type(model.frozen_head) is trlx_modules.hf_get_branch_class(model.base_model.config)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0   # left padding, as trlx batches prompts
+    mask[1, :9] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        policy = model(ids, attention_mask=mask, position_ids=pos, return_dict=True).logits
+        ref = model.forward_hydra(ids, attention_mask=mask, position_ids=pos, return_dict=True).logits
+        unpadded = model(ids[2:], return_dict=True).logits
+        ref_unpadded = model.forward_hydra(ids[2:], return_dict=True).logits
+    assert torch.isfinite(ref[mask.bool()]).all()
+    assert (policy - ref).abs()[mask.bool()].max().item() == 0.0, f"{arch}/{implementation}: real tokens differ"
+    assert (policy - ref).abs().max().item() == 0.0, f"{arch}/{implementation}: padded positions differ"
+    assert (unpadded - ref_unpadded).abs().max().item() == 0.0, f"{arch}/{implementation}: without a mask"
+
+
+def test_tied_embeddings_survive_save_and_load(trlx_modules, tiny_assets, tmp_path):
+    """Patch 0009: BLOOM ties lm_head to the word embeddings; safetensors stores the tensor once and trlx's strict
+    reload failed with "Missing key(s) in state_dict: base_model.lm_head.weight" (resuming a trlx BLOOM run)."""
+    import torch
+
+    cls = trlx_modules.AutoModelForCausalLMWithHydraValueHead
+    model = cls.from_pretrained(str(tiny_assets / "models" / "tiny-bloom"), num_layers_unfrozen=1)
+    assert model.base_model.lm_head.weight is model.base_model.transformer.word_embeddings.weight
+    with torch.no_grad():
+        model.base_model.transformer.word_embeddings.weight.add_(0.5)   # a trained model differs from the base
+        model.v_head[-1].bias.fill_(3.0)
+    model.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(str(tmp_path))
+    assert loaded.base_model.lm_head.weight is loaded.base_model.transformer.word_embeddings.weight
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys()
+    for key in saved:
+        assert torch.equal(saved[key], back[key]), key
 
 
 def test_hydra_model_loads_local_safetensors_folder(trlx_modules, tiny_assets):
