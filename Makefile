@@ -21,8 +21,8 @@ CRITIC     ?=
 ifeq ($(origin RM),default)
 RM :=
 endif
-# ppo-smoke-test reward: rule (learnable rule) or model (untrained value-head RM)
-REWARD     ?= rule
+# ppo-smoke-test reward: rule (learnable rule; the default when empty) or model (untrained value-head RM)
+REWARD     ?=
 # preference / prompt data file or folder (empty = embedded synthetic data)
 DATA       ?=
 # run folder (empty = a new folder under runs/)
@@ -41,6 +41,12 @@ HOSTFILE   ?=
 RANK_REPORT ?= 0
 # 1 = train a MODEL whose architecture is not the target's (LLaMA for *-llama2, BLOOM / GPT-J for the trlx ones)
 ALLOW_ARCH ?= 0
+# resumable checkpoints into <run>/checkpoints/step-N (ppo-smoke-test, ppo-bloom, ppo-gptj): every N steps (empty = the
+# target's default, 0 = by time only), every M minutes (empty = 30), how many kept (empty = 2); RESUME=<run folder>
+# continues that run from its newest checkpoint (see README "Long runs")
+CHECKPOINT_EVERY ?=
+CHECKPOINT_MINUTES ?=
+KEEP_CHECKPOINTS ?=
 # ppo-join: this machine's rank (its line in HOSTFILE, counting from 0) in the run RUN started on the first host
 MACHINE_RANK ?=
 # accelerate-config: base accelerate config (cpu, multi_gpu, zero2 or a YAML file) and the folder to write into
@@ -59,7 +65,7 @@ PYTEST_ARGS ?=
 # refused here, before anything runs.
 USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
              NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
-             EXTRA_VOCAB_SIZE CONVERT_FLAGS
+             EXTRA_VOCAB_SIZE CONVERT_FLAGS CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
   environment%,$(origin $(v))))),$(if $(findstring $$,$(value $(v))),$(error $(v)=$(value $(v)) contains '$$', which \
   make would expand before any program sees it — give the value without '$$': let your shell expand it first, e.g. \

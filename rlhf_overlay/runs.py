@@ -54,8 +54,11 @@ def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: boo
             raise RunDirError(f"OUTPUT={run_dir} exists and is a file, not a folder; pass another OUTPUT")
         if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
             raise RunDirError(
-                f"OUTPUT={run_dir} is not empty (it holds an earlier run). Choose a new OUTPUT, leave OUTPUT "
-                f"unset for a fresh folder under runs/, or pass OVERWRITE=1 (--overwrite) to write into it.")
+                f"OUTPUT={run_dir} is not empty ({_holds(run_dir)}). Choose a new OUTPUT, leave OUTPUT "
+                f"unset for a fresh folder under runs/, or pass OVERWRITE=1 (--overwrite) to start over there (the old "
+                f"contents are moved to a backup folder next to it).")
+        if overwrite and run_dir.is_dir() and any(p.name != ".run.lock" for p in run_dir.iterdir()):
+            move_aside(run_dir)  # a run folder belongs to one run: nothing of the old one mixes into the new one
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
     root = Path(runs_root) if runs_root else RUNS_DIR
@@ -69,6 +72,25 @@ def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: boo
         except FileExistsError:
             n += 1
             candidate = base.with_name(f"{base.name}-{n}")
+
+
+def _holds(run_dir: Path) -> str:
+    from rlhf_overlay.status import incomplete_reason
+    return incomplete_reason(run_dir) or "it holds an earlier run"
+
+
+def move_aside(run_dir: Path) -> Path:
+    """OVERWRITE=1: move the folder's old contents to `<folder>.replaced-<time>` next to it (a rename, nothing is
+    copied or deleted), say where, and leave `run_dir` absent for the new run."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup, n = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}"), 1
+    while backup.exists():
+        n += 1
+        backup = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    os.replace(run_dir, backup)
+    print(f"OVERWRITE=1: the previous contents of {run_dir} were moved to {backup} (delete it when not needed)",
+          file=sys.stderr, flush=True)
+    return backup
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -163,7 +185,8 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=dict(env) if env else None,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
         assert proc.stdout is not None
-        try:
+
+        def pump():
             while True:
                 chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
                 if not chunk:
@@ -172,7 +195,22 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
                 sys.stdout.buffer.flush()
                 log.write(chunk)
                 log.flush()
+
+        # SIGTERM (a scheduler's warning) reaches the job, which checkpoints at its next step boundary and stops
+        # (rlhf_overlay.checkpoints.StopRequest); this process keeps logging until the job has ended.
+        import signal
+        import threading
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        try:
+            pump()
         except KeyboardInterrupt:
-            proc.terminate()
+            proc.terminate()   # the same stop request; wait for the job to save and end (Ctrl-C again: stop waiting)
+            pump()
+            proc.wait()
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return proc.wait()

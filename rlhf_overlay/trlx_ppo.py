@@ -80,8 +80,11 @@ class PPORunConfig:
     top_k: int = field(default=0, metadata={"help": "sampling top-k for rollouts (0 = off)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate (trlx table of samples) every N PPO steps; 0 = only before and after"})
     eval_prompts: int = field(default=0, metadata={"help": "eval prompts used (0 = 16 tiny / 256 own model)"})
-    checkpoint_every: int = field(default=0, metadata={"help": "trlx checkpoint every N PPO steps (0 = only at the end)"})
-    save_optimizer: bool = field(default=False, metadata={"help": "also save optimizer/scheduler state in checkpoints (to resume)"})
+    checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N PPO steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 10 tiny / 0 own model"})
+    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    save_optimizer: bool = field(default=False, metadata={"help": "accepted for older command lines: checkpoints always hold the optimizer and scheduler state"})
     summary_window: int = field(default=3, metadata={"help": "steps averaged for the closing `mean reward: first -> last` line"})
     accelerate_config: str = field(default="auto", metadata={"help": "accelerate config file; auto: none for 1 CPU process, configs/accelerate/zero2.yaml with DeepSpeed, cpu.yaml / multi_gpu.yaml otherwise"})
     zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE): 0 = no DeepSpeed, 2 = ZeRO-2; -1 = 0 on CPU, 2 on GPU"})
@@ -115,6 +118,8 @@ class PPORunConfig:
         c.eval_prompts = c.eval_prompts or (16 if t else 256)
         if c.normalize_reward == "auto":
             c.normalize_reward = "running" if t else "none"
+        c.checkpoint_every = (10 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
+        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
         c.run_kind = c.run_kind or f"ppo-{c.arch}"
         c.validate()
         return c
@@ -179,6 +184,8 @@ class PPORunConfig:
             bad("accelerate_config", self.accelerate_config, "file does not exist")
         if self.hostfile and not Path(self.hostfile).is_file():
             bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
+        from rlhf_overlay.checkpoints import validate_schedule
+        validate_schedule(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
 
     @property
     def optimizer_steps_per_round(self) -> int:
@@ -402,6 +409,7 @@ def make_reward_fn(cfg: PPORunConfig, resolved: dict, tokenizer, recorder: StepR
             rewards = moments.normalize(rewards)
         return rewards
 
+    reward_fn.moments = moments  # saved in checkpoints: the reward normalisation continues where it was
     return reward_fn
 
 
@@ -528,6 +536,46 @@ def _rm_device(choice: str, policy_device):
     return torch.device(choice)
 
 
+def checkpoint_control(run_dir: Path, cfg: PPORunConfig, resolved: dict, recorder, scalars, get_reward_fn, stop):
+    """The worker's side of checkpoints (rlhf_overlay.trlx_checkpoints): when, and what of the overlay's own state
+    (per-step metrics, reward normalisation, tensorboard step) goes into a checkpoint and comes back on RESUME."""
+    from rlhf_overlay.checkpoints import Schedule
+    from rlhf_overlay.trlx_checkpoints import Control
+
+    def get_extra():
+        if recorder is None:
+            return {}
+        m = get_reward_fn().moments
+        return {"steps": recorder.steps, "moments": [m.n, m.mean, m.m2]}
+
+    def set_extra(d):
+        if recorder is None or not d:
+            return
+        recorder.steps = d["steps"]
+        m = get_reward_fn().moments
+        m.n, m.mean, m.m2 = d["moments"]
+        samples = run_dir / "samples.jsonl"  # lines a killed run wrote after its checkpoint go
+        if samples.is_file():
+            keep = [ln for ln in samples.read_text().splitlines(True)
+                    if ln.strip() and json.loads(ln).get("step", 0) <= len(recorder.steps)]
+            tmp = samples.with_name(".samples.jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, samples)
+
+    def reopen_scalars(steps):
+        if scalars.writer is not None:  # points logged after the checkpoint by a killed run are purged
+            from torch.utils.tensorboard import SummaryWriter
+
+            scalars.writer.close()
+            scalars.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=int(steps["ppo"]) + 1)
+
+    return Control(run_dir, Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.keep_checkpoints), stop,
+                   Path(resolved["resume_from"]) if resolved.get("resume_from") else None, cfg.steps,
+                   settings={k: resolved.get(k) for k in ("policy_path", "rm_path", "data")},
+                   get_extra=get_extra, set_extra=set_extra,
+                   close_step=recorder.close_step if recorder is not None else None, reopen_scalars=reopen_scalars)
+
+
 def worker_main(run_dir: Path) -> int:
     """Runs in each process (plain python, or started by accelerate launch)."""
     from rlhf_overlay.trlx_common import CommonScalars, check_world_size, cpu_deepspeed_backend_fix, import_trlx
@@ -535,6 +583,8 @@ def worker_main(run_dir: Path) -> int:
     run_dir = Path(run_dir)
     resolved = json.loads((run_dir / "config.json").read_text())
     cfg = PPORunConfig(**resolved["ppo"])
+    from rlhf_overlay.checkpoints import StopRequest
+    stop = StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next PPO step boundary, then stop
     cpu_deepspeed_backend_fix()
     trlx = import_trlx()
     import transformers
@@ -560,6 +610,10 @@ def worker_main(run_dir: Path) -> int:
     timings = {"eval_seconds": 0.0}
     answer_kl = AnswerKL(tok.pad_token_id)
 
+    from rlhf_overlay import trlx_checkpoints
+
+    control = checkpoint_control(run_dir, cfg, resolved, recorder, scalars, lambda: reward_fn, stop)
+
     @register_trainer
     class OverlayPPOTrainer(AcceleratePPOTrainer):
         """trlx's PPO trainer plus per-step reporting (rewards as scored, KL, losses, timings)."""
@@ -570,6 +624,10 @@ def worker_main(run_dir: Path) -> int:
 
         def add_prompt_pipeline(self, pipeline):
             super().add_prompt_pipeline(pipeline)
+            # prompts in an order recreated from (seed, epoch) at a saved position, so a resume draws what the
+            # uninterrupted run would have drawn
+            self.epoch_prompts = trlx_checkpoints.epoch_prompts(self, pipeline, cfg.seed)
+            self.prompt_iterator = self.epoch_prompts
             if rank_report.enabled:  # RANK_REPORT=1: record the prompts this rank draws (checks the data split)
                 prompts = self.prompt_iterator
 
@@ -605,6 +663,9 @@ def worker_main(run_dir: Path) -> int:
                 if recorder is not None:
                     recorder.phase = "rollout"
                     recorder.add_eval_time(dt)
+
+        def learn(self):  # trlx's loop with checkpoints, RESUME and SIGINT/SIGTERM at PPO step boundaries
+            return trlx_checkpoints.learn(self, control)
 
         def loss(self, batch):
             loss, stats = super().loss(batch)
@@ -645,7 +706,9 @@ def worker_main(run_dir: Path) -> int:
     rank_report.add_optimizer("policy", engine, model=trainer.model)
     rank_report.write()
     policy_dir = run_dir / "policy"
-    trainer.save_pretrained(str(policy_dir))
+    from rlhf_overlay.status import final_folder
+    with final_folder(policy_dir, enabled=main_proc) as partial:  # policy/ appears only when complete
+        trainer.save_pretrained(str(partial))
     if main_proc:
         steps = recorder.steps
         k = min(cfg.summary_window, max(1, len(steps) // 2))
@@ -661,6 +724,7 @@ def worker_main(run_dir: Path) -> int:
             "rollout_seconds_mean": mean("rollout_seconds"), "ppo_step_seconds_mean": mean("ppo_step_seconds"),
             "train_seconds": round(train_seconds, 2), "eval_seconds": round(timings["eval_seconds"], 2),
             "policy": str(policy_dir), "reward": cfg.reward, "reward_baseline": resolved["reward_baseline"],
+            "checkpoint_seconds": control.checkpoint_seconds, "resumed_from": resolved.get("resume_from"),
         })
     scalars.close()
     return 0
@@ -803,6 +867,14 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     from rlhf_overlay.trlx_common import check_trlx, trlx_env
     from rlhf_overlay.trlx_reward_model import is_reward_model_dir
 
+    from rlhf_overlay import status
+    from rlhf_overlay.trlx_checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
+
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], PPORunConfig)
+        if changed:
+            print(f"resume: changed settings {', '.join(changed)}", flush=True)
     cfg = cfg.resolve()
     if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
         raise ConfigError(f"started under a distributed launcher: run `python -m {module}` (or the make target) "
@@ -846,7 +918,8 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
                           f"value_head.safetensors); pass <rm run>/reward_model")
     plan_launch(cfg, Path("<run folder>"), cuda, gpu_count)  # launch settings refused before anything is created
     try:
-        run_dir = prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
+        run_dir = (prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
+                   if resume_dir is None else open_resume_dir(resume_dir))
     except RunDirError as e:
         raise ConfigError(str(e)) from None
     cmd, launch = plan_launch(cfg, run_dir, cuda, gpu_count)
@@ -859,6 +932,10 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
                        f"({machine['host']}), generated from {cfg.hostfile}\n")
 
     rm_path = str(Path(cfg.rm).expanduser().resolve()) if cfg.rm else None
+    resume_from = None
+    if resume_dir is not None:  # the run's reward model (a tiny one it trained is not trained again)
+        rm_path = json.loads((run_dir / "config.json").read_text()).get("rm_path")
+        resume_from = resolve_resume(run_dir)
     if cfg.reward == "model" and rm_path is None:
         if cfg.rm_untrained:
             rm_path = "untrained"
@@ -877,7 +954,14 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
                 "reward_baseline": baseline, "data_arg": cfg.data, "data": sources,
                 "train_prompts": len(train_rows), "eval_prompts": min(len(eval_rows), cfg.eval_prompts),
                 "launch": launch, "tty": sys.stdout.isatty(), "optimizer_steps": cfg.steps * cfg.optimizer_steps_per_round}
-    record_invocation(run_dir, [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])], resolved)
+    invocation = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]
+    if resume_from is None:
+        record_invocation(run_dir, invocation, resolved)
+    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
+        resolved["resume_from"] = str(resume_from)
+        write_json(run_dir / "config.json", resolved)
+        append_command(run_dir, invocation)
+        print(f"resuming {run_dir} from {resume_from.name}", flush=True)
     reward_desc = {"rule": "learnable rule (rlhf_overlay.synthetic.rule_reward)",
                    "model": f"reward model {rm_path}" + (" minus the reference's score" if baseline == "reference" else "")}[cfg.reward]
     print(f"policy ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {policy_path}\n"
@@ -891,10 +975,15 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
               f"MACHINE_RANK={machine['machine_rank']}", flush=True)
     env = trlx_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
+    status.start(run_dir, cfg.run_kind, module, cfg.steps, resumed=resume_dir is not None)
     t0 = time.time()
-    rc = run_logged(cmd, run_dir, env=env)
+    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
+        rc = run_logged(cmd, run_dir, env=env)
+    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
     if rc != 0:
-        print(f"error: PPO failed (exit {rc}); see {run_dir / 'training.log'}", file=sys.stderr)
+        print(f"error: PPO {st['state']} ({status.describe_exit(rc)[0]}); see {run_dir / 'training.log'}", file=sys.stderr)
+        if st.get("checkpoint"):
+            print(f"resume with: {st['resume_command']}", file=sys.stderr)
         return rc, run_dir
     m = json.loads((run_dir / "metrics.json").read_text())
     m["wall_seconds"] = round(time.time() - t0, 1)

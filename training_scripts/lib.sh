@@ -17,6 +17,12 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 common_flags() {
     args=()
+    if [[ "${resumable:-0}" != 1 && -n "${RESUME:-}${CHECKPOINT_EVERY:-}${CHECKPOINT_MINUTES:-}${KEEP_CHECKPOINTS:-}" ]]; then
+        local target; target="$(basename "$0" .sh)"
+        echo "error: RESUME / CHECKPOINT_EVERY / CHECKPOINT_MINUTES / KEEP_CHECKPOINTS: make ${target//_/-} does not write" \
+             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom and ppo-gptj do); drop them" >&2
+        exit 2
+    fi
     [[ -n "${MODEL:-}" ]]        && args+=(--model "$MODEL")
     [[ -n "${DATA:-}" ]]         && args+=(--data "$DATA")
     [[ -n "${OUTPUT:-}" ]]       && args+=(--output "$OUTPUT")
@@ -25,5 +31,11 @@ common_flags() {
     [[ -n "${NUM_GPUS:-}" ]]     && args+=("$1" "$NUM_GPUS")
     [[ -n "${HOSTFILE:-}" ]]     && args+=(--hostfile "$HOSTFILE")
     [[ "${ALLOW_ARCH:-0}" == 1 ]] && args+=(--allow-arch)
+    if [[ "${resumable:-0}" == 1 ]]; then   # targets with resumable checkpoints (set resumable=1 before the call)
+        [[ -n "${RESUME:-}" ]]             && args+=(--resume "$RESUME")
+        [[ -n "${CHECKPOINT_EVERY:-}" ]]   && args+=(--checkpoint-every "$CHECKPOINT_EVERY")
+        [[ -n "${CHECKPOINT_MINUTES:-}" ]] && args+=(--checkpoint-minutes "$CHECKPOINT_MINUTES")
+        [[ -n "${KEEP_CHECKPOINTS:-}" ]]   && args+=(--keep-checkpoints "$KEEP_CHECKPOINTS")
+    fi
     return 0
 }

@@ -4,6 +4,7 @@
 # `mean reward: <first> -> <last>` and fails if it did not rise: python -m rlhf_overlay.ppo_smoke_test --help
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+resumable=1   # RESUME, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS (README: Long runs)
 common_flags --num-processes
 [[ -n "${REWARD:-}" ]] && args+=(--reward "$REWARD")
 [[ -n "${RM:-}" ]] && args+=(--rm "$RM")

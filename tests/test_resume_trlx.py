@@ -1,0 +1,185 @@
+"""Checkpoints and RESUME for trlx PPO (ppo-smoke-test, ppo-bloom, ppo-gptj share rlhf_overlay.trlx_ppo).
+
+Integration (upstream + slow, tiny BLOOM, one CPU rank): a run SIGKILLed after its first mid-run checkpoint, with a
+half-written checkpoint left behind, resumed with RESUME, ends with the same policy as an uninterrupted run (max |Δ|
+= 0), the same per-step metrics and one tensorboard point per step; a run sent SIGTERM stops at the next step
+boundary with a checkpoint, says it was interrupted, and the resume command it prints works as printed.
+Unit: a resume that changes a setting that matters is refused, naming it; one without a checkpoint is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay.errors import ConfigError
+
+STEPS = 5
+RUN = [sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(STEPS)]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "REWARD", "RM", "DATA", "OUTPUT", "OVERWRITE",
+                                                             "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES",
+                                                             "KEEP_CHECKPOINTS", "NUM_GPUS", "ZERO_STAGE")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _start(args, out: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(RUN + args + ["--output", str(out)], cwd=PROJECT_ROOT, env=_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(proc, what, timeout=600):
+    t0 = time.time()
+    while not what():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the awaited point"
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def _scalar_steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def reference(trlx_dir, tiny_assets, tmp_path_factory):
+    """The uninterrupted run: checkpoints every 2 PPO steps (2 and 4 of 5)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = subprocess.run(RUN + ["--checkpoint-every", "2", "--output", str(out), "--overwrite"], cwd=PROJECT_ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_identically(reference, tmp_path):
+    assert [p.name for p in sorted((reference / "checkpoints").iterdir())] == ["step-2", "step-4"]
+    st = json.loads((reference / "status.json").read_text())
+    assert st["state"] == "completed" and st["last_step"] == 4 and st["exit_code"] == 0
+    out = tmp_path / "run"
+    proc = _start(["--checkpoint-every", "2"], out, tmp_path / "first.log")
+    _wait_for(proc, lambda: (out / "checkpoints" / "step-2").is_dir())
+    os.killpg(proc.pid, signal.SIGKILL)                     # the whole job, as a dead node would
+    proc.wait()
+    assert not (out / "policy").exists()                    # the model folder of a killed run is absent
+    # a new run into the killed run's folder is refused, and says how to resume
+    again = subprocess.run(RUN + ["--output", str(out)], cwd=PROJECT_ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and f"incomplete run" in again.stderr and f"RESUME={out}" in again.stderr
+    # a checkpoint killed while being written (no trainer_state.json) is ignored: the complete one is used
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    half = out / "checkpoints" / f".tmp-step-{int(newest.name.split('-')[1]) + 1}"
+    half.mkdir()
+    (half / "pytorch_model.bin").write_bytes((newest / "pytorch_model.bin").read_bytes()[:1000])
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"ignored and removed half-written checkpoint(s) {half.name}" in res.stdout and not half.exists()
+    log = (out / "training.log").read_text()
+    assert f"resumed from step {newest.name.split('-')[1]}" in log
+    commands = (out / "command.txt").read_text()
+    assert "--output" in commands and f"--resume {out}" in commands and "# resumed" in commands
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    # the same policy, bit for bit, and the same run history
+    assert _max_abs_diff(out / "policy", reference / "policy") == 0.0
+    ref_m, m = (json.loads((d / "metrics.json").read_text()) for d in (reference, out))
+    assert [s["reward_mean"] for s in m["steps"]] == [s["reward_mean"] for s in ref_m["steps"]]
+    assert _scalar_steps(out, "ppo/reward_mean") == _scalar_steps(reference, "ppo/reward_mean")
+    assert [s for s, _ in _scalar_steps(out, "ppo/reward_mean")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_sigterm_checkpoints_stops_and_the_printed_resume_command_works(reference, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "first.log"
+    # no scheduled checkpoints at all: the only one is the one SIGTERM asks for
+    proc = _start(["--checkpoint-every", "0", "--checkpoint-minutes", "0"], out, log)
+    _wait_for(proc, lambda: (out / "training.log").is_file() and "step   1/" in (out / "training.log").read_text())
+    proc.send_signal(signal.SIGTERM)                      # to the launching process only, as a scheduler does
+    rc = proc.wait(timeout=300)
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "interrupted" and st["signal"] == "SIGTERM" and 1 <= st["last_step"] < STEPS
+    assert Path(st["checkpoint"]).name == f"step-{st['last_step']}" and not (out / "policy").exists()
+    assert "run interrupted" in (out / "training.log").read_text()
+    printed = re.findall(r"^resume with: (.+)$", text, re.M)
+    assert printed and printed[-1] == f"make ppo-bloom RESUME={out}"
+    res = subprocess.run(printed[-1], shell=True, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resumed from step {st['last_step']}" in res.stdout
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    assert _max_abs_diff(out / "policy", reference / "policy") == 0.0
+    assert (out / "summary.md").is_file()                 # make's run.sh reported the whole run
+
+
+def _run_folder(tmp_path, **settings):
+    from rlhf_overlay.trlx_ppo import PPORunConfig
+    cfg = PPORunConfig(arch="bloom", reward="rule", **settings).resolve()
+    (tmp_path / "config.json").write_text(json.dumps({"ppo": dataclasses.asdict(cfg)}))
+    return cfg
+
+
+def test_resume_refuses_changed_settings_and_names_them(tmp_path):
+    from rlhf_overlay.trlx_checkpoints import resolve_resume, resume_config
+    from rlhf_overlay.trlx_ppo import PPORunConfig
+    _run_folder(tmp_path, steps=40, batch_size=16)
+
+    def resume(*argv, **fields):
+        cfg = PPORunConfig(arch="bloom", resume=str(tmp_path), **fields)
+        return resume_config(cfg, list(argv), PPORunConfig)
+
+    cfg, run_dir, changed = resume("--resume", str(tmp_path))
+    assert run_dir == tmp_path.resolve() and changed == [] and cfg.steps == 40 and cfg.reward == "rule"
+    cfg, _, changed = resume("--steps", "60", steps=60)               # the number of steps may change
+    assert changed == ["steps"] and cfg.steps == 60
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"^model \(MODEL\): the run was started with ''"):
+        resume("--model", str(model), model=str(model))
+    with pytest.raises(ConfigError, match=r"^num_processes \(NUM_GPUS\)"):
+        resume("--num-processes", "2", num_processes=2)
+    with pytest.raises(ConfigError, match=r"^batch_size"):
+        resume("--batch-size=8", batch_size=8)
+    with pytest.raises(ConfigError, match="contradict"):
+        resume(overwrite=True)
+    with pytest.raises(ConfigError, match="not the run folder of a trlx PPO run"):
+        resume_config(PPORunConfig(resume=str(tmp_path / "nothing")), [], PPORunConfig)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_resume(tmp_path)
+
+
+def test_make_targets_without_checkpoints_refuse_the_checkpoint_variables(tmp_path):
+    env = dict(_env(), RESUME=str(tmp_path))
+    res = subprocess.run(["bash", "training_scripts/rm_bloom.sh"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "make rm-bloom does not write resumable checkpoints yet" in res.stderr
