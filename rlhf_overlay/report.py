@@ -147,11 +147,32 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def status_line(run_dir: Path) -> str | None:
+    """One line from the run's status.json (rlhf_overlay.status): state, progress, why it stopped, how to resume."""
+    from rlhf_overlay.status import read_status
+    st = read_status(run_dir)
+    if st is None:
+        return None
+    parts = [f"**{st.get('state', 'unknown')}**"]
+    if st.get("state") == "completed" and st.get("total_steps"):
+        parts.append(f"{st['total_steps']} steps")
+    elif st.get("total_steps"):
+        parts.append(f"newest checkpoint at step {st.get('last_step') or 0}/{st['total_steps']}")
+    if st.get("state") != "completed" and st.get("reason"):
+        parts.append(str(st["reason"]))
+    if st.get("state") != "completed" and st.get("checkpoint") and st.get("resume_command"):
+        parts.append(f"resume: `{st['resume_command']}`")
+    return "Status: " + "; ".join(parts)
+
+
 def summarize(runs: list[RunScalars], tags: list[str], left_out: list[str]) -> str:
     lines = [f"# Training report", "", f"Generated {_dt.datetime.now().isoformat(timespec='seconds')} "
              f"by `python -m rlhf_overlay.report`.", ""]
     for r in runs:
         lines += [f"## {r.label}", "", f"Folder: `{r.run_dir}`", ""]
+        state = status_line(r.run_dir)
+        if state:
+            lines += [state, ""]
         command = r.run_dir / "command.txt"
         if command.exists():
             lines += ["Command:", "", "```", command.read_text().strip(), "```", ""]
@@ -224,6 +245,10 @@ def main(argv=None) -> int:
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
+    for r in args.runs:
+        state = status_line(Path(r))
+        if state:
+            print(f"report: {r}: {state.replace('**', '').replace('`', '')}")
     print(f"report: wrote {png} and {md}")
     return 0
 

@@ -100,3 +100,23 @@ def test_incomplete_run_is_refused_with_its_resume_command_and_overwrite_moves_i
     assert len(backups) == 1 and (backups[0] / "metrics.json").is_file()       # nothing of the old run is lost ...
     assert not (out / "metrics.json").exists() and not (out / "status.json").exists()  # ... or mixed into the new
     assert f"moved to {backups[0]}" in capsys.readouterr().err
+
+
+def test_report_shows_the_status(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf_overlay import report
+    w = SummaryWriter(str(tmp_path / "tensorboard"))
+    for step in (1, 2, 3):
+        w.add_scalar("ppo/reward_mean", 0.1 * step, step)
+    w.close()
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.write_status(tmp_path, state="interrupted", last_step=20, checkpoint=str(tmp_path / "checkpoints" / "step-20"),
+                        reason="stopped by SIGTERM after step 20")
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("Status: interrupted; newest checkpoint at step 20/40; stopped by SIGTERM after step 20; resume: make "
+            f"ppo-bloom RESUME={tmp_path}") in out
+    assert "Status: **interrupted**" in (tmp_path / "summary.md").read_text()
+    status.finish(tmp_path, 0)
+    assert report.status_line(tmp_path) == "Status: **completed**; 40 steps"
