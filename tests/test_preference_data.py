@@ -240,3 +240,51 @@ def test_join_conversation_is_prompt_plus_answer():
     assert join_conversation("Human: hi Assistant:", "hello") == "Human: hi Assistant: hello"   # one space added
     assert join_conversation("Human: hi Assistant: ", "hello") == "Human: hi Assistant: hello"
     assert join_conversation("", "hello") == "hello"
+
+
+# ---------------------------------------------------------------------------------------------- in the training runs
+def _single_file_with_a_long_row(tiny_assets, tmp_path) -> Path:
+    rows = [json.loads(line) for line in (tiny_assets / "data" / "preference" / "train.jsonl").read_text().splitlines()[:60]]
+    rows[6]["chosen"] += " and" * 400          # line 7: far longer than any maximum length used here
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def _run(argv, tmp_path):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+
+
+@pytest.mark.slow
+def test_trlx_reward_model_holds_out_a_share_and_warns_about_the_long_row(tiny_assets, tmp_path):
+    data = _single_file_with_a_long_row(tiny_assets, tmp_path)
+    before = data.read_bytes()
+    res = _run(["rlhf_overlay.trlx_reward_model", "--data", "pairs.jsonl", "--max-steps", "2", "--output", "out"],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"data: 54 train / 6 eval pairs (train: {data}; eval: {data} (6 of its rows held out, not trained on))" \
+        in res.stdout
+    warnings_ = [line for line in res.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings_) == 1 and warnings_[0].startswith(f"warning: {data}:7: prompt + chosen is longer than 128 "
+                                                           f"tokens (") and "dropped from the left" in warnings_[0]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["train_pairs"] + metrics["eval_pairs"] == 60 and metrics["eval_pairs"] == 6
+    assert data.read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.upstream
+def test_dschat_reward_model_holds_out_a_share_and_warns_about_the_long_row(dschat_dir, tiny_assets, tmp_path):
+    """The issue's case: `make rm-llama2 DATA=file.json` evaluated on its own training rows ("eval accuracy 1.000")
+    without a word, and cut a long row from the right silently."""
+    data = _single_file_with_a_long_row(tiny_assets, tmp_path)
+    res = _run(["rlhf_overlay.dschat_reward_model", "--data", "pairs.jsonl", "--max-steps", "3", "--max-seq-len", "48",
+                "--output", "out"], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (f"note: {data} is the only data file (no eval file): 6 of its 60 rows (10%) are held out for evaluation "
+            f"and not trained on") in res.stdout
+    warnings_ = [line for line in res.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings_) == 1 and warnings_[0].startswith(f"warning: {data}:7: prompt + chosen is longer than 48 "
+                                                           f"tokens (") and "dropped from the right" in warnings_[0]
