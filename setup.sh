@@ -9,7 +9,8 @@
 #   FORCE=1 bash setup.sh           # move edits found inside upstream/ to upstream/.backup/ instead of refusing
 #
 # Environment knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3),
-# TORCH_SPEC (default torch==2.13.0; e.g. a CUDA build on GPU nodes), PIP_EXTRA_ARGS.
+# TORCH_SPEC (default torch==2.13.0; e.g. a CUDA build on GPU nodes), PIP_EXTRA_ARGS, RLHF_LOCK_TIMEOUT (seconds to
+# wait for a DeepSpeed op build another process runs, default 1800).
 # Everything is idempotent: stamps in the venv skip pip when nothing changed, and the overlay engine does
 # nothing when the work trees already are pin + overlays.
 set -euo pipefail
@@ -84,20 +85,28 @@ EOF
 }
 
 prebuild_deepspeed_cpu_ops() {
-    # On CPU, DeepSpeed JIT-compiles its CPU Adam at the first training step (~80 s). Do it once here, into the
-    # user cache, so training runs and tests start straight away.
+    # On CPU, DeepSpeed JIT-compiles its CPU Adam (offload) and fused Adam (DeepSpeed-Chat without offload) at the
+    # first training step (~80 s each). Do it once here, into the user cache, so training runs and tests start
+    # straight away.
     local ext
     ext="${TORCH_EXTENSIONS_DIR:-${RLHF_OVERLAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rlhf-overlay}/torch_extensions}"
-    if compgen -G "$ext/cpu_adam/cpu_adam*.so" >/dev/null; then
+    # A `lock` left there by a killed build makes torch (this build, and every DeepSpeed run) wait forever:
+    # stale ones are removed, a build in progress is waited for (RLHF_LOCK_TIMEOUT); see rlhf_overlay/waits.py.
+    if ! "$py" -m rlhf_overlay.waits extensions "$ext"; then
+        say "warning: not pre-building DeepSpeed's CPU ops (see the message above)"
+        return 0
+    fi
+    if compgen -G "$ext/cpu_adam/cpu_adam*.so" >/dev/null && compgen -G "$ext/fused_adam/fused_adam*.so" >/dev/null; then
         return 0
     fi
     if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
         return 0
     fi
-    say "building DeepSpeed's CPU Adam once into $ext (~1-2 min)"
+    say "building DeepSpeed's CPU Adam and fused Adam once into $ext (~1-3 min)"
     TORCH_EXTENSIONS_DIR="$ext" DS_ACCELERATOR=cpu "$py" -c \
-        'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' >/dev/null 2>&1 \
-        || say "warning: could not pre-build CPU Adam; DeepSpeed will try again at the first training step"
+        'from deepspeed.accelerator import get_accelerator as a; [a().create_op_builder(op).load() for op in ("CPUAdamBuilder", "FusedAdamBuilder")]' \
+        >/dev/null 2>&1 \
+        || say "warning: could not pre-build DeepSpeed's CPU ops; DeepSpeed will try again at the first training step"
 }
 
 install_upstream_test_deps() {

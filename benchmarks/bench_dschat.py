@@ -155,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (ours / "dschat" / "utils" / "run_checks.py").is_file():
         print(f"error: {ours} is not set up with our overlays; run `make upstream`", file=sys.stderr)
         return 2
+    # a `lock` left in the extension folder by a killed run would make every timed run below hang silently
+    from rlhf_overlay.errors import UserError
+    from rlhf_overlay.runs import runtime_env
+    from rlhf_overlay.waits import check_torch_extensions
+    try:
+        check_torch_extensions(runtime_env(cpu=True)["TORCH_EXTENSIONS_DIR"])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="bench-dschat-"))
     try:
         upstream = pristine_checkout(work / "pristine")

@@ -251,6 +251,8 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
     record_invocation(plan.run_dir, argv_for_record or [sys.executable, "-m", module, *config_to_argv(cfg)],
                       dict(resolved, requested=asdict(cfg)))
     env = launch_env(cpu=not resolved["cuda"], offline=offline, run_dir=plan.run_dir, hostfile=cfg.hostfile)
+    from rlhf_overlay.waits import check_torch_extensions
+    check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     print(f"[{kind}] run folder: {plan.run_dir}  ({summary})", flush=True)
     rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
     if rc != 0:

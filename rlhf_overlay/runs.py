@@ -5,6 +5,10 @@ Every training entry point does the same four things, so they live here once:
     record_invocation(run_dir, sys.argv, config_dict)
     env = runtime_env()                       # caches, thread counts, CPU accelerator
     rc = run_logged(cmd, run_dir, env=env)    # terminal + run_dir/training.log
+
+A run folder is held for the whole life of the process that prepared it by a kernel lock (fcntl.flock on
+`<run>/.run.lock`): a second run into a folder in use is refused naming the holder's pid; the lock goes with its
+holder however it ends (exit, exception, Ctrl-C, kill -9), so a killed run never leaves a stale lock.
 """
 from __future__ import annotations
 
@@ -23,6 +27,42 @@ from rlhf_overlay.errors import UserError
 
 class RunDirError(UserError, RuntimeError):
     """A run folder that cannot be used as asked (e.g. it holds a previous run)."""
+
+
+RUN_LOCK = ".run.lock"
+_HELD: dict[Path, tuple[object, int]] = {}  # run folders this process holds: (open lock file, its inode)
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take the run folder's kernel lock for the rest of this process (a no-op if this process holds it already);
+    refuse, naming the holder, when another live process holds it. Nothing to clean after a crash: the kernel
+    drops the lock when its holder dies."""
+    from rlhf_overlay import waits
+    run_dir = Path(run_dir)
+    lock = run_dir / RUN_LOCK
+    held = _HELD.get(run_dir)
+    if held is not None:
+        try:
+            if lock.stat().st_ino == held[1]:
+                return
+        except FileNotFoundError:
+            pass
+        held[0].close()
+        del _HELD[run_dir]
+    f = open(lock, "a+")
+    if not waits.try_flock(f):
+        holder = lock.read_text(errors="replace").strip() or "another process"
+        f.close()
+        raise RunDirError(f"OUTPUT={run_dir} is in use by a running job ({holder}). Wait for it to finish (or stop "
+                          f"it), or choose another OUTPUT; the folder frees itself when that process ends.")
+    _HELD[run_dir] = (f, os.fstat(f.fileno()).st_ino)
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release a run folder this process holds (normally never needed: exiting releases it)."""
+    held = _HELD.pop(Path(run_dir), None)
+    if held is not None:
+        held[0].close()
 
 
 def prepare_run_dir(kind: str, output: str | os.PathLike | None = None, overwrite: bool = False,
@@ -52,7 +92,12 @@ def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: boo
         run_dir = Path(output).expanduser().resolve()
         if run_dir.exists() and not run_dir.is_dir():
             raise RunDirError(f"OUTPUT={run_dir} exists and is a file, not a folder; pass another OUTPUT")
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        held_before = run_dir in _HELD
+        if (run_dir / RUN_LOCK).exists():
+            lock_run_dir(run_dir)  # a folder a live run writes into is refused, even with OVERWRITE
+        if run_dir.is_dir() and any(p.name != RUN_LOCK for p in run_dir.iterdir()) and not overwrite:
+            if not held_before:
+                unlock_run_dir(run_dir)
             raise RunDirError(
                 f"OUTPUT={run_dir} is not empty ({_holds(run_dir)}). Choose a new OUTPUT, leave OUTPUT "
                 f"unset for a fresh folder under runs/, or pass OVERWRITE=1 (--overwrite) to start over there (the old "
@@ -60,6 +105,7 @@ def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: boo
         if overwrite and run_dir.is_dir() and any(p.name != ".run.lock" for p in run_dir.iterdir()):
             move_aside(run_dir)  # a run folder belongs to one run: nothing of the old one mixes into the new one
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)
         return run_dir
     root = Path(runs_root) if runs_root else RUNS_DIR
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -68,6 +114,7 @@ def _prepare_run_dir(kind: str, output: str | os.PathLike | None, overwrite: boo
     while True:
         try:
             candidate.mkdir(parents=True, exist_ok=False)
+            lock_run_dir(candidate)
             return candidate
         except FileExistsError:
             n += 1
@@ -160,6 +207,9 @@ def runtime_env(base: Mapping[str, str] | None = None, offline: bool = True, cpu
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cpu is None:
         cpu = not has_cuda()
+    # RLHF_DIST_TIMEOUT (300 s CPU / 1800 s GPU) for rendezvous and collectives; DEEPSPEED_TIMEOUT (minutes) from it
+    from rlhf_overlay.waits import dist_env
+    dist_env(env, cuda=not cpu)
     if cpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -528,9 +528,32 @@ def main(argv=None) -> int:
         return 2
 
 
+def engine_lock():
+    """One setup engine at a time per project: two `make setup` / `make upstream` / `make lock` at once would move
+    the same work trees. A kernel lock (fcntl.flock on upstream/.setup-engine.lock) that dies with its holder; a
+    live holder is waited for with a message naming it, up to RLHF_LOCK_TIMEOUT. Returns the open lock file (keep
+    it until done), or None where upstream/ cannot be written (a read-only prepared checkout: nothing to guard)."""
+    from rlhf_overlay.waits import acquire_flock
+    path = paths.UPSTREAM_DIR / ".setup-engine.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError:
+        return None
+    acquire_flock(f, f"the setup engine lock {path}",
+                  "Another `make setup` / `make upstream` / `make lock` runs in this project; this one goes on when "
+                  "it ends.")
+    return f
+
+
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
+    try:
+        held = engine_lock()  # noqa: F841  (held until this process ends)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         lock = load_lock(Path(args.lock))
     except LockError as exc:

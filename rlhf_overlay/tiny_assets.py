@@ -433,7 +433,10 @@ def _locked(root: Path):
         yield e
         return
     with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        from rlhf_overlay.waits import acquire_flock  # a live builder is waited for (named, RLHF_LOCK_TIMEOUT)
+
+        acquire_flock(f, f"the tiny-asset build lock {root / LOCK_FILE}",
+                      "Another process is building the tiny assets; this run goes on when it is done.")
         try:
             yield None
         finally:

@@ -10,6 +10,7 @@ Nothing here imports torch/transformers/trlx at module import time, so `--help` 
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
@@ -116,6 +117,9 @@ def accelerate_command(module: str, args: Sequence[str], *, config_file: Path | 
         cmd += ["--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     if mixed_precision:
         cmd += ["--mixed_precision", mixed_precision]
+    # torchrun's rendezvous of the machines (static, before any worker starts) is bounded like the workers' own
+    from rlhf_overlay.waits import dist_timeout
+    cmd += ["--rdzv_conf", f"timeout={dist_timeout()}"]
     return cmd + ["-m", module, *args]
 
 
@@ -147,17 +151,31 @@ def cpu_deepspeed_backend_fix() -> None:
       list"). Creating the shared state with backend="gloo" first fixes both views.
     - without DeepSpeed, accelerate treats torchrun's ranks as distributed only when told it is on CPU
       (ACCELERATE_USE_CPU); otherwise every rank silently trains alone on all the data (measured: two
-      identical single-process runs)."""
+      identical single-process runs).
+    Every rank (CPU or GPU) first signs in (rlhf_overlay.waits.roll_call: a rank that never arrives is named), and
+    the process group gets the RLHF_DIST_TIMEOUT timeout (accelerate's InitProcessGroupKwargs) for the
+    rendezvous and every collective, instead of hanging on a dead rank."""
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import InitProcessGroupKwargs
 
-    if torch.cuda.is_available():
+    from rlhf_overlay.waits import dist_timeout, roll_call
+
+    cuda = torch.cuda.is_available()
+    seconds = dist_timeout(cuda)
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds)).to_kwargs()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        roll_call(seconds)
+    if cuda:
+        if distributed:
+            PartialState(**timeout)
         return
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        from accelerate import PartialState
-
-        PartialState(backend="gloo")
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(backend="gloo", **timeout)
+    elif distributed:
         os.environ["ACCELERATE_USE_CPU"] = "true"
+        PartialState(cpu=True, **timeout)
 
 
 def deepspeed_cpu_problem(ds_config: Mapping, source: str) -> str | None:

@@ -856,6 +856,9 @@ def join(run_dir: Path, machine_rank: int) -> int:
         env.setdefault(ENV, str(run_dir / "ranks"))
     cmd = accelerate_command("rlhf_overlay.trlx_ppo", ["--worker", str(run_dir)], config_file=config,
                              num_processes=0, machine_config=True)
+    if "DEEPSPEED" in config.read_text():
+        from rlhf_overlay.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     print(f"joining {run_dir} as machine {machine_rank} (log: {run_dir / f'training-machine{machine_rank}.log'})",
           flush=True)
     return run_logged(cmd, run_dir, env=env, log_name=f"training-machine{machine_rank}.log")
@@ -975,6 +978,10 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
               f"MACHINE_RANK={machine['machine_rank']}", flush=True)
     env = trlx_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
+    config_text = Path(launch["accelerate_config"]).read_text() if launch.get("accelerate_config") else ""
+    if launch["zero_stage"] or "DEEPSPEED" in config_text:
+        from rlhf_overlay.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     status.start(run_dir, cfg.run_kind, module, cfg.steps, resumed=resume_dir is not None)
     t0 = time.time()
     with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json

@@ -461,6 +461,11 @@ def worker_main(run_dir: Path) -> int:
     cuda = torch.cuda.is_available()
     main_proc = int(os.environ.get("RANK", "0")) == 0
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from rlhf_overlay.waits import dist_timeout, roll_call
+
+    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
+    if distributed:
+        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
     transformers.set_seed(cfg.seed)
     transformers.logging.set_verbosity_error()
 
@@ -508,6 +513,7 @@ def worker_main(run_dir: Path) -> int:
         # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
         ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
         use_cpu=not cuda and ds_config is None,
+        ddp_timeout=timeout,
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=not main_proc,
@@ -679,6 +685,9 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
                           num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
     env = runtime_env(cpu=not cuda)
     env["RLHF_OVERLAY_WORKER"] = "1"
+    if ds is not None:
+        from rlhf_overlay.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     env.setdefault("WANDB_DISABLED", "true")
     if cfg.hostfile:
         from rlhf_overlay.hostfile import remote_env
