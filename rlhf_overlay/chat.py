@@ -38,7 +38,8 @@ class ChatConfig:
         if not 0 < self.top_p <= 1:
             raise ChatError(f"top_p must be in (0, 1], got {self.top_p}")
         from rlhf_overlay import preflight
-        r = preflight.check_model(self.model, "MODEL", accept=(preflight.CAUSAL_LM,), consumer="make chat")
+        r = preflight.check_model(self.model, "MODEL", accept=(preflight.CAUSAL_LM,), consumer="make chat",
+                                  training=False)
         preflight.say(r)
         if r.local is not None:
             self.model = str(r.local)   # a run folder -> its policy/ or actor/

@@ -117,17 +117,20 @@ def hub_offline(dataset: bool = False) -> bool:
     return _truthy("HF_HUB_OFFLINE") or (dataset and _truthy("HF_DATASETS_OFFLINE"))
 
 
-def _hf_home() -> Path:
-    """The HF_HOME the training processes use (runs.runtime_env: the user's, else our cache's hf/)."""
+def _hf_home(training: bool = True) -> Path:
+    """The HF_HOME the program will use: the user's; else for training runs our cache's hf/ (runs.runtime_env),
+    for chat / eval-rm (plain transformers) the Hugging Face default."""
     from rlhf_overlay.paths import cache_dir
-    return Path(os.environ.get("HF_HOME") or cache_dir() / "hf").expanduser()
+    default = cache_dir() / "hf" if training else Path("~/.cache/huggingface")
+    return Path(os.environ.get("HF_HOME") or default).expanduser()
 
 
-def _hub_cached(repo_id: str, dataset: bool) -> bool:
-    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or _hf_home() / "hub")
+def _hub_cached(repo_id: str, dataset: bool, training: bool = True) -> bool:
+    home = _hf_home(training)
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
     folder = hub / f"{'datasets' if dataset else 'models'}--{repo_id.replace('/', '--')}"
     if dataset:
-        ds_cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets")
+        ds_cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets")
         return folder.is_dir() or (ds_cache / repo_id.replace("/", "___")).is_dir()
     return any(folder.glob("snapshots/*/config.json"))
 
@@ -151,7 +154,8 @@ class Resolved:
     note: str = ""
 
 
-def resolve_name(value: str, var: str, dataset: bool = False, default_of: str = "") -> Resolved:
+def resolve_name(value: str, var: str, dataset: bool = False, default_of: str = "",
+                 training: bool = True) -> Resolved:
     """A local path, or a hub id. A name is a hub id only when it is not a path: not absolute, ~ or ./-relative,
     not deeper than org/name, no .json/.jsonl suffix, and its first part is not an existing folder here. A hub id
     must be in the local cache, or (online) exist on the hub. `default_of` names the recipe when the value is its
@@ -169,7 +173,7 @@ def resolve_name(value: str, var: str, dataset: bool = False, default_of: str = 
         rel = "" if p.is_absolute() else f", relative to {Path.cwd()}"
         raise PreflightError(f"{var}={value!r}: no such file or folder{_did_you_mean(p)} (read as a local path"
                              f"{rel}) — check the path")
-    if _hub_cached(value, dataset):
+    if _hub_cached(value, dataset, training):
         return Resolved(value, hub_id=value, note=f"{given}: no such local path, so it is the hub {what} {value} "
                                                   f"(found in the local cache)")
     if hub_offline(dataset):
@@ -422,10 +426,10 @@ def check_weights(path: Path) -> None:
 
 
 def check_model(value: str, var: str, accept: tuple[str, ...], consumer: str, family: str = "",
-                allow_arch: bool = False, weights: bool = True) -> Resolved:
+                allow_arch: bool = False, weights: bool = True, training: bool = True) -> Resolved:
     """MODEL (ACTOR, CRITIC, RM) for `consumer`: resolves (folder or hub id), is an accepted kind, fits the family,
     and its weights open. Returns the resolved name (`local` = the folder to use, maybe a run's subfolder)."""
-    r = resolve_name(value, var)
+    r = resolve_name(value, var, training=training)
     if r.local is None:
         return r
     folder, kind = check_kind(r.local, var, accept, consumer)
