@@ -476,6 +476,8 @@ def check_output(output: str, overwrite: bool, var: str = "OUTPUT") -> None:
 def check_data(value: str, var: str = "DATA", default_of: str = "") -> Resolved:
     """DATA: a local file/folder (rows are validated by rlhf_overlay.preference_data afterwards), or a hub
     dataset that is cached or reachable; a missing relative path is never taken for a hub id."""
+    if value == "local/jsonfile":   # upstream's name for <DeepSpeed-Chat>/data/{train,eval}.json
+        return Resolved(value, note=f"{var}=local/jsonfile: DeepSpeed-Chat's own data/train.json and data/eval.json")
     return resolve_name(value, var, dataset=True, default_of=default_of)
 
 
