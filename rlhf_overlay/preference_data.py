@@ -300,7 +300,7 @@ def held_out_note(file, n_rows: int, share: float = EVAL_SHARE) -> str:
 
 # ---------------------------------------------------------------------------------------------- over-long rows
 def truncation_warning(file, cuts: Sequence[tuple[int, str, int]], max_tokens: int, side: str,
-                       action: str = "truncated") -> str | None:
+                       action: str = "truncated", setting: str = "max_seq_len / --max-length") -> str | None:
     """One warning for a file whose rows are longer than `max_tokens`: `cuts` = [(line, field, tokens)] of the
     rows that are too long; `side` = "left" or "right" (where the tokens are dropped). None when nothing is cut."""
     if not cuts:
@@ -311,18 +311,35 @@ def truncation_warning(file, cuts: Sequence[tuple[int, str, int]], max_tokens: i
     lines = len({c[0] for c in cuts})
     more = f"; {lines} rows of this file are {action} to {max_tokens} tokens" if lines > 1 else ""
     return (f"warning: {file}:{line}: {what} is longer than {max_tokens} tokens ({dropped}){more} — raise the "
-            f"maximum length (max_seq_len / --max-length) or shorten these rows")
+            f"maximum length ({setting}) or shorten these rows")
 
 
 def overlong_warning(file, rows: Sequence[tuple[int, dict]], texts, count_tokens, max_tokens: int, side: str,
-                     action: str = "truncated") -> str | None:
+                     action: str = "truncated", setting: str = "max_seq_len / --max-length") -> str | None:
     """The one warning for `file` (None if no row is too long). `rows` = [(line, row)]; `texts(row)` = [(what,
     text)] as the model sees them (e.g. ("prompt + chosen", ...)); `count_tokens(list of texts)` = their lengths in
     tokens; `side` = where the tokens are dropped ("left" / "right")."""
     labelled = [(line, what, text) for line, row in rows for what, text in texts(row)]
     counts = count_tokens([t for _, _, t in labelled]) if labelled else []
     cuts = [(line, what, n) for (line, what, _), n in zip(labelled, counts) if n > max_tokens]
-    return truncation_warning(file, cuts, max_tokens, side, action)
+    return truncation_warning(file, cuts, max_tokens, side, action, setting)
+
+
+def prompt_overlong_warnings(data, tokenizer_path, max_tokens: int, side: str = "left") -> list[str]:
+    """One warning per prompt file of DATA whose prompts are longer than `max_tokens` with the policy's tokenizer
+    (trlx PPO cuts them to seq_length - max_new_tokens from the left)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    train, evaluation = data_files(data)
+    out = []
+    for f in [train] + ([evaluation] if evaluation is not None else []):
+        w = overlong_warning(f, prompt_rows_with_lines(f), lambda r: [("prompt", r["prompt"])],
+                             lambda ts: [len(ids) for ids in tok(ts, add_special_tokens=False, verbose=False)["input_ids"]],
+                             max_tokens, side, setting="--seq-length, or fewer --max-new-tokens")
+        if w:
+            out.append(w)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -916,6 +916,11 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     if "RM" in checked and checked["RM"].local is not None:
         cfg.rm = str(checked["RM"].local)   # a run folder of make rm-* -> its reward_model/
     check_trlx()  # after the data checks: a bad row is reported even where trlx is not set up yet
+    if cfg.data:  # prompts longer than seq_length - max_new_tokens are cut from the left by trlx: say so, per file
+        from rlhf_overlay.preference_data import prompt_overlong_warnings
+
+        for warning in prompt_overlong_warnings(cfg.data, policy_path, cfg.seq_length - cfg.max_new_tokens):
+            print(warning, flush=True)
     if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
                           f"value_head.safetensors); pass <rm run>/reward_model")

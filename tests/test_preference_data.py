@@ -288,3 +288,15 @@ def test_dschat_reward_model_holds_out_a_share_and_warns_about_the_long_row(dsch
     warnings_ = [line for line in res.stdout.splitlines() if line.startswith("warning: ")]
     assert len(warnings_) == 1 and warnings_[0].startswith(f"warning: {data}:7: prompt + chosen is longer than 48 "
                                                            f"tokens (") and "dropped from the right" in warnings_[0]
+
+
+def test_ppo_prompts_longer_than_the_prompt_budget_are_one_warning(tiny_assets, tmp_path):
+    from rlhf_overlay.preference_data import prompt_overlong_warnings
+
+    rows = [{"prompt": "Human: tell me about the garden. Assistant:"} for _ in range(10)]
+    rows[4]["prompt"] = "Human: " + "garden " * 200 + "Assistant:"
+    f = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    [w] = prompt_overlong_warnings(f, tiny_assets / "models" / "tiny-bloom", 52)
+    assert w.startswith(f"warning: {f}:5: prompt is longer than 52 tokens (") and "dropped from the left" in w
+    assert w.endswith("raise the maximum length (--seq-length, or fewer --max-new-tokens) or shorten these rows")
+    assert prompt_overlong_warnings(f, tiny_assets / "models" / "tiny-bloom", 10_000) == []
