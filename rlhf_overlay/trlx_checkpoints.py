@@ -298,8 +298,8 @@ def given_flags(argv, fields) -> set[str]:
     return out
 
 
-def resume_config(cfg, argv, cls):
-    """For RESUME=<run>: the run's own settings (config.json) with the flags given now; refuses a change that
+def resume_config(cfg, argv, cls, key: str = "ppo", what: str = "a trlx PPO run", may_change=None):
+    """For RESUME=<run>: the run's own settings (config.json[key]) with the flags given now; refuses a change that
     matters, naming the setting. Returns (config, run folder, changed settings)."""
     import dataclasses
     import json
@@ -309,10 +309,10 @@ def resume_config(cfg, argv, cls):
     run_dir = Path(cfg.resume).expanduser().resolve()
     try:
         resolved = json.loads((run_dir / "config.json").read_text())
-        old = resolved["ppo"]
-    except (OSError, ValueError, KeyError):
-        raise ConfigError(f"RESUME={cfg.resume}: not the run folder of a trlx PPO run (no config.json with its PPO "
-                          f"settings in {run_dir})") from None
+        old = resolved[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"RESUME={cfg.resume}: not the run folder of {what} (no config.json with its settings in "
+                          f"{run_dir})") from None
     if cfg.overwrite:
         raise ConfigError("RESUME and OVERWRITE=1 contradict each other: RESUME continues a run in its folder, "
                           "OVERWRITE=1 starts a new one; pass one of them")
@@ -326,7 +326,7 @@ def resume_config(cfg, argv, cls):
     new_cfg = cls(**{k: v for k, v in new.items() if k in {f.name for f in fields}}).resolve()
     old_cmp = {k: v for k, v in old.items() if k not in _IGNORED}
     new_cmp = {k: v for k, v in dataclasses.asdict(new_cfg).items() if k not in _IGNORED and k in old}
-    changed = ck.check_resume_settings(old_cmp, new_cmp, MAY_CHANGE, MAKE_NAMES)
+    changed = ck.check_resume_settings(old_cmp, new_cmp, MAY_CHANGE if may_change is None else may_change, MAKE_NAMES)
     new_cfg.resume, new_cfg.output, new_cfg.overwrite = str(run_dir), "", False
     return new_cfg, run_dir, changed
 

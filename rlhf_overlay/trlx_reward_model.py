@@ -71,6 +71,10 @@ class RewardModelConfig:
     hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, value-head init)"})
     allow_arch: bool = field(default=False, metadata={"help": "train a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
+    checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N optimizer steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 100 tiny / 0 own model"})
+    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
 
     @property
     def tiny(self) -> bool:
@@ -91,6 +95,10 @@ class RewardModelConfig:
         c.eval_steps = c.eval_steps or (50 if t else 0)
         if c.eval_before == "auto":
             c.eval_before = "yes" if t else "no"
+        c.checkpoint_every = (100 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
+        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
+        from rlhf_overlay.checkpoints import validate_schedule
+        validate_schedule(c.checkpoint_every, c.checkpoint_minutes, c.keep_checkpoints)
         c.validate()
         return c
 
@@ -135,6 +143,11 @@ class RewardModelConfig:
                     "file or a folder with train.jsonl (a relative path is taken from the current folder)")
         if self.hostfile and not Path(self.hostfile).is_file():
             bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
+
+
+# Settings a resume (RESUME=<run>) may change; everything else must be the run's.
+RM_MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_steps",
+                 "logging_steps"}
 
 
 def _looks_local(name: str) -> bool:
@@ -456,6 +469,10 @@ def worker_main(run_dir: Path) -> int:
     run_dir = Path(run_dir)
     resolved = json.loads((run_dir / "config.json").read_text())
     cfg = RewardModelConfig(**resolved["reward_model"])
+    from rlhf_overlay import checkpoints as ck
+    from rlhf_overlay import hf_checkpoints, status
+    stop = ck.StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next optimizer step, then stop
+    resume_from = resolved.get("resume_from")
     model_path, precision = resolved["model_path"], resolved["precision"]
     ds_config = resolved.get("deepspeed_config")
     cuda = torch.cuda.is_available()
@@ -491,7 +508,7 @@ def worker_main(run_dir: Path) -> int:
               f"are identical after truncation to {cfg.max_length} tokens", flush=True)
 
     args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"),
+        output_dir=hf_checkpoints.output_dir(run_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -505,7 +522,8 @@ def worker_main(run_dir: Path) -> int:
         report_to=["tensorboard"],
         eval_strategy="steps" if cfg.eval_steps else "epoch",
         eval_steps=cfg.eval_steps or None,
-        save_strategy="no",
+        save_strategy="no",             # checkpoints: rlhf_overlay.hf_checkpoints decides when, and names them
+        save_safetensors=False,          # the trunk's tied embeddings are shared tensors, which safetensors refuses
         remove_unused_columns=False,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -525,6 +543,10 @@ def worker_main(run_dir: Path) -> int:
 
     rank_report = RankReport("rm")  # RANK_REPORT=1: the pairs this rank trained on and its optimizer state
 
+    checkpoints = hf_checkpoints.callback(run_dir, ck.Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes,
+                                                               cfg.keep_checkpoints),
+                                          stop, bool(resume_from), scalars, lambda: trainer)
+
     class CommonNames(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
@@ -533,6 +555,18 @@ def worker_main(run_dir: Path) -> int:
                          "rm/eval_loss": logs.get("eval_loss")}, state.global_step)
 
     class RewardTrainer(Trainer):
+        def _load_rng_state(self, checkpoint):
+            # transformers 4.44 reads the RNG file with torch.load's default, which torch >= 2.6 makes weights_only:
+            # the numpy RNG state inside (arrays) is then refused; allow exactly those types
+            import numpy as np
+            with torch.serialization.safe_globals([np.core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                                   type(np.dtype(np.uint32))]):
+                return super()._load_rng_state(checkpoint)
+
+        def _save_checkpoint(self, model, trial, metrics=None):
+            super()._save_checkpoint(model, trial, metrics=metrics)   # into checkpoints/.hf-writing/checkpoint-N
+            hf_checkpoints.commit(self, run_dir, cfg.keep_checkpoints)  # ... renamed to checkpoints/step-N
+
         def compute_loss(self, model, inputs, return_outputs=False):
             if model.training:
                 rank_report.add_samples(inputs["chosen_input_ids"], tokenizer.pad_token_id)
@@ -555,15 +589,25 @@ def worker_main(run_dir: Path) -> int:
 
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=_collator(tokenizer.pad_token_id), compute_metrics=compute_metrics,
-                            callbacks=[CommonNames()])
+                            callbacks=[CommonNames(), checkpoints])
     before = None
-    if cfg.eval_before == "yes":
+    if cfg.eval_before == "yes" and not resume_from:  # a resumed run measured it when it started
         before = trainer.evaluate(metric_key_prefix="eval")
         scalars.log({"rm/acc": before["eval_accuracy"], "rm/eval_loss": before["eval_loss"]}, 0)
         if main_proc:
             print(f"eval accuracy before training: {before['eval_accuracy']:.3f} on {len(eval_ds)} pairs", flush=True)
     t0 = time.time()
-    result = trainer.train()
+    if resume_from and main_proc:
+        print(f"resumed from step {ck.read_state(Path(resume_from))['global_step']} ({resume_from})", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if checkpoints.stopped_at is not None:  # SIGINT / SIGTERM: the checkpoint is written, stop in every rank
+        if main_proc:
+            st = status.write_status(run_dir, state="interrupted", reason=f"stopped by {stop.signal or 'a signal on another rank'} "
+                                     f"after step {checkpoints.stopped_at}")
+            print(f"interrupted after step {checkpoints.stopped_at}; checkpoint {st.get('checkpoint')}\n"
+                  f"resume with: {st.get('resume_command')}", flush=True)
+        scalars.close()
+        return stop.exit_code() if stop.signal else 143
     train_seconds = time.time() - t0
     engine = trainer.model_wrapped if hasattr(trainer.model_wrapped, "zero_optimization_stage") else trainer.optimizer
     rank_report.add_optimizer("rm", engine, model=model)
@@ -571,10 +615,11 @@ def worker_main(run_dir: Path) -> int:
     after = trainer.evaluate(metric_key_prefix="eval")
     if main_proc:
         out_dir = run_dir / "reward_model"
-        save_reward_model(model, tokenizer, out_dir, {
-            "base_model": model_path, "arch": cfg.arch, "max_length": cfg.max_length, "separator": cfg.separator,
-            "eval_accuracy": after["eval_accuracy"], "score_position": "last non-pad token (eos appended)",
-        })
+        with status.final_folder(out_dir) as partial:  # reward_model/ appears only when complete
+            save_reward_model(model, tokenizer, partial, {
+                "base_model": model_path, "arch": cfg.arch, "max_length": cfg.max_length, "separator": cfg.separator,
+                "eval_accuracy": after["eval_accuracy"], "score_position": "last non-pad token (eos appended)",
+            })
         steps = max(1, result.global_step)
         metrics = {
             "eval_accuracy": after["eval_accuracy"], "eval_margin": after["eval_margin"],
@@ -630,6 +675,16 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     from rlhf_overlay.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
     from rlhf_overlay.trlx_common import trainer_command
 
+    from rlhf_overlay import status
+    from rlhf_overlay.trlx_checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
+
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], RewardModelConfig,
+                                                 key="reward_model", what="a reward-model run (make rm-bloom / rm-gptj)",
+                                                 may_change=RM_MAY_CHANGE)
+        if changed:
+            print(f"resume: changed settings {', '.join(changed)}", flush=True)
     cfg = cfg.resolve()
     if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
         raise ConfigError("started under a distributed launcher: run `python -m rlhf_overlay.trlx_reward_model` (or "
@@ -671,13 +726,20 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)
     try:
-        run_dir = prepare_run_dir(f"rm-{cfg.arch}", output=cfg.output or None, overwrite=cfg.overwrite)
+        run_dir = (prepare_run_dir(f"rm-{cfg.arch}", output=cfg.output or None, overwrite=cfg.overwrite)
+                   if resume_dir is None else open_resume_dir(resume_dir))
     except RunDirError as e:
         raise ConfigError(str(e)) from None
     resolved = {"reward_model": dataclasses.asdict(cfg), "model_path": model_path, "precision": precision,
                 "deepspeed_config": ds, "data": sources, "train_pairs": len(train), "eval_pairs": len(ev)}
-    record_invocation(run_dir, [sys.executable, "-m", "rlhf_overlay.trlx_reward_model",
-                                *(argv if argv is not None else sys.argv[1:])], resolved)
+    invocation = [sys.executable, "-m", "rlhf_overlay.trlx_reward_model", *(argv if argv is not None else sys.argv[1:])]
+    if resume_dir is None:
+        record_invocation(run_dir, invocation, resolved)
+    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
+        resolved["resume_from"] = str(resolve_resume(run_dir))
+        write_json(run_dir / "config.json", resolved)
+        append_command(run_dir, invocation)
+        print(f"resuming {run_dir} from {Path(resolved['resume_from']).name}", flush=True)
     print(f"reward model ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {model_path}\n"
           f"data: {len(train)} train / {len(ev)} eval pairs (train: {sources['train']}; eval: {sources['eval']})\n"
           f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
@@ -693,9 +755,15 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
         from rlhf_overlay.hostfile import remote_env
 
         env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
-    rc = run_logged(cmd, run_dir, env=env)
+    status.start(run_dir, f"rm-{cfg.arch}", "rlhf_overlay.trlx_reward_model", None, resumed=resume_dir is not None)
+    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
+        rc = run_logged(cmd, run_dir, env=env)
+    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
     if rc != 0:
-        print(f"error: reward model training failed (exit {rc}); see {run_dir / 'training.log'}", file=sys.stderr)
+        print(f"error: reward model training {st['state']} ({status.describe_exit(rc)[0]}); see "
+              f"{run_dir / 'training.log'}", file=sys.stderr)
+        if st.get("checkpoint"):
+            print(f"resume with: {st['resume_command']}", file=sys.stderr)
         return rc
     m = json.loads((run_dir / "metrics.json").read_text())
     before = f"{m['eval_accuracy_before']:.3f} -> " if m.get("eval_accuracy_before") is not None else ""

@@ -180,6 +180,6 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path):
 
 def test_make_targets_without_checkpoints_refuse_the_checkpoint_variables(tmp_path):
     env = dict(_env(), RESUME=str(tmp_path))
-    res = subprocess.run(["bash", "training_scripts/rm_bloom.sh"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+    res = subprocess.run(["bash", "training_scripts/rm_llama2.sh"], cwd=PROJECT_ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
-    assert res.returncode == 2 and "make rm-bloom does not write resumable checkpoints yet" in res.stderr
+    assert res.returncode == 2 and "make rm-llama2 does not write resumable checkpoints yet" in res.stderr

@@ -20,7 +20,7 @@ common_flags() {
     if [[ "${resumable:-0}" != 1 && -n "${RESUME:-}${CHECKPOINT_EVERY:-}${CHECKPOINT_MINUTES:-}${KEEP_CHECKPOINTS:-}" ]]; then
         local target; target="$(basename "$0" .sh)"
         echo "error: RESUME / CHECKPOINT_EVERY / CHECKPOINT_MINUTES / KEEP_CHECKPOINTS: make ${target//_/-} does not write" \
-             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom and ppo-gptj do); drop them" >&2
+             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom, ppo-gptj, rm-bloom and rm-gptj do); drop them" >&2
         exit 2
     fi
     [[ -n "${MODEL:-}" ]]        && args+=(--model "$MODEL")

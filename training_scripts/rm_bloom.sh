@@ -3,5 +3,6 @@
 # Value-head reward model on BLOOM (embedded tiny BLOOM by default): python -m rlhf_overlay.trlx_reward_model --help
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+resumable=1   # RESUME, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS (README: Long runs)
 common_flags --num-processes
 exec "$py" -m rlhf_overlay.trlx_reward_model --arch bloom "${args[@]}" "$@"
