@@ -254,7 +254,11 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
     from rlhf_overlay.waits import check_torch_extensions
     check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     print(f"[{kind}] run folder: {plan.run_dir}  ({summary})", flush=True)
-    rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
+    from rlhf_overlay import status   # status.json: running -> completed / failed (exit code, signal); no checkpoints
+    status.start(plan.run_dir, kind, module, None, resumable=False)
+    with status.interrupt_finishes(plan.run_dir):
+        rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
+    status.finish(plan.run_dir, rc)
     if rc != 0:
         print(f"[{kind}] failed with exit code {rc}; see {plan.run_dir / 'training.log'}", file=sys.stderr,
               flush=True)

@@ -131,10 +131,13 @@ def final_folder(path: Path, enabled: bool = True):
         os.replace(tmp, path)
 
 
-def start(run_dir: Path, target: str, module: str, total_steps: int | None = None, resumed: bool = False) -> dict:
-    """Mark a run folder as running (before its training processes start); a resume keeps the checkpoint fields."""
+def start(run_dir: Path, target: str, module: str, total_steps: int | None = None, resumed: bool = False,
+          resumable: bool = True) -> dict:
+    """Mark a run folder as running (before its training processes start); a resume keeps the checkpoint fields.
+    `resumable=False`: a target without resumable checkpoints (no resume command)."""
     fields = dict(state="running", target=target, total_steps=total_steps, pid=os.getpid(), exit_code=None,
-                  signal=None, reason=None, resume_command=resume_command(target, Path(run_dir), module))
+                  signal=None, reason=None,
+                  resume_command=resume_command(target, Path(run_dir), module) if resumable else None)
     if not resumed:
         fields.update(last_step=0, checkpoint=None, started=_dt.datetime.now().isoformat(timespec="seconds"))
     return write_status(run_dir, **fields)

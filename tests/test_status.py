@@ -120,3 +120,13 @@ def test_report_shows_the_status(tmp_path, capsys):
     assert "Status: **interrupted**" in (tmp_path / "summary.md").read_text()
     status.finish(tmp_path, 0)
     assert report.status_line(tmp_path) == "Status: **completed**; 40 steps"
+
+
+def test_targets_without_checkpoints_have_a_status_without_resume_command(tmp_path):
+    status.start(tmp_path, "rm-llama2", "rlhf_overlay.dschat_reward_model", resumable=False)
+    (tmp_path / "training.log").write_text("")
+    st = status.finish(tmp_path, 1)
+    assert st["state"] == "failed" and st["resume_command"] is None and st["exit_code"] == 1
+    assert status.incomplete_reason(tmp_path) == "it holds an incomplete run (failed); it has no complete checkpoint " \
+                                                 "to resume from"
+    assert (tmp_path / "training.log").read_text().strip() == "[rlhf-overlay] run failed: exit code 1"
