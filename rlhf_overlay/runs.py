@@ -51,8 +51,9 @@ def lock_run_dir(run_dir: Path) -> None:
         del _HELD[run_dir]
     f = open(lock, "a+")
     if not waits.try_flock(f):
-        holder = lock.read_text(errors="replace").strip() or "another process"
         f.close()
+        holders, _ = waits.folder_users(None, lock)   # who has it open now (the run, or the launcher it started)
+        holder = "; ".join(holders) or lock.read_text(errors="replace").strip() or "another process"
         raise RunDirError(f"OUTPUT={run_dir} is in use by a running job ({holder}). Wait for it to finish (or stop "
                           f"it), or choose another OUTPUT; the folder frees itself when that process ends.")
     _HELD[run_dir] = (f, os.fstat(f.fileno()).st_ino)
@@ -232,8 +233,12 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
         header = f"$ (cd {cwd or os.getcwd()} && {shlex.join([str(c) for c in cmd])})\n".encode()
         log.write(header)
         log.flush()
+        # the launcher shares the run folder's kernel lock: it stays held while the job runs, even if this process
+        # is killed first
+        held = _HELD.get(Path(run_dir).resolve())
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=dict(env) if env else None,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
+                                pass_fds=(held[0].fileno(),) if held else ())
         assert proc.stdout is not None
 
         def pump():

@@ -135,19 +135,19 @@ def _cmdline(pid: str) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def folder_users(folder: Path, lock: Path | None = None) -> tuple[list[str], bool]:
+def folder_users(folder: Path | None, lock: Path | None = None) -> tuple[list[str], bool]:
     """Processes on this machine that hold `lock` open (torch's builder keeps its baton open while it builds) or
     whose working folder is inside `folder` (ninja and the compiler run there): ["pid (command)", ...], and
-    whether some processes could not be inspected (other users' processes)."""
-    folder = Path(os.path.realpath(folder))
+    whether some processes could not be inspected (other users' processes). folder=None: only `lock`."""
+    inside = str(Path(os.path.realpath(folder))) if folder else None
     lock_path = os.path.realpath(lock) if lock else None
     users, hidden, me = [], False, str(os.getpid())
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or pid == me:
             continue
         try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            if cwd == str(folder) or cwd.startswith(str(folder) + os.sep):
+            cwd = os.readlink(f"/proc/{pid}/cwd") if inside else ""
+            if inside and (cwd == inside or cwd.startswith(inside + os.sep)):
                 users.append(f"pid {pid} ({_cmdline(pid)})")
                 continue
             if lock_path:

@@ -224,12 +224,46 @@ def test_run_folder_in_use_is_refused_naming_the_holder_and_freed_when_it_dies(t
                               text=True, env=env_with())
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(runs.RunDirError, match=rf"is in use by a running job \(pid {holder.pid} on "):
+        with pytest.raises(runs.RunDirError, match=rf"is in use by a running job \(pid {holder.pid} \("):
             runs.prepare_run_dir("test", output=out, overwrite=True)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert runs.prepare_run_dir("test", output=out) == out.resolve()   # dead holder: nothing stale to clean
+    runs.unlock_run_dir(out.resolve())
+
+
+HOLD_VIA_LAUNCHER = r"""
+import sys
+from rlhf_overlay.runs import prepare_run_dir, run_logged
+run = prepare_run_dir("test", output=sys.argv[1])
+run_logged([sys.executable, "-c", "import sys, time; print('job started', flush=True); time.sleep(300)"], run)
+"""
+
+
+def test_the_launched_job_keeps_the_run_folder_when_its_parent_is_killed(tmp_path):
+    out = tmp_path / "run"
+    parent = subprocess.Popen([PY, "-c", HOLD_VIA_LAUNCHER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=env_with())
+    assert parent.stdout.readline().strip() == "job started"
+    job = [line.split()[0] for line in subprocess.run(["pgrep", "-a", "-P", str(parent.pid)], capture_output=True,
+                                                      text=True).stdout.splitlines()]
+    assert len(job) == 1
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    try:
+        with pytest.raises(runs.RunDirError, match=rf"in use by a running job \(pid {job[0]} \("):
+            runs.prepare_run_dir("test", output=out, overwrite=True)
+    finally:
+        os.kill(int(job[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:   # the kernel drops the lock as the killed job exits
+        try:
+            assert runs.prepare_run_dir("test", output=out, overwrite=True) == out.resolve()
+            break
+        except runs.RunDirError:
+            assert time.monotonic() < deadline, "the lock outlived its holder"
+            time.sleep(0.1)
     runs.unlock_run_dir(out.resolve())
 
 
