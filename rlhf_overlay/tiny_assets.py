@@ -435,8 +435,12 @@ def _locked(root: Path):
     with f:
         from rlhf_overlay.waits import acquire_flock  # a live builder is waited for (named, RLHF_LOCK_TIMEOUT)
 
-        acquire_flock(f, f"the tiny-asset build lock {root / LOCK_FILE}",
-                      "Another process is building the tiny assets; this run goes on when it is done.")
+        from rlhf_overlay.waits import WaitTimeout
+        try:
+            acquire_flock(f, f"the tiny-asset build lock {root / LOCK_FILE}",
+                          "Another process is building the tiny assets; this run goes on when it is done.")
+        except WaitTimeout as e:
+            raise AssetsError(str(e)) from None
         try:
             yield None
         finally:

@@ -304,6 +304,22 @@ def test_our_lock_names_its_live_holder_and_gives_up_at_the_limit(tmp_path):
         waits.acquire_flock(f, "the tiny-asset build lock", timeout=1)   # the kernel dropped the dead holder's lock
 
 
+def test_tiny_asset_build_waits_for_a_live_builder_then_stops_naming_it(tmp_path, monkeypatch):
+    from rlhf_overlay.tiny_assets import LOCK_FILE, AssetsError, ensure_tiny_assets
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([PY, "-c", HOLD_FLOCK, str(tmp_path / LOCK_FILE)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env_with())
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        monkeypatch.setenv("RLHF_LOCK_TIMEOUT", "1")
+        with pytest.raises(AssetsError, match=rf"tiny-asset build lock .* \(held by pid {holder.pid} on "):
+            ensure_tiny_assets(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]   # nothing was built while it waited
+
+
 def test_setup_engine_waits_for_a_live_engine_then_gives_up_with_its_name(tmp_path, monkeypatch):
     from rlhf_overlay import paths, setup_engine
     monkeypatch.setattr(paths, "UPSTREAM_DIR", tmp_path)
