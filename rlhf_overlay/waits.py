@@ -201,7 +201,16 @@ def on_network_fs(path: Path) -> bool:
 
 
 def _lock_state(lock: Path) -> tuple[str, str]:
-    """('gone' | 'stale' | 'busy', why) for one extension lock."""
+    """('gone' | 'stale' | 'busy', why) for one extension lock. "Stale" is confirmed a moment later: torch's
+    release() closes the lock before it deletes it, and that instant must not look like a dead builder."""
+    state = _lock_state_once(lock)
+    if state[0] == "stale":
+        time.sleep(0.5)
+        state = _lock_state_once(lock)
+    return state
+
+
+def _lock_state_once(lock: Path) -> tuple[str, str]:
     try:
         st = lock.stat()
     except FileNotFoundError:
