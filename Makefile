@@ -47,6 +47,9 @@ ALLOW_ARCH ?= 0
 CHECKPOINT_EVERY ?=
 CHECKPOINT_MINUTES ?=
 KEEP_CHECKPOINTS ?=
+# PPO health guards (NaN/inf, KL per token, degenerate answers, reward collapse): stop | warn (empty = stop with your
+# own MODEL, warn on the tiny defaults)
+ON_UNHEALTHY ?=
 # ppo-join: this machine's rank (its line in HOSTFILE, counting from 0) in the run RUN started on the first host
 MACHINE_RANK ?=
 # accelerate-config: base accelerate config (cpu, multi_gpu, zero2 or a YAML file) and the folder to write into
@@ -65,7 +68,7 @@ PYTEST_ARGS ?=
 # refused here, before anything runs.
 USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
              NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
-             EXTRA_VOCAB_SIZE CONVERT_FLAGS CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+             EXTRA_VOCAB_SIZE CONVERT_FLAGS CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS ON_UNHEALTHY
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
   environment%,$(origin $(v))))),$(if $(findstring $$,$(value $(v))),$(error $(v)=$(value $(v)) contains '$$', which \
   make would expand before any program sees it — give the value without '$$': let your shell expand it first, e.g. \

@@ -98,13 +98,14 @@ class Control:
 
     def __init__(self, run_dir: Path, schedule: ck.Schedule, stop: ck.StopRequest, resume_from: Path | None,
                  total_steps: int, settings: dict, get_extra=None, set_extra=None, close_step=None,
-                 reopen_scalars=None):
+                 reopen_scalars=None, check_health=None):
         self.run_dir, self.schedule, self.stop, self.resume_from = Path(run_dir), schedule, stop, resume_from
         self.total_steps, self.settings = total_steps, settings
         self.get_extra = get_extra or (lambda: {})
         self.set_extra = set_extra or (lambda d: None)
         self.close_step = close_step or (lambda: None)
         self.reopen_scalars = reopen_scalars or (lambda step: None)
+        self.check_health = check_health or (lambda nonfinite_grads: None)  # -> reason to stop, or None
         self.checkpoint_seconds: list[float] = []
 
 
@@ -220,6 +221,7 @@ def learn(trainer, ctl: Control):
                         t.model.eval()
                         backward_time += time.time()
                         stats_accum.append(stats)
+                t.nonfinite_grads = getattr(t, "nonfinite_grads", 0) + _nonfinite_grads(t.model)
                 forward_time /= t.num_mb
                 backward_time /= t.num_mb
                 stats = {key: sum([s[key] for s in stats_accum]) / t.num_mb for key in stats_accum[0]}
@@ -243,13 +245,52 @@ def learn(trainer, ctl: Control):
     return results
 
 
+def _nonfinite_grads(model) -> int:
+    """Parameters whose gradient holds NaN/inf (a health signal; 0 under DeepSpeed, whose engine keeps the
+    gradients in its own partitions and skips non-finite steps itself)."""
+    return sum(1 for p in model.parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+
+
+def _health(trainer, ctl: Control) -> str | None:
+    reason = ctl.check_health(getattr(trainer, "nonfinite_grads", 0))
+    trainer.nonfinite_grads = 0
+    return reason
+
+
+def _stop_unhealthy(trainer, ctl: Control, step: int, reason: str | None) -> None:
+    if trainer.accelerator.is_main_process:
+        st = status.write_status(ctl.run_dir, state="failed", reason=reason or "a health guard tripped on another rank")
+        print(f"stopped: {st['reason']} (ON_UNHEALTHY=stop; --on-unhealthy warn only warns); newest checkpoint "
+              f"{st.get('checkpoint')}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    sys.stdout.flush()
+    raise SystemExit(3)
+
+
+def final_health(trainer, ctl: Control) -> bool:
+    """The guards on the last step (it has no step boundary); False = stop (ON_UNHEALTHY=stop), nothing exported."""
+    reason = _health(trainer, ctl)
+    (unhealthy,) = ck.agree([reason is not None], device=trainer.accelerator.device)
+    if unhealthy:
+        if trainer.accelerator.is_main_process:
+            status.write_status(ctl.run_dir, state="failed", reason=reason or "a health guard tripped on another rank")
+            print(f"stopped: {reason} (ON_UNHEALTHY=stop); the policy is not exported", flush=True)
+        return False
+    return True
+
+
 def step_boundary(trainer, ctl: Control, step: int) -> None:
-    """End of PPO step `step`: report it, checkpoint when due or asked to stop, and stop when asked (every rank)."""
+    """End of PPO step `step`: report it, run the health guards, checkpoint when due, asked to stop or unhealthy,
+    and stop when asked or unhealthy (every rank)."""
     ctl.close_step()
+    reason = _health(trainer, ctl)
     device = trainer.accelerator.device
-    due, stop = ck.agree([ctl.schedule.due(step), ctl.stop.signal is not None], device=device)
-    if due or stop:
+    due, stop, unhealthy = ck.agree([ctl.schedule.due(step), ctl.stop.signal is not None, reason is not None],
+                                    device=device)
+    if due or stop or unhealthy:
         save(trainer, ctl, step)
+    if unhealthy:
+        _stop_unhealthy(trainer, ctl, step, reason)
     if stop:
         main = trainer.accelerator.is_main_process
         sig = ctl.stop.signal or "a signal on another rank"
@@ -280,12 +321,13 @@ def resolve_resume(run_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- RESUME=<run>
 # Settings a resume may change; everything else must be the run's (it decides what the checkpoint means).
 MAY_CHANGE = {"steps", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "summary_window", "rm_device",
-              "save_optimizer", "eval_every"}
+              "save_optimizer", "eval_every", "on_unhealthy", "max_kl_per_token", "max_degenerate", "max_undecodable",
+              "max_reward_drop"}
 _IGNORED = {"resume", "output", "overwrite"}
 MAKE_NAMES = {"model": "MODEL", "data": "DATA", "rm": "RM", "reward": "REWARD", "zero_stage": "ZERO_STAGE",
               "num_processes": "NUM_GPUS", "hostfile": "HOSTFILE", "arch": "the make target",
               "steps": "--steps", "checkpoint_every": "CHECKPOINT_EVERY", "checkpoint_minutes": "CHECKPOINT_MINUTES",
-              "keep_checkpoints": "KEEP_CHECKPOINTS"}
+              "keep_checkpoints": "KEEP_CHECKPOINTS", "on_unhealthy": "ON_UNHEALTHY"}
 
 
 def given_flags(argv, fields) -> set[str]:

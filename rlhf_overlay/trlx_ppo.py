@@ -84,6 +84,11 @@ class PPORunConfig:
     checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
     resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn when a health guard trips (ON_UNHEALTHY; rlhf_overlay.health); auto = warn tiny / stop own model"})
+    max_kl_per_token: float = field(default=1.0, metadata={"help": "health: KL(policy || reference) per answer token above this (nats) is unhealthy"})
+    max_degenerate: float = field(default=0.5, metadata={"help": "health: share of empty or looping answers above this is unhealthy"})
+    max_undecodable: float = field(default=0.2, metadata={"help": "health: share of answers with undecodable tokens above this is unhealthy"})
+    max_reward_drop: float = field(default=1.0, metadata={"help": "health: reward mean falling by more than this many start-of-run per-sample reward stds is a collapse"})
     save_optimizer: bool = field(default=False, metadata={"help": "accepted for older command lines: checkpoints always hold the optimizer and scheduler state"})
     summary_window: int = field(default=3, metadata={"help": "steps averaged for the closing `mean reward: first -> last` line"})
     accelerate_config: str = field(default="auto", metadata={"help": "accelerate config file; auto: none for 1 CPU process, configs/accelerate/zero2.yaml with DeepSpeed, cpu.yaml / multi_gpu.yaml otherwise"})
@@ -120,6 +125,10 @@ class PPORunConfig:
             c.normalize_reward = "running" if t else "none"
         c.checkpoint_every = (10 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
         c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
+        if c.on_unhealthy == "auto":  # tiny CPU demos are read to their end (their verdict judges them); real runs stop
+            c.on_unhealthy = "warn" if t else "stop"
+        if c.on_unhealthy not in ("stop", "warn"):
+            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
         c.run_kind = c.run_kind or f"ppo-{c.arch}"
         c.validate()
         return c
@@ -313,6 +322,8 @@ class StepRecorder:
             "fluency": flu["fluency"], "in_language": flu["in_language"], "degenerate": flu["degenerate"],
             "eval_seconds": 0.0, "examples": self._samples,
         }
+        from rlhf_overlay.health import answer_shares, nonfinite_count
+        self._cur.update(answer_shares(self._outputs), nonfinite=nonfinite_count(self._rewards))  # health guards
         self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
         self._outputs, self._kl_tokens = [], [0.0, 0]
 
@@ -569,11 +580,33 @@ def checkpoint_control(run_dir: Path, cfg: PPORunConfig, resolved: dict, recorde
             scalars.writer.close()
             scalars.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=int(steps["ppo"]) + 1)
 
+    from rlhf_overlay.health import HealthGuard, nonfinite_count
+
+    guard = HealthGuard({k: getattr(cfg, k) for k in ("max_kl_per_token", "max_degenerate", "max_undecodable",
+                                                      "max_reward_drop")}, window=cfg.summary_window, log=scalars.log)
+
+    def check_health(nonfinite_grads: int):
+        """The health guards on the step just closed (main process): warning lines; the reason when the run must
+        stop (ON_UNHEALTHY=stop), else None."""
+        if recorder is None or not recorder.steps:
+            return None
+        if len(guard.history) != len(recorder.steps) - 1:   # a resumed run: the guard continues the run's history
+            guard.restore(recorder.steps[:-1])
+        step = recorder.steps[-1]
+        step["nonfinite"] = (step.get("nonfinite", 0) + nonfinite_grads
+                             + nonfinite_count([step.get("policy_loss"), step.get("value_loss")]))
+        lines = guard.check(step)
+        step["health"] = lines
+        for line in lines:
+            print(f"[health] WARNING {line}", flush=True)
+        return lines[0].split("; likely causes")[0] if lines and cfg.on_unhealthy == "stop" else None
+
     return Control(run_dir, Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.keep_checkpoints), stop,
                    Path(resolved["resume_from"]) if resolved.get("resume_from") else None, cfg.steps,
                    settings={k: resolved.get(k) for k in ("policy_path", "rm_path", "data")},
                    get_extra=get_extra, set_extra=set_extra,
-                   close_step=recorder.close_step if recorder is not None else None, reopen_scalars=reopen_scalars)
+                   close_step=recorder.close_step if recorder is not None else None, reopen_scalars=reopen_scalars,
+                   check_health=check_health)
 
 
 def worker_main(run_dir: Path) -> int:
@@ -702,6 +735,10 @@ def worker_main(run_dir: Path) -> int:
     train_seconds = time.time() - t0
     if recorder is not None:
         recorder.close()
+    from rlhf_overlay.trlx_checkpoints import final_health
+    if not final_health(trainer, control):  # the last step tripped a guard with ON_UNHEALTHY=stop: no policy export
+        scalars.close()
+        return 3
     engine = trainer.model if hasattr(trainer.model, "zero_optimization_stage") else trainer.opt
     rank_report.add_optimizer("policy", engine, model=trainer.model)
     rank_report.write()

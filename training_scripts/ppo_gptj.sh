@@ -6,5 +6,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 resumable=1   # RESUME, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS (README: Long runs)
 common_flags --num-processes
+[[ -n "${ON_UNHEALTHY:-}" ]] && args+=(--on-unhealthy "$ON_UNHEALTHY")   # health guards: stop | warn
 [[ -n "${RM:-}" ]] && args+=(--rm "$RM")
 exec "$py" -m rlhf_overlay.trlx_ppo --arch gptj "${args[@]}" "$@"
