@@ -104,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.worker:
         from rlhf_overlay.trlx_ppo import worker_main
 
-        return worker_main(Path(ns.worker))
+        from rlhf_overlay.dist_exit import end_process_group
+        return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     cfg = config_from_args(ns)
     if cfg.reward == "model" and not cfg.rm:
         cfg = dataclasses.replace(cfg, rm_untrained=True)  # the seed's smoke test: an untrained value-head RM

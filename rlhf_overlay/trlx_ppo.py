@@ -1052,7 +1052,8 @@ def print_summary(run_dir: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
-        return worker_main(Path(ns.worker))
+        from rlhf_overlay.dist_exit import end_process_group
+        return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     if ns.join:
         if ns.machine_rank is None or ns.machine_rank < 1:
             print("error: --join needs --machine-rank N (N >= 1: this host's line in the hostfile, counting from 0)",

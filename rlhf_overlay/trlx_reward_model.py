@@ -660,7 +660,8 @@ def config_from_args(ns: argparse.Namespace) -> RewardModelConfig:
 def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
     ns = build_parser(arch_default).parse_args(argv)
     if ns.worker:
-        return worker_main(Path(ns.worker))
+        from rlhf_overlay.dist_exit import end_process_group
+        return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     try:
         return run(config_from_args(ns), argv)
     except user_errors() as e:
