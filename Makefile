@@ -60,6 +60,11 @@ PROMPT     ?=
 # run folder(s) for `make report`
 RUN        ?=
 PYTEST_ARGS ?=
+# pipeline-*: the Megatron SFT checkpoint to start from (empty = the pre-trained tiny base as a Megatron checkpoint),
+# the HF tokenizer folder for its conversion, and an earlier pipeline folder to continue (done stages are skipped)
+MEGATRON_SFT ?=
+TOKENIZER  ?=
+RESUME     ?=
 
 # Every value a user gives reaches the programs through the environment (recipes say "$$MODEL", never $(MODEL)),
 # so the shell never parses it: `;`, quotes, backticks, spaces and newlines arrive as they were typed. List
@@ -68,7 +73,7 @@ PYTEST_ARGS ?=
 # refused here, before anything runs.
 USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
              NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
-             EXTRA_VOCAB_SIZE CONVERT_FLAGS CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS ON_UNHEALTHY
+             EXTRA_VOCAB_SIZE CONVERT_FLAGS MEGATRON_SFT TOKENIZER RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS ON_UNHEALTHY
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
   environment%,$(origin $(v))))),$(if $(findstring $$,$(value $(v))),$(error $(v)=$(value $(v)) contains '$$', which \
   make would expand before any program sees it — give the value without '$$': let your shell expand it first, e.g. \
@@ -121,7 +126,7 @@ ppo-bloom: ## trlx PPO on BLOOM with a trained reward model (MODEL, RM, DATA, OU
 	@bash training_scripts/run.sh ppo_bloom
 ppo-gptj: ## trlx PPO on GPT-J with a trained reward model (MODEL, RM, DATA, OUTPUT)
 	@bash training_scripts/run.sh ppo_gptj
-ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the embedded tiny BLOOM; prints `mean reward: a -> b` (MODEL, REWARD, OUTPUT)
+ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the pre-trained tiny BLOOM; passes on reward rise, fluency, KL (MODEL, REWARD, OUTPUT)
 	@bash training_scripts/run.sh ppo_smoke_test
 ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host (RUN, MACHINE_RANK)
 	$(if $(RUN),,$(error ppo-join needs RUN=<the run folder printed on the first host>))$(if $(MACHINE_RANK),,$(error ppo-join needs MACHINE_RANK=<this host's line in HOSTFILE, from 0>))
@@ -142,6 +147,13 @@ cluster-up: ## Test cluster: node-b = a network namespace + sshd, node-a = this 
 	"$$PYTHON" -m rlhf_overlay.cluster up
 cluster-down: ## Remove everything cluster-up made (namespace, veth, /etc/hosts block, keys, sshd); safe to repeat
 	"$$PYTHON" -m rlhf_overlay.cluster down
+
+# ---------------------------------------------------------------- whole chain
+.PHONY: pipeline-llama2 pipeline-bloom
+pipeline-llama2: ## Megatron SFT -> HF -> rm-llama2 -> ppo-llama2 -> Megatron (input's TP/PP), logits checked (MEGATRON_SFT, TOKENIZER, DATA, OUTPUT, RESUME, NUM_GPUS)
+	@bash training_scripts/pipeline_llama2.sh
+pipeline-bloom: ## Megatron SFT -> HF -> rm-bloom -> ppo-bloom -> Megatron (input's TP/PP), logits checked (MEGATRON_SFT, TOKENIZER, DATA, OUTPUT, RESUME, NUM_GPUS)
+	@bash training_scripts/pipeline_bloom.sh
 
 # ---------------------------------------------------------------- reports
 .PHONY: report
