@@ -77,7 +77,12 @@ def health(steps: list[dict], window: int) -> dict:
     base = steps[0]["fluency"]
     end = sum(s["fluency"] for s in tail) / k
     kl = sum(s["kl_per_token"] for s in tail) / k
-    return {"fluency_base": base, "fluency_end": end, "kl_per_token_end": kl,
+    sentences = [s.get("sentences") for s in (steps[0], *tail)]
+    if None not in sentences:   # reported, not a bound: the share of answers that are sentences, not word lists
+        out_sentences = {"sentences_base": sentences[0], "sentences_end": sum(sentences[1:]) / k}
+    else:
+        out_sentences = {}
+    return {**out_sentences, "fluency_base": base, "fluency_end": end, "kl_per_token_end": kl,
             "base_fluent": bool(base >= BASE_FLUENCY_MIN), "fluent_at_end": bool(end >= END_FLUENCY_MIN),
             "kl_bounded": bool(kl <= END_KL_PER_TOKEN_MAX)}
 
@@ -136,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(needs >= {END_FLUENCY_MIN}){bounds}\n"
           f"KL per answer token at the end: {h['kl_per_token_end']:.3f} nats (needs <= {END_KL_PER_TOKEN_MAX})"
           f"{bounds}", flush=True)
+    if "sentences_end" in h:
+        print(f"sentences of the language (not a bound; word lists are not): base {h['sentences_base']:.2f} -> end "
+              f"{h['sentences_end']:.2f}", flush=True)
     if not fails:
         what = "answers stayed fluent, KL bounded" if synthetic_language else "(fluency and KL not checked)"
         print(f"PASS: the mean reward rose by {v['rise']:+.3f} over {len(steps)} PPO steps; {what}", flush=True)

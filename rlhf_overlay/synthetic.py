@@ -234,14 +234,36 @@ def answer_fluency(text: str) -> float:
     return sum(w in vocab for w in words) / len(words)
 
 
+@functools.lru_cache(maxsize=1)
+def _frame_patterns() -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(answer_words(f.replace("{t}", " {t} ").replace("{s}", " {s} "))) for f in FRAMES)
+
+
+def is_sentence(words: list[str]) -> bool:
+    """The words are a sentence of the language: one of the FRAMES with a topic at {t} and sentiment words at
+    {s}, or the beginning of one (an answer cut at the generation limit). Word lists such as "a calm kind warm
+    fresh" are words of the language but not a sentence of it."""
+    if not words:
+        return False
+    topics, sentiment = set(TOPICS), POSITIVE_SET | NEGATIVE_SET
+    for pattern in _frame_patterns():
+        if len(words) <= len(pattern) and all(
+                (w in topics) if p == "{t}" else (w in sentiment) if p == "{s}" else (w == p)
+                for w, p in zip(words, pattern)):
+            return True
+    return False
+
+
 def fluency(texts: list[str]) -> dict:
     """Fluency of a batch of answers: {"fluency": mean answer_fluency (1.0 = every answer is words of the
     language and none degenerate), "in_language": share of all words that belong to the language,
-    "degenerate": share of answers empty or repeating one token/n-gram, "answers": count}."""
+    "degenerate": share of answers empty or repeating one token/n-gram, "sentences": share of answers that are
+    sentences of the language (or their beginning; stricter: word lists fail it), "answers": count}."""
     vocab = vocabulary()
-    scores, n_words, n_known, n_degenerate = [], 0, 0, 0
+    scores, n_words, n_known, n_degenerate, n_sentences = [], 0, 0, 0, 0
     for text in texts:
         words = answer_words(text)
+        n_sentences += is_sentence(words)
         n_words += len(words)
         n_known += sum(w in vocab for w in words)
         n_degenerate += is_degenerate(words)
@@ -249,4 +271,5 @@ def fluency(texts: list[str]) -> dict:
     n = len(texts)
     return {"fluency": sum(scores) / n if n else float("nan"),
             "in_language": n_known / n_words if n_words else 0.0,
-            "degenerate": n_degenerate / n if n else float("nan"), "answers": n}
+            "degenerate": n_degenerate / n if n else float("nan"),
+            "sentences": n_sentences / n if n else float("nan"), "answers": n}

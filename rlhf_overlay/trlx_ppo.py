@@ -320,6 +320,7 @@ class StepRecorder:
             "kl": kl, "samples": n, "rollout_seconds": rollout_seconds, "train_start": time.time(),
             "kl_per_token": self._kl_tokens[0] / self._kl_tokens[1] if self._kl_tokens[1] else float("nan"),
             "fluency": flu["fluency"], "in_language": flu["in_language"], "degenerate": flu["degenerate"],
+            "sentences": flu["sentences"],
             "eval_seconds": 0.0, "examples": self._samples,
         }
         from rlhf_overlay.health import answer_shares, nonfinite_count
@@ -348,6 +349,7 @@ class StepRecorder:
         self.steps.append(cur)
         self.scalars.log({"ppo/reward_mean": cur["reward_mean"], "ppo/kl": cur["kl"],
                           "ppo/kl_per_token": cur["kl_per_token"], "ppo/fluency": cur["fluency"],
+                          "ppo/sentences": cur["sentences"],
                           "ppo/policy_loss": cur["policy_loss"], "ppo/value_loss": cur["value_loss"],
                           "ppo/response_length": cur["response_length"]}, cur["step"])
         with open(self.run_dir / "samples.jsonl", "a") as f:

@@ -393,5 +393,13 @@ def test_fluency_measure():
     flu = synthetic.fluency([good, "good good good", "xyzzy garden"])
     assert flu["degenerate"] == pytest.approx(1 / 3) and flu["in_language"] == pytest.approx(10 / 11)
     assert flu["fluency"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
-    rows = synthetic.preference_rows(300, seed=3)   # the language itself is fluent
-    assert synthetic.fluency([r["chosen"] for r in rows] + [r["rejected"] for r in rows])["fluency"] == 1.0
+    rows = synthetic.preference_rows(300, seed=3)   # the language itself is fluent, and made of sentences
+    flu = synthetic.fluency([r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert flu["fluency"] == 1.0 and flu["sentences"] == 1.0
+    # sentences: a frame of the language, or its beginning (cut by the generation limit); not a word list
+    words = synthetic.answer_words
+    assert synthetic.is_sentence(words(" the garden is bright and calm."))
+    assert synthetic.is_sentence(words(" people say the river is calm, but i"))
+    assert not synthetic.is_sentence(words(" a friendly happy safe kind gentle bright"))
+    assert not synthetic.is_sentence(words(" the garden is bright and calm. the garden is"))
+    assert not synthetic.is_sentence([])
