@@ -129,12 +129,21 @@ def validate_local_data(data: str, need_pairs: bool) -> int:
 def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
     """Resolved settings `r` made to run where we are: on CPU ZeRO 0 unless asked, no offload, ZeRO-3 and fp16
     refused with what to use instead; dtype fp32 on CPU (measured ~2x faster than bf16 for the tiny model),
-    fp16 on GPU as upstream; the rank count, hostfile, seed."""
+    fp16 on GPU as upstream; the rank count, hostfile, seed. What a GPU recipe loses on CPU is listed in
+    r["cpu_notes"] (printed by launch(); the caller may have put notes there already)."""
+    notes = r.setdefault("cpu_notes", [])
     if not cuda:
         if getattr(cfg, "zero_stage", None) is None:
+            if r["zero_stage"]:
+                notes.append(f"ZeRO-{r['zero_stage']} -> 0: the {r.get('recipe')} recipe's stage is for GPUs (stage 3 "
+                             f"fails on CPU); ZERO_STAGE=2 runs on CPU too")
             r["zero_stage"] = 0
         if "offload" in r:
+            if r["offload"]:
+                notes.append("--offload dropped: on CPU the parameters and optimizer state already live in host memory")
             r["offload"] = False        # CPU: parameters already live in host memory
+        if r.get("recipe") != "tiny" and not cfg.dtype:
+            notes.append("dtype fp16 -> fp32: fp16 training needs a GPU")
         if r["zero_stage"] == 3:
             raise ConfigError("zero_stage=3: ZeRO stage 3 fails on CPU with this DeepSpeed; use ZERO_STAGE=0 or 2 on "
                               "CPU (stage 3 is kept for GPU recipes)")
@@ -253,6 +262,8 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
     env = launch_env(cpu=not resolved["cuda"], offline=offline, run_dir=plan.run_dir, hostfile=cfg.hostfile)
     from rlhf_overlay.waits import check_torch_extensions
     check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
+    for note in resolved.get("cpu_notes") or []:
+        print(f"[{kind}] note (CPU): {note}", flush=True)
     print(f"[{kind}] run folder: {plan.run_dir}  ({summary})", flush=True)
     from rlhf_overlay import status   # status.json: running -> completed / failed (exit code, signal); no checkpoints
     status.start(plan.run_dir, kind, module, None, resumable=False)

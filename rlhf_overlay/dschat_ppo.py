@@ -140,6 +140,10 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
     if not cuda:
         if cfg.hybrid_engine:
             raise ConfigError("hybrid_engine=True: the DeepSpeed hybrid engine needs a GPU; drop it on CPU")
+        if r["hybrid_engine"]:
+            r["cpu_notes"] = ["hybrid engine off: DeepSpeed's hybrid engine needs a GPU"]
+        if r["offload_reference_model"]:
+            r.setdefault("cpu_notes", []).append("--offload_reference_model dropped: nothing to offload to on CPU")
         r["hybrid_engine"] = False
         r["offload_reference_model"] = False
     return cpu_adjust(r, cfg, cuda)

@@ -104,7 +104,7 @@ def failures(v: dict, h: dict | None) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, worker=None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
         from rlhf_overlay.trlx_ppo import worker_main
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.reward == "model" and not cfg.rm:
         cfg = dataclasses.replace(cfg, rm_untrained=True)  # the seed's smoke test: an untrained value-head RM
     try:
-        rc, run_dir = run_ppo(cfg, argv, module="rlhf_overlay.ppo_smoke_test")
+        rc, run_dir = run_ppo(cfg, argv, module="rlhf_overlay.ppo_smoke_test", worker=worker)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -903,7 +903,8 @@ def join(run_dir: Path, machine_rank: int) -> int:
     return run_logged(cmd, run_dir, env=env, log_name=f"training-machine{machine_rank}.log")
 
 
-def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_ppo") -> tuple[int, Path | None]:
+def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_ppo",
+        worker=None) -> tuple[int, Path | None]:
     """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder)"""
     from rlhf_overlay.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
     from rlhf_overlay.trlx_common import check_trlx, trlx_env
@@ -1029,7 +1030,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     status.start(run_dir, cfg.run_kind, module, cfg.steps, resumed=resume_dir is not None)
     t0 = time.time()
     with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
-        rc = run_logged(cmd, run_dir, env=env)
+        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)  # worker: seed_launch
     st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
     if rc != 0:
         print(f"error: PPO {st['state']} ({status.describe_exit(rc)[0]}); see {run_dir / 'training.log'}", file=sys.stderr)

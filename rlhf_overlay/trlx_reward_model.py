@@ -672,7 +672,9 @@ def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
         return interrupted()
 
 
-def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
+def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) -> int:
+    """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
+    (rlhf_overlay.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already)."""
     from rlhf_overlay.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
     from rlhf_overlay.trlx_common import trainer_command
 
@@ -758,7 +760,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None) -> int:
         env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
     status.start(run_dir, f"rm-{cfg.arch}", "rlhf_overlay.trlx_reward_model", None, resumed=resume_dir is not None)
     with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
-        rc = run_logged(cmd, run_dir, env=env)
+        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)
     st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
     if rc != 0:
         print(f"error: reward model training {st['state']} ({status.describe_exit(rc)[0]}); see "

@@ -1,11 +1,14 @@
 # rlhf-overlay: adds the seed's examples/summarize_rlhf/trlx_bloom_rlhf.py (PPO on a BLOOM SFT model with a trained
 # value-head reward model). The seed hard-coded hub names, `cuda:1` for the reward model and paths inside this
-# folder; this file only forwards to the parameterised rlhf_overlay.trlx_ppo (same as `make ppo-bloom`).
-"""PPO on BLOOM (the seed's trlx_bloom_rlhf.py). Every option: `python trlx_bloom_rlhf.py --help`.
+# folder; this file only forwards to the parameterised rlhf_overlay.trlx_ppo (same as `make ppo-bloom`), through
+# rlhf_overlay.seed_launch so that the seed's command works as typed.
+"""PPO on BLOOM (the seed's trlx_bloom_rlhf.py), = `make ppo-bloom`. Every option: `python trlx_bloom_rlhf.py --help`.
 
+    accelerate launch --config_file configs/default_accelerate_config.yaml trlx_bloom_rlhf.py   # the seed's command
     python trlx_bloom_rlhf.py                                   # embedded tiny BLOOM on CPU (a tiny RM is trained first)
-    python trlx_bloom_rlhf.py --model ./sft/bloom7b1_sft --rm <rm run>/reward_model --data ./rl_data
-It starts `accelerate launch` itself (NUM_GPUS/--num-processes, --hostfile, --accelerate-config): run it with python.
+    MODEL=./sft/bloom7b1_sft RM=<rm run>/reward_model DATA=./rl_data accelerate launch ... trlx_bloom_rlhf.py
+Under a launcher each process is one rank (the accelerate config and its DeepSpeed JSON decide); with python it
+starts accelerate itself (NUM_GPUS/--num-processes, --hostfile, --accelerate-config).
 """
 import sys
 from pathlib import Path
@@ -15,7 +18,7 @@ try:
 except ImportError:  # run from upstream/trlx/examples/summarize_rlhf inside the rlhf-overlay checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
-from rlhf_overlay.trlx_ppo import main
+from rlhf_overlay.seed_launch import seed_main
 
 if __name__ == "__main__":
-    sys.exit(main(["--arch", "bloom", *sys.argv[1:]]))
+    sys.exit(seed_main("ppo-bloom", __file__))

@@ -1,12 +1,14 @@
 # rlhf-overlay: adds the seed's examples/summarize_rlhf/reward_model/train_reward_model_bloom.py (pairwise value-head
 # reward model on BLOOM). The seed hard-coded the bloom-1b1 tokenizer, ./ranking_data/ and the misspelt `choosen`
-# key; this file only forwards to rlhf_overlay.trlx_reward_model (same as `make rm-bloom`).
-"""BLOOM reward model (the seed's train_reward_model_bloom.py). Every option: `--help`.
+# key; this file only forwards to rlhf_overlay.trlx_reward_model (same as `make rm-bloom`), through
+# rlhf_overlay.seed_launch so that the seed's command works as typed.
+"""BLOOM reward model (the seed's train_reward_model_bloom.py), = `make rm-bloom`. Every option: `--help`.
 
-    python train_reward_model_bloom.py                                        # embedded tiny BLOOM + data, CPU
-    python train_reward_model_bloom.py --model ./sft/bloom7b1_sft --data ./ranking_data   # train.jsonl, eval.jsonl
-    python train_reward_model_bloom.py --model ... --data ... --deepspeed ds_config_bloom.json --num-processes 8
-It starts its own launcher (torchrun / deepspeed): run it with python, not `deepspeed train_reward_model_bloom.py`.
+    deepspeed train_reward_model_bloom.py                     # the seed's command: ds_config_bloom.json, tiny BLOOM
+    python train_reward_model_bloom.py                        # embedded tiny BLOOM + data, CPU, no DeepSpeed
+    MODEL=./sft/bloom7b1_sft DATA=./ranking_data deepspeed train_reward_model_bloom.py   # train.jsonl, eval.jsonl
+Under `deepspeed` each process is one rank and ds_config_bloom.json (next to this file) is the DeepSpeed config;
+with python it starts its own launcher (NUM_GPUS / --num-processes, --hostfile, --deepspeed FILE).
 """
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ try:
 except ImportError:  # run from upstream/trlx/examples/summarize_rlhf/reward_model inside the rlhf-overlay checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[5]))
 
-from rlhf_overlay.trlx_reward_model import main
+from rlhf_overlay.seed_launch import seed_main
 
 if __name__ == "__main__":
-    sys.exit(main(["--arch", "bloom", *sys.argv[1:]]))
+    sys.exit(seed_main("rm-bloom", __file__))
