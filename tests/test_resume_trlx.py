@@ -183,3 +183,34 @@ def test_make_targets_without_checkpoints_refuse_the_checkpoint_variables(tmp_pa
     res = subprocess.run(["bash", "training_scripts/rm_llama2.sh"], cwd=PROJECT_ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 2 and "make rm-llama2 does not write resumable checkpoints yet" in res.stderr
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_two_rank_zero2_resume_restores_each_ranks_optimizer_shard(trlx_dir, tiny_assets, tmp_path):
+    """accelerate + DeepSpeed ZeRO-2 on 2 CPU ranks: each rank's optimizer shard is in the checkpoint and comes back.
+    The run stopped after step 1 is the uninterrupted run's own folder with its end removed (its step-1 checkpoint is
+    what a run killed after step 1 leaves, the runs being deterministic; this saves a third 2-rank start-up)."""
+    import shutil
+    ref = tmp_path / "ref"
+    res = subprocess.run(RUN[:-1] + ["2", "--zero-stage", "2", "--num-processes", "2", "--checkpoint-every", "1",
+                                     "--output", str(ref)], cwd=PROJECT_ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    step1 = ref / "checkpoints" / "step-1"
+    shards = sorted(p.name for p in step1.rglob("*optim_states.pt"))
+    assert len(shards) == 2 and all(f"zero_pp_rank_{r}_" in s for r, s in enumerate(shards)), shards
+    assert {p.name for p in step1.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    out = tmp_path / "stopped"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("policy", "metrics.json"))
+    (out / "status.json").write_text(json.dumps(dict(json.loads((ref / "status.json").read_text()),
+                                                     state="failed", checkpoint=str(out / "checkpoints" / "step-1"))))
+    for d in (out / "checkpoints").glob("step-*"):
+        if d.name != "step-1":
+            shutil.rmtree(d)
+    # the copied config.json names the reference folder nowhere the resume uses: RESUME takes the folder given
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from step 1" in res.stdout
+    assert _max_abs_diff(out / "policy", ref / "policy") == 0.0
