@@ -88,7 +88,8 @@ def finish(run_dir: Path, rc: int, log_name: str = "training.log") -> dict:
     if rc == 0:
         return write_status(run_dir, state="completed", exit_code=0, signal=None)
     text, sig = describe_exit(rc)
-    state = "interrupted" if cur.get("state") == "interrupted" else "failed"
+    # stopped by Ctrl-C / a scheduler's SIGTERM = interrupted (whether or not a last checkpoint could be written)
+    state = "interrupted" if cur.get("state") == "interrupted" or sig in ("SIGINT", "SIGTERM") else "failed"
     if state == "failed" and cur.get("reason") and cur.get("state") == "failed":
         text = f"{text}: {cur['reason']}"       # e.g. a health stop the worker recorded
     status = write_status(run_dir, state=state, exit_code=rc, signal=sig,
@@ -150,7 +151,8 @@ def interrupt_finishes(run_dir: Path):
     try:
         yield
     except KeyboardInterrupt:
+        before = (read_status(run_dir) or {}).get("state")
         st = finish(run_dir, 130)
-        if st.get("checkpoint") and st.get("resume_command"):
+        if before != "interrupted" and st.get("checkpoint") and st.get("resume_command"):  # the workers did not say it
             print(f"resume with: {st['resume_command']}", flush=True)
         raise

@@ -214,3 +214,20 @@ def test_two_rank_zero2_resume_restores_each_ranks_optimizer_shard(trlx_dir, tin
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from step 1" in res.stdout
     assert _max_abs_diff(out / "policy", ref / "policy") == 0.0
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_at_the_step_boundary(trlx_dir, tiny_assets, tmp_path):
+    """Ctrl-C in a terminal = SIGINT to the whole process group (launcher and workers)."""
+    out = tmp_path / "run"
+    log = tmp_path / "first.log"
+    proc = _start(["--checkpoint-every", "0", "--checkpoint-minutes", "0"], out, log)
+    _wait_for(proc, lambda: (out / "training.log").is_file() and "step   1/" in (out / "training.log").read_text())
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    text = log.read_text()
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "interrupted" and st["signal"] == "SIGINT" and (out / "checkpoints" / f"step-{st['last_step']}").is_dir()
+    assert "SIGINT received: saving a checkpoint at the end of this step" in text
+    assert text.count(f"resume with: make ppo-bloom RESUME={out}") == 1 and "error: interrupted (Ctrl-C)" in text

@@ -130,3 +130,16 @@ def test_targets_without_checkpoints_have_a_status_without_resume_command(tmp_pa
     assert status.incomplete_reason(tmp_path) == "it holds an incomplete run (failed); it has no complete checkpoint " \
                                                  "to resume from"
     assert (tmp_path / "training.log").read_text().strip() == "[rlhf-overlay] run failed: exit code 1"
+
+
+def test_ctrl_c_while_the_job_runs_ends_the_status_and_the_log(tmp_path, capsys):
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.write_status(tmp_path, last_step=10, checkpoint=str(tmp_path / "checkpoints" / "step-10"))
+    (tmp_path / "training.log").write_text("")
+    with pytest.raises(KeyboardInterrupt):
+        with status.interrupt_finishes(tmp_path):   # the job died before its step boundary: no worker said so
+            raise KeyboardInterrupt
+    st = status.read_status(tmp_path)
+    assert st["state"] == "interrupted" and st["signal"] == "SIGINT" and st["exit_code"] == 130
+    assert capsys.readouterr().out == f"resume with: make ppo-bloom RESUME={tmp_path}\n"
+    assert "run interrupted: exit code 130 (SIGINT)" in (tmp_path / "training.log").read_text()
