@@ -88,6 +88,17 @@ def test_a_value_make_would_expand_is_refused_before_anything_runs(tmp_path, how
         assert not canary.exists(), var
 
 
+def test_every_target_refuses_a_dollar_before_its_recipe(tmp_path, stub):
+    canary = tmp_path / "canary"
+    log = tmp_path / "argv.log"
+    env = clean_env(PYTHON=str(stub), ARGV_LOG=str(log))
+    for target in TARGETS:
+        for var in ("DATA", "OUTPUT", "RUN", "SOURCE"):
+            res = run_make([target, f"{var}=$(shell touch {canary}) $$(touch {canary})"], env)
+            assert res.returncode == 2 and "contains '$'" in res.stderr, (target, var, res.stderr)
+    assert not canary.exists() and not log.exists()
+
+
 def test_the_issue_cases(tmp_path, stub):
     """`make rm-bloom DATA='$(x)'` trained on the embedded data with exit 0; `RUN='runs/a; touch pwned'` ran the
     touch; SOURCE='`touch pwned`' ran it and converted the current folder."""
