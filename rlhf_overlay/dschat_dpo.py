@@ -35,6 +35,7 @@ Anything after `--` goes to main.py unchanged (e.g. `-- --label_smoothing 0.1 --
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +208,8 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
     model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
-    cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, model_dir, plan.data_cache,
+    partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
+    cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, partial, plan.data_cache,
                                                      plan.run_dir / "tensorboard") + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (model, data))
     resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir),
@@ -216,6 +218,8 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
     summary = (f"recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, ZeRO {r['zero_stage']}, "
                f"LoRA {r['lora_dim']}, beta {r['beta']}")
     rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    if rc == 0 and partial.is_dir():  # model/ appears only when complete (a killed run leaves .model.partial)
+        os.replace(partial, model_dir)
     if rc == 0 and not cfg.dry_run:
         results_file = model_dir / "eval_results.json"
         if results_file.is_file():

@@ -26,6 +26,7 @@ Anything after `--` goes to main.py unchanged (e.g. `-- --eval_interval 50`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -181,8 +182,9 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
     plan = plan_run(KIND, cfg, r, STEP_FOLDER)
     model_dir = plan.run_dir / "model"
+    partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
     cmd = plan.launcher + ["main.py"] + main_py_args(
-        r, model, data, model_dir, plan.data_cache, plan.run_dir / "tensorboard") + list(cfg.extra)
+        r, model, data, partial, plan.data_cache, plan.run_dir / "tensorboard") + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (model, data))
     resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir), model_dir=str(model_dir),
                     master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd), extra=list(cfg.extra),
@@ -190,6 +192,8 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     summary = (f"recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, ZeRO {r['zero_stage']}, "
                f"LoRA {r['lora_dim']}")
     rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    if rc == 0 and partial.is_dir():  # model/ appears only when complete (a killed run leaves .model.partial)
+        os.replace(partial, model_dir)
     results = model_dir / "eval_results.json"
     if rc == 0 and not cfg.dry_run and results.is_file():
         acc = json.loads(results.read_text()).get("eval/acc")
