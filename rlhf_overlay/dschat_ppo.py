@@ -29,6 +29,7 @@ Anything after `--` goes to main.py unchanged (e.g. `-- --print_answers`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -240,8 +241,9 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
                                    dry_run=cfg.dry_run)
         critic = str(run_dir / "reward_model" / "model")
 
+    partial = run_dir / ".ppo.partial"   # main.py writes actor/, critic/, ppo_results.json here; moved on success
     cmd = plan.launcher + ["main.py"] + main_py_args(
-        r, actor, critic, data, run_dir, plan.data_cache, run_dir / "tensorboard") + list(cfg.extra)
+        r, actor, critic, data, partial, plan.data_cache, run_dir / "tensorboard") + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (actor, critic, data))
     resolved = dict(r, actor=actor, critic=critic, critic_trained_here=rm_cfg is not None, data=data,
                     data_rows=n_rows, run_dir=str(run_dir), master_port=plan.port, launch_command=cmd,
@@ -260,6 +262,10 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
     summary = (f"recipe {r['recipe']}, actor {actor}, critic {critic}, data {data}, dtype {r['dtype']}, "
                f"ZeRO {r['zero_stage']}, LoRA {r['lora_dim']}")
     rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    if rc == 0 and partial.is_dir():  # actor/ and critic/ appear only when complete (each moved by one rename)
+        for entry in sorted(partial.iterdir()):
+            os.replace(entry, run_dir / entry.name)
+        partial.rmdir()
     results = run_dir / "ppo_results.json"
     if rc == 0 and not cfg.dry_run and results.is_file():
         steps = json.loads(results.read_text()).get("ppo/steps")
