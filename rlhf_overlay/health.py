@@ -97,3 +97,33 @@ class HealthGuard:
 
     def restore(self, history: list[dict]) -> None:
         self.history = list(history)
+
+
+def hf_callback(stop_on_unhealthy: bool, scalars):
+    """Health guard for the HF-Trainer reward models: NaN/inf in the logged training loss, gradient norm or eval loss.
+    Logs `health/nonfinite`; warns; with `stop_on_unhealthy` saves a checkpoint and stops training (the caller then
+    marks the run failed with `.reason` and exports nothing)."""
+    from transformers import TrainerCallback
+
+    class Health(TrainerCallback):
+        reason = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return control
+            bad = {k: v for k, v in logs.items() if k in ("loss", "grad_norm", "eval_loss")
+                   and isinstance(v, (int, float)) and not math.isfinite(v)}
+            if state.is_world_process_zero:
+                scalars.log({"health/nonfinite": float(len(bad))}, state.global_step)
+            if bad:
+                line = (f"unhealthy at step {state.global_step}: nonfinite = {len(bad)} "
+                        f"({', '.join(f'{k}={v}' for k, v in bad.items())}) (bound 0)")
+                if state.is_world_process_zero:
+                    print(f"[health] WARNING {line}; likely causes: {CAUSES['nonfinite']}", flush=True)
+                if stop_on_unhealthy and self.reason is None:
+                    self.reason = line
+                    control.should_save = True
+                    control.should_training_stop = True
+            return control
+
+    return Health()

@@ -75,6 +75,7 @@ class RewardModelConfig:
     checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
     resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn on NaN/inf in the loss or gradient norm (ON_UNHEALTHY; rlhf_overlay.health); auto = warn tiny / stop own model"})
 
     @property
     def tiny(self) -> bool:
@@ -97,6 +98,10 @@ class RewardModelConfig:
             c.eval_before = "yes" if t else "no"
         c.checkpoint_every = (100 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
         c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
+        if c.on_unhealthy == "auto":
+            c.on_unhealthy = "warn" if t else "stop"
+        if c.on_unhealthy not in ("stop", "warn"):
+            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
         from rlhf_overlay.checkpoints import validate_schedule
         validate_schedule(c.checkpoint_every, c.checkpoint_minutes, c.keep_checkpoints)
         c.validate()
@@ -147,7 +152,7 @@ class RewardModelConfig:
 
 # Settings a resume (RESUME=<run>) may change; everything else must be the run's.
 RM_MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_steps",
-                 "logging_steps"}
+                 "logging_steps", "on_unhealthy"}
 
 
 def _looks_local(name: str) -> bool:
@@ -546,6 +551,8 @@ def worker_main(run_dir: Path) -> int:
     checkpoints = hf_checkpoints.callback(run_dir, ck.Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes,
                                                                cfg.keep_checkpoints),
                                           stop, bool(resume_from), scalars, lambda: trainer)
+    from rlhf_overlay.health import hf_callback
+    health = hf_callback(cfg.on_unhealthy == "stop", scalars)   # NaN/inf in loss / gradient norm
 
     class CommonNames(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -589,7 +596,7 @@ def worker_main(run_dir: Path) -> int:
 
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=_collator(tokenizer.pad_token_id), compute_metrics=compute_metrics,
-                            callbacks=[CommonNames(), checkpoints])
+                            callbacks=[CommonNames(), checkpoints, health])
     before = None
     if cfg.eval_before == "yes" and not resume_from:  # a resumed run measured it when it started
         before = trainer.evaluate(metric_key_prefix="eval")
@@ -600,6 +607,12 @@ def worker_main(run_dir: Path) -> int:
     if resume_from and main_proc:
         print(f"resumed from step {ck.read_state(Path(resume_from))['global_step']} ({resume_from})", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if health.reason is not None:  # ON_UNHEALTHY=stop: checkpoint written, no reward model exported
+        if main_proc:
+            st = status.write_status(run_dir, state="failed", reason=health.reason)
+            print(f"stopped: {health.reason} (ON_UNHEALTHY=stop); newest checkpoint {st.get('checkpoint')}", flush=True)
+        scalars.close()
+        return 3
     if checkpoints.stopped_at is not None:  # SIGINT / SIGTERM: the checkpoint is written, stop in every rank
         if main_proc:
             st = status.write_status(run_dir, state="interrupted", reason=f"stopped by {stop.signal or 'a signal on another rank'} "

@@ -4,7 +4,7 @@ Unit: NaN rewards/losses, KL per token above its bound, degenerate answers (empt
 tokens and a reward collapse each trip the guard with their own line; a healthy history trips nothing; every signal
 is logged as a health/* scalar. Integration (upstream + slow): trlx PPO whose learning rate makes the policy emit one
 token over and over stops itself with ON_UNHEALTHY=stop: checkpoint written, status.json failed with the reason, no
-policy exported, health/* in tensorboard.
+policy exported, health/* in tensorboard; a reward model whose gradient norm turns NaN stops the same way.
 """
 from __future__ import annotations
 
@@ -99,3 +99,19 @@ def test_ppo_emitting_one_token_stops_itself(trlx_dir, tiny_assets, tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("health/degenerate")][-1] == 1.0
+
+
+@pytest.mark.slow
+def test_reward_model_with_nan_gradients_stops_itself(tiny_assets, tmp_path):
+    """HF-Trainer reward model (rm-bloom): lr 1e6 makes the gradient norm NaN from the first logged step."""
+    out = tmp_path / "rm"
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA", "OUTPUT", "OVERWRITE")}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--arch", "bloom", "--max-steps",
+                          "20", "--lr", "1e6", "--checkpoint-every", "0", "--on-unhealthy", "stop", "--output",
+                          str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[health] WARNING unhealthy at step 5: nonfinite = 1 (grad_norm=nan)" in res.stdout
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "failed" and "grad_norm=nan" in st["reason"] and st["checkpoint"].endswith("step-5")
+    assert not (out / "reward_model").exists()
