@@ -519,6 +519,7 @@ def _as_rank(seed: Seed, script: str, flags: list[str], ranks: Ranks, cuda: bool
 
         def rank0_worker(run_dir: Path) -> int:
             os.environ.update(saved)  # the launcher's variables are back for the worker
+            _forget_single_process_state()
             try:
                 share_env = {k: v for k, v in env.items() if k != "deepspeed_config"}
                 if "deepspeed_config" in env:
@@ -551,6 +552,18 @@ def _as_rank(seed: Seed, script: str, flags: list[str], ranks: Ranks, cuda: bool
         return rc
     finally:
         tmp.cleanup()
+
+
+def _forget_single_process_state() -> None:
+    """accelerate keeps its process state in a singleton; made while rank 0 prepared the run with the launcher's
+    variables hidden (the data and model checks), it says "one process". The worker must see the launch's ranks."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def _adapt_rm_deepspeed(seed: Seed, flags: list[str], cuda: bool, world: int, tmp: Path) -> list[str]:
@@ -588,21 +601,17 @@ def typed_command() -> str:
     """The command line the user typed (the outermost launcher process naming this script, read from /proc), with
     the make variables it saw; for command.txt."""
     script, best, pid = os.path.basename(sys.argv[0]), None, os.getppid()
+    launchers = ("deepspeed", "accelerate", "torchrun")
     for _ in range(4):
         try:
             argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
             pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             break
-        if script in map(os.path.basename, argv) and "deepspeed.launcher.launch" not in argv:
-            best = argv
-    if best is None:
-        best = [launcher_name(), *sys.argv]
-    elif len(best) > 1 and os.path.basename(best[0]).startswith("python") and \
-            os.path.basename(best[1]) in ("deepspeed", "accelerate", "torchrun"):
-        best = [os.path.basename(best[1]), *best[2:]]
-    else:
-        best = [os.path.basename(best[0]), *best[1:]]
+        names = [os.path.basename(a) for a in argv[:2]]
+        if script in map(os.path.basename, argv) and any(n in launchers for n in names):
+            best = argv[names.index(next(n for n in names if n in launchers)):]  # from the launcher's name on
+    best = [launcher_name(), *sys.argv] if best is None else [os.path.basename(best[0]), *best[1:]]
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("MODEL", "DATA", "RM", "REWARD", "OUTPUT", "OVERWRITE")
            if os.environ.get(k)]
     return " ".join(env + [shlex.join(best)])

@@ -153,6 +153,25 @@ def test_accelerate_trlx_bloom_rlhf(bloom_rm, tmp_path):
     upstream_clean("trlx")
 
 
+def test_accelerate_two_ranks_share_one_run(bloom_rm, tmp_path):
+    """The same seed command with two processes: each is a rank of one run (rank 0 made the folder and tells rank 1),
+    both ranks' output lands in training.log, and the run is reported once."""
+    rc0, _, rm_dir = bloom_rm
+    assert rc0 == 0, "the reward-model command failed (see test_deepspeed_train_reward_model_bloom)"
+    out_dir = tmp_path / "ppo-2"
+    rc, out = run([*ACCELERATE, "--num_processes", "2", "trlx_bloom_rlhf.py", "--steps", "1"], TRLX_EXAMPLE,
+                  seed_env(OUTPUT=out_dir, RM=rm_dir / "reward_model"))
+    assert rc == 0, out[-4000:]
+    config = check_run_folder(out_dir, out)
+    assert config["seed_launch"]["world_size"] == 2 and config["launch"]["num_processes"] == 2
+    log = (out_dir / "training.log").read_text()
+    assert "# rank 0 of 2" in log and "# rank 1 of 2" in log
+    assert "--num_processes 2" in (out_dir / "command.txt").read_text()
+    check_ppo_metrics(out_dir, 1)
+    assert out.count("report: wrote") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ppo-2"]  # one run folder for both ranks
+
+
 def test_accelerate_trlx_gptj_text_summarization(tmp_path):
     """No RM: as `make ppo-gptj`, a tiny reward model is trained first (its own job, not a rank of this launch)."""
     out_dir = tmp_path / "ppo-gptj"
