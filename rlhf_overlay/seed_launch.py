@@ -458,14 +458,14 @@ def seed_main(name: str, script: str, argv: Sequence[str] | None = None) -> int:
     cuda = has_cuda()
     try:
         flags = ["--arch", seed.arch] + env_flags(seed, launched) + argv
-        extra, first = choose_inputs(seed, flags, cuda)
-        flags = extra + flags  # flags given by the user come later and win
+        if talk:  # the other ranks get everything from rank 0's run folder (and fetch nothing themselves)
+            extra, first = choose_inputs(seed, flags, cuda)
+            flags = extra + flags  # flags given by the user come later and win
+            print(first, flush=True)
     except UserError as e:
         if talk:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    if talk:
-        print(first, flush=True)
     os.environ.update({k: v for k, v in runtime_env(cpu=not cuda).items() if k != "PYTHONPATH"})
     for k, v in (("WANDB_DISABLED", "true"), ("WANDB_MODE", "disabled")):
         os.environ.setdefault(k, v)
@@ -508,11 +508,16 @@ def _as_rank(seed: Seed, script: str, flags: list[str], ranks: Ranks, cuda: bool
 
     tmp = tempfile.TemporaryDirectory(prefix="rlhf-overlay-ds-")
     try:
-        if seed.ds_json and not has_flag(flags, "--deepspeed"):
-            flags = flags + ["--deepspeed", str(Path(script).resolve().parent / seed.ds_json)]
-        if seed.module == "rlhf_overlay.trlx_reward_model":
-            flags = _adapt_rm_deepspeed(seed, flags, cuda, ranks.world, Path(tmp.name))
-        env, notes = ({}, []) if seed.module == "rlhf_overlay.trlx_reward_model" else accelerate_ds_settings(cuda)
+        try:
+            if seed.ds_json and not has_flag(flags, "--deepspeed"):
+                flags = flags + ["--deepspeed", str(Path(script).resolve().parent / seed.ds_json)]
+            if seed.module == "rlhf_overlay.trlx_reward_model":
+                flags = _adapt_rm_deepspeed(seed, flags, cuda, ranks.world, Path(tmp.name))
+            env, notes = ({}, []) if seed.module == "rlhf_overlay.trlx_reward_model" else accelerate_ds_settings(cuda)
+        except UserError as e:  # e.g. the DeepSpeed JSON the accelerate config names is missing
+            print(f"error: {e}", file=sys.stderr)
+            ranks.share({"error": str(e), "rc": 2})
+            return 2
         for note in notes:
             print(f"note: {note}", flush=True)
         saved: dict = {}
