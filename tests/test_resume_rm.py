@@ -81,6 +81,17 @@ def test_sigkilled_reward_model_resumes_bit_identically(reference, tmp_path):
     assert re.search(r"resumed from step (20|40)", (out / "training.log").read_text())
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
     assert _max_abs_diff(out / "reward_model", reference / "reward_model") == 0.0
+    # one tensorboard point per logged step (points logged after the checkpoint by the killed run are purged)
+    assert _scalars(out, "rm/loss") == _scalars(reference, "rm/loss")
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars(tag)]
+    assert len({s for s, _ in points}) == len(points), points
+    return points
 
 
 @pytest.mark.slow
