@@ -99,7 +99,7 @@ HELPS = {"model": "SFT model folder or hub id: the policy's start and the frozen
          "output": "run folder (empty: a new folder under runs/)",
          "overwrite": "allow writing into a non-empty --output",
          "recipe": "tiny | llama2-7b (default: tiny without --model, llama2-7b with one)",
-         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 3 refused on CPU)",
+         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 2 and 3 run on CPU too)",
          "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's, 0)",
          "only_optimize_lora": "with LoRA, train only the adapters (default: tiny yes, llama2-7b no as upstream)",
          "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",

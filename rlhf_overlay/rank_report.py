@@ -13,7 +13,9 @@ When the environment variable RLHF_OVERLAY_RANK_REPORT names a folder (the make 
   data were not split per rank (identical texts in different rows do share a digest).
 - optimizers: DeepSpeed's own partition (ZeRO 1/2: `single_partition_of_fp32_groups`, the fp32 master slice
   this rank owns) and the numel of the optimizer's state tensors on this rank (Adam: exp_avg + exp_avg_sq).
-  Under ZeRO-2 with 2 ranks each rank holds about half; without ZeRO each holds all of it.
+  Under ZeRO-2 with 2 ranks each rank holds about half; without ZeRO each holds all of it. ZeRO-3 also
+  partitions the parameters: `zero3_param_partition_numel` (this rank's slices, `p.ds_tensor`) of
+  `zero3_param_numel` (the model's), about half each with 2 ranks.
 
 Nothing is written unless the variable is set; the hooks cost one sha1 per sample.
 """
@@ -68,7 +70,13 @@ def optimizer_facts(engine_or_optimizer, model=None) -> dict:
         facts["zero_stage"] = int(engine.zero_optimization_stage())
         model = model or getattr(engine, "module", None)
     if model is not None:
-        facts["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ZeRO-3 empties p.data on every rank; ds_numel is the full size, ds_tensor this rank's partition
+        facts["trainable_numel"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
+                                       if p.requires_grad)
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+        if partitioned:
+            facts["zero3_param_numel"] = sum(int(p.ds_numel) for p in partitioned)
+            facts["zero3_param_partition_numel"] = sum(_numel(p.ds_tensor) for p in partitioned)
     chain = []
     opt = engine_or_optimizer
     for _ in range(6):
@@ -85,6 +93,9 @@ def optimizer_facts(engine_or_optimizer, model=None) -> dict:
         facts["zero_partition_count"] = int(getattr(zero, "partition_count", [0])[0]
                                             if isinstance(getattr(zero, "partition_count", None), list)
                                             else getattr(zero, "partition_count", 0) or 0)
+    zero3 = next((o for o in chain if hasattr(o, "fp32_partitioned_groups_flat")), None)
+    if zero3 is not None:   # ZeRO-3's fp32 master partition of this rank
+        facts["zero_partition_numel"] = sum(_numel(t) for t in zero3.fp32_partitioned_groups_flat)
     inner = next((o for o in reversed(chain) if hasattr(o, "state") and isinstance(getattr(o, "state"), dict)),
                  None)
     if inner is not None:

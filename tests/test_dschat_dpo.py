@@ -76,13 +76,10 @@ def test_hub_ids_are_not_checked_locally():
     dschat_dpo.DPOConfig(model="meta-llama/Llama-2-7b-hf", data="Dahoas/rm-static").validate()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(zero_stage=3), "ZeRO stage 3 fails on CPU"),
-    (dict(dtype="fp16"), "fp16 training is not supported on CPU"),
-])
-def test_cpu_refuses_zero3_and_fp16(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        dschat_dpo.resolve(dschat_dpo.DPOConfig(**kwargs), cuda=False)
+def test_cpu_refuses_fp16_and_keeps_zero3():
+    with pytest.raises(ConfigError, match="fp16 training is not supported on CPU"):
+        dschat_dpo.resolve(dschat_dpo.DPOConfig(dtype="fp16"), cuda=False)
+    assert dschat_dpo.resolve(dschat_dpo.DPOConfig(zero_stage=3), cuda=False)["zero_stage"] == 3   # runs on CPU
 
 
 def test_tiny_recipe_command(tmp_path):
@@ -191,10 +188,6 @@ def test_training_script_passes_make_variables(tmp_path):
     assert out.returncode == 2 and "lora_dim=-1" in out.stderr, out.stderr
     out = run(HOSTFILE=str(tmp_path / "hosts"))
     assert out.returncode == 2 and "hostfile=" in out.stderr, out.stderr
-    from rlhf_overlay.runs import has_cuda
-    if not has_cuda():
-        out = run(ZERO_STAGE="3")
-        assert out.returncode == 2 and "zero_stage=3: ZeRO stage 3 fails on CPU" in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -393,8 +386,6 @@ def _run_main(dschat_dir: Path, args: list[str], launcher: bool = False) -> subp
 @pytest.mark.upstream
 def test_main_py_refuses_what_cannot_work(dschat_dir, tiny_assets):
     model = str(tiny_assets / "models" / "tiny-llama")
-    out = _run_main(dschat_dir, ["--model_name_or_path", model, "--zero_stage", "3"])
-    assert out.returncode != 0 and "--zero_stage 3: ZeRO stage 3 fails on CPU" in out.stderr, out.stderr[-2000:]
     out = _run_main(dschat_dir, ["--model_name_or_path", "/no/such/sft-model"])
     assert out.returncode != 0 and "--model_name_or_path /no/such/sft-model: no such folder" in out.stderr
     out = _run_main(dschat_dir, ["--model_name_or_path", model, "--dtype", "fp16"])

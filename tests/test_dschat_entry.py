@@ -85,15 +85,17 @@ def test_critic_must_be_a_step2_output(tmp_path):
     assert dschat_ppo.resolve_critic(str(run / "model")) == (run / "model").resolve()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(zero_stage=3), "ZeRO stage 3 fails on CPU"),
-    (dict(dtype="fp16"), "fp16 training is not supported on CPU"),
-])
-def test_cpu_refuses_zero3_and_fp16(kwargs, match):
+def test_cpu_refuses_fp16_and_hybrid_engine_and_keeps_zero3():
+    match = "fp16 training is not supported on CPU"
     with pytest.raises(ConfigError, match=match):
-        rm.resolve(rm.RewardModelConfig(**kwargs), cuda=False)
+        rm.resolve(rm.RewardModelConfig(dtype="fp16"), cuda=False)
     with pytest.raises(ConfigError, match=match):
-        dschat_ppo.resolve(dschat_ppo.PPOConfig(**kwargs), cuda=False)
+        dschat_ppo.resolve(dschat_ppo.PPOConfig(dtype="fp16"), cuda=False)
+    with pytest.raises(ConfigError, match="hybrid engine needs a GPU"):
+        dschat_ppo.resolve(dschat_ppo.PPOConfig(hybrid_engine=True), cuda=False)
+    # ZeRO-3 runs on CPU ranks (tests/test_dschat_zero3.py)
+    assert rm.resolve(rm.RewardModelConfig(zero_stage=3), cuda=False)["zero_stage"] == 3
+    assert dschat_ppo.resolve(dschat_ppo.PPOConfig(zero_stage=3), cuda=False)["zero_stage"] == 3
 
 
 def test_cpu_refuses_hybrid_engine():
@@ -186,14 +188,11 @@ def test_non_empty_output_is_kept_without_overwrite(tmp_path, capsys):
 def test_training_scripts_parse_and_pass_make_variables(script, tmp_path):
     path = PROJECT_ROOT / "training_scripts" / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    from rlhf_overlay.runs import has_cuda
-    if has_cuda():
-        pytest.skip("checks the CPU refusal of ZERO_STAGE=3; this machine has a GPU")
-    env = {"PATH": "/usr/bin:/bin", "ZERO_STAGE": "3", "OUTPUT": str(tmp_path / "out"), "HOME": str(tmp_path),
+    env = {"PATH": "/usr/bin:/bin", "LORA_DIM": "-1", "OUTPUT": str(tmp_path / "out"), "HOME": str(tmp_path),
            "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "zero_stage=3: ZeRO stage 3 fails on CPU" in out.stderr
+    assert "lora_dim=-1" in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -135,8 +135,6 @@ def _run_main(dschat_dir: Path, step: str, args: list[str]) -> subprocess.Comple
 
 def test_step_scripts_refuse_what_fails_on_cpu(dschat_dir, tiny_assets):
     model = str(tiny_assets / "models" / "tiny-llama")
-    out = _run_main(dschat_dir, "step2_reward_model_finetuning", ["--model_name_or_path", model, "--zero_stage", "3"])
-    assert out.returncode != 0 and "--zero_stage 3: ZeRO stage 3 fails on CPU" in out.stderr, out.stderr[-2000:]
     out = _run_main(dschat_dir, "step2_reward_model_finetuning", ["--model_name_or_path", "/no/such/model"])
     assert out.returncode != 0 and "--model_name_or_path /no/such/model: no such folder" in out.stderr
     critic = tiny_assets / "models" / "tiny-llama"          # a base model, not a step-2 output
