@@ -235,3 +235,24 @@ def test_common_tensorboard_names(ppo_runs):
     assert want <= tags, tags
     assert [e.step for e in acc.Scalars("ppo/reward_mean")] == [1, 2, 3]
     assert any((out / "tensorboard" / "trlx").rglob("events.out.tfevents.*")), "trlx's own scalars"
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+@pytest.mark.parametrize("module,args", [
+    ("rlhf_overlay.ppo_smoke_test", []),   # the smoke test's defaults (num_layers_unfrozen -1: a full reference copy)
+    ("rlhf_overlay.trlx_ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
+    ("rlhf_overlay.trlx_ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "1"]),
+    ("rlhf_overlay.trlx_ppo", ["--arch", "gptj", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
+], ids=["smoke-default", "bloom-all-layers", "bloom-hydra-1", "gptj-all-layers"])
+def test_reference_is_the_policy_at_step_1(trlx_dir, tiny_assets, tmp_path, module, args):
+    """Step 1's rollouts are scored before any update, so the KL reference must equal the policy there: KL 0.
+    (trlx patch 0012: with num_layers_unfrozen -1 the reference used to be the policy minus its first block,
+    ~4.9 nats per answer token at step 1 on the tiny BLOOM.)"""
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", module, *args, "--steps", "1", "--output", str(out)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert (out / "metrics.json").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    step = json.loads((out / "metrics.json").read_text())["steps"][0]
+    assert step["kl_per_token"] < 1e-6, step    # our per-answer-token KL(policy || reference)
+    assert abs(step["kl"]) < 1e-6, step          # trlx's own mean_kl
