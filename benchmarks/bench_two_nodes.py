@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,14 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     p.add_argument("--skip-dead-rank", action="store_true")
     a = p.parse_args()
+    try:
+        bench(a)
+    finally:  # DS-Chat on several nodes caches tokenized data node-locally (node-b's /tmp goes with the cluster)
+        for name in ("rm-llama2-2nodes", "dpo-llama2-2nodes", "dead-rank"):
+            shutil.rmtree(Path("/tmp/rlhf-overlay-data") / name, ignore_errors=True)
+
+
+def bench(a: argparse.Namespace) -> None:
     with cluster.running(replace_leftovers=True), tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp)
         (root / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
