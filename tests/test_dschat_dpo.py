@@ -213,11 +213,12 @@ def test_launcher_command_and_env_for_several_nodes(tmp_path):
 # ================================================================================================ integration
 def answer_logps(model, tokenizer, rows: list[dict], batch_size: int = 64):
     """Summed log-probs of each pair's chosen and rejected answer from the first token where they differ, the
-    text as DeepSpeed-Chat builds it (" " + prompt + " " + answer + EOS); computed with plain transformers."""
+    text as DeepSpeed-Chat builds it (prompt + answer + EOS, our data format, since patch 0004); computed with
+    plain transformers."""
     import torch
     seqs, starts = [], []
     for row in rows:
-        c, r = (tokenizer(" " + row["prompt"] + " " + row[k])["input_ids"] + [tokenizer.eos_token_id]
+        c, r = (tokenizer(row["prompt"] + row[k])["input_ids"] + [tokenizer.eos_token_id]
                 for k in ("chosen", "rejected"))
         start = next((i for i, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
         seqs += [c, r]
@@ -279,9 +280,13 @@ def test_dpo_raises_preference_accuracy_on_held_out_pairs(dpo_run, tiny_assets):
     # policy = reference before training: every implicit reward is exactly 0, so no pair is "won"
     assert before["acc"] == 0.0 and before["reward_margin"] == 0.0 and abs(before["loss"] - 0.6931) < 1e-3
     assert after["acc"] >= 0.9, res
-    assert after["reward_margin"] > 0.2 and after["chosen_reward"] > 0 > after["rejected_reward"], res
+    # From the pre-trained base (which already gives the chosen answers a high likelihood) DPO pushes the rejected
+    # answers down much further than the chosen ones; the chosen implicit reward may dip below 0 too (measured
+    # -0.49 vs -2.21): the margin, not the sign of the chosen reward, is what DPO optimises.
+    assert after["reward_margin"] > 0.2 and after["chosen_reward"] > after["rejected_reward"] + 0.2, res
+    assert after["rejected_reward"] < 0, res
     assert after["loss"] < before["loss"] - 0.2, res
-    # the model's own preference (no reference): near chance for the untrained tiny LLaMA, then learnt
+    # the model's own preference (no reference): near chance for the neutral pre-trained tiny LLaMA, then learnt
     assert 0.35 <= before["policy_acc"] <= 0.75 and after["policy_acc"] >= 0.9, res
     assert res["train/steps"] == 60 and res["end_of_conversation_token"] == "</s>"
 
