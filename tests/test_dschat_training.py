@@ -67,10 +67,13 @@ def test_ppo_ran_steps_with_lora_and_logged_common_scalars(ppo_run):
         assert len(tb.get(tag, [])) == results["ppo/steps"], f"{tag}: {tb.get(tag)}"
     assert all(length > 0 for _, length in tb["ppo/response_length"])
     # the first experience is generated before any update: the reference equals the actor (patch 0005; the tiny
-    # LLaMA lacks [PAD], so actor and reference each get new vocabulary rows), and the KL grows afterwards
+    # LLaMA lacks [PAD], so actor and reference each get new vocabulary rows), and the actor moves afterwards.
+    # ppo/kl is DeepSpeed-Chat's summed log-ratio log(pi/pi_ref) of the sampled answers: unbiased for the KL but
+    # noisy per batch, and from the pre-trained base (whose answers the reference already finds likely) it can be
+    # slightly negative, so the check is that it leaves 0, not its sign.
     kl = [value for _, value in tb["ppo/kl"]]
     assert kl[0] == pytest.approx(0.0, abs=1e-6), kl
-    assert max(kl[1:]) > 1e-3, kl
+    assert max(abs(v) for v in kl[1:]) > 1e-3, kl
     launch = " ".join(json.loads((ppo_run / "config.json").read_text())["launch_command"])
     # the combination upstream crashed on ("loss must be a scalar tensor"), fixed by patch 0002
     for flag in ("--critic_lora_dim", "--only_optimize_lora", "--critic_gradient_checkpointing"):
