@@ -186,8 +186,6 @@ def test_accelerate_trlx_gptj_text_summarization(tmp_path):
     upstream_clean("trlx")
 
 
-@pytest.mark.xfail(strict=True, reason="trlx PPO under DeepSpeed ZeRO-2 (the seed's accelerate config) does not learn "
-                   "on the tiny BLOOM: `make ppo-smoke-test ZERO_STAGE=2` fails the same verdict with the same numbers")
 def test_accelerate_trlx_bloom_rlhf_test(tmp_path):
     """The seed's PPO smoke test: the reward must clearly rise (the verdict of `make ppo-smoke-test`)."""
     out_dir = tmp_path / "smoke"
