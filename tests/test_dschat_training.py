@@ -171,12 +171,17 @@ def test_dschat_data_layer_reports_bad_rows_by_file_and_line(dschat_dir, tmp_pat
     with pytest.raises(local_files.LocalDataError, match="no such file or folder"):
         data_utils.get_raw_dataset(str(tmp_path / "missing.jsonl"), str(tmp_path / "cache"), 1234, 0)
     (folder / "train.jsonl").write_text(json.dumps(good) + "\n")
+    # a folder without eval.jsonl holds out an evaluation share of train.jsonl: one row cannot be split
+    with pytest.raises(Exception, match="too few to hold out an evaluation share"):
+        data_utils.get_raw_dataset(str(folder), str(tmp_path / "cache"), 1234, 0)
+    (folder / "train.jsonl").write_text((json.dumps(good) + "\n") * 20)
     ds = data_utils.get_raw_dataset(str(folder), str(tmp_path / "cache"), 1234, 0)
+    assert len(ds.get_train_data()) + len(ds.get_eval_data()) == 20 and len(ds.get_eval_data()) >= 1
     # prompt + answer (one space added only when neither side has one), as eval-rm scores it
     assert ds.get_prompt_and_chosen(ds.get_train_data()[0]) == "Human: hi Assistant: hello"
     assert ds.get_prompt(ds.get_train_data()[0]) == "Human: hi Assistant:"
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Human: hi Assistant:", "reference": "hello"}) + "\n")
+    prompts.write_text((json.dumps({"prompt": "Human: hi Assistant:", "reference": "hello"}) + "\n") * 20)
     only_prompts = data_utils.get_raw_dataset(str(prompts), str(tmp_path / "cache"), 1234, 0)
     with pytest.raises(local_files.LocalDataError, match="phase 2 needs rows with prompt, chosen and rejected"):
         only_prompts.require_pairs(2)
