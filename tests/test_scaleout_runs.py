@@ -234,7 +234,9 @@ def test_rm_bloom_two_ranks_write_one_copy_that_scores_as_reported(rm_bloom, uni
                                                      data=str(unique_data["pref"] / "eval.jsonl"),
                                                      output=str(tmp_path / "eval")))
     assert metrics["pairs"] == m["eval_pairs"] == 192
-    assert metrics["accuracy"] == pytest.approx(m["eval_accuracy"], abs=1 / 192)
+    # at most one pair apart (a near-tie scored in another batch shape); compared as pair counts, since
+    # 1.0 - 191/192 exceeds 1/192 by a rounding error
+    assert abs(round(metrics["accuracy"] * 192) - round(m["eval_accuracy"] * 192)) <= 1, (metrics, m)
 
 
 # -------------------------------------------------------------------------------------- ppo-smoke-test
