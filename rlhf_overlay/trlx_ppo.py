@@ -747,7 +747,12 @@ def worker_main(run_dir: Path) -> int:
     policy_dir = run_dir / "policy"
     from rlhf_overlay.status import final_folder
     with final_folder(policy_dir, enabled=main_proc) as partial:  # policy/ appears only when complete
+        # every rank takes part in save_pretrained (it lists the folder; rank 0 writes): wait until rank 0 cleared an
+        # old partial folder, and until no rank still lists it before rank 0 renames it (a 2-rank resume died with
+        # FileNotFoundError on rank 1 when rank 0 renamed first)
+        trainer.accelerator.wait_for_everyone()
         trainer.save_pretrained(str(partial))
+        trainer.accelerator.wait_for_everyone()
     if main_proc:
         steps = recorder.steps
         k = min(cfg.summary_window, max(1, len(steps) // 2))
