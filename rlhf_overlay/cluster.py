@@ -53,6 +53,20 @@ PRIVSEP = Path("/run/sshd")          # sshd's privilege separation folder (Debia
 HOLDER = "rlhf-overlay-cluster-holder"
 UNSHARE = {"node-a": ["--uts"], "node-b": ["--uts", "--mount", "--propagation", "private"]}
 TMPFS = "mount -t tmpfs -o mode=1777,size=4g rlhf-node-b-tmp /tmp && "
+
+
+def _node_b_tmp() -> str:
+    """The shell steps that give node-b its own /tmp. A project that lives under /tmp (a CI clone there) is bound back
+    at the same path inside it: on a real cluster every node sees the shared project folder (venv, assets, upstream)
+    at one path, and only scratch space is node-local."""
+    import shlex
+
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    if not (root == "/tmp" or root.startswith("/tmp/")):
+        return TMPFS
+    stash, root_q = shlex.quote(str(STATE / "node-b" / "project")), shlex.quote(root)
+    return (f"mkdir -p {stash} && mount --bind {root_q} {stash} && {TMPFS}mkdir -p {root_q} && "
+            f"mount --bind {stash} {root_q} && umount {stash} && ")
 PACKAGES = {"pdsh": lambda: shutil.which("pdsh"), "openssh-server": lambda: SSHD.is_file() and shutil.which("ssh")}
 
 
@@ -325,8 +339,8 @@ def _up() -> None:
     _hosts_add()
     # holders: each node's hostname (UTS) and mount namespace; node-b gets its own /tmp
     for node in NODES:
-        script = f'hostname {node} && {TMPFS if node == "node-b" else ""}echo $$ > "$1" && exec -a {HOLDER}-{node} ' \
-                 f'sleep infinity'
+        script = f'hostname {node} && {_node_b_tmp() if node == "node-b" else ""}echo $$ > "$1" && ' \
+                 f'exec -a {HOLDER}-{node} sleep infinity'
         cmd = (inb if node == "node-b" else []) + ["unshare", *UNSHARE[node], "bash", "-c", script, "bash",
                                                    str(STATE / node / "holder.pid")]
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
