@@ -60,3 +60,11 @@ def tiny_assets() -> Path:
     """The embedded tiny models/tokenizers/data (built once, deterministically, offline)."""
     from rlhf_overlay.tiny_assets import ensure_tiny_assets
     return ensure_tiny_assets()
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch):
+    """No test inherits a distributed launcher's variables that an earlier in-process test (or helper) left in
+    os.environ: the entry modules read LOCAL_RANK as "started under a launcher" and refuse (seen in a full run)."""
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
