@@ -105,7 +105,10 @@ assets: ## Build the embedded tiny models, tokenizers and synthetic data into as
 
 test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
 	$(SETUP_SH) --for-tests
-	"$$VENV/bin/python" -m rlhf_overlay.make_args --append PYTEST_ARGS -- "$$VENV/bin/python" -m pytest
+	@# the tests' own `make` calls use the venv setup just made: PYTHON was fixed when this make started (and
+	@# exported), when a fresh clone had no .venv yet, so it would name the system python3 (CI failed that way)
+	PYTHON="$$(cd "$$VENV" && pwd)/bin/python" "$$VENV/bin/python" -m rlhf_overlay.make_args --append PYTEST_ARGS -- \
+	    "$$VENV/bin/python" -m pytest
 
 upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit (OUTPUT)
 	"$$PYTHON" -m rlhf_overlay.upstream_tests

@@ -65,17 +65,18 @@ LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_")
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
-def take_local_rank(argv: Sequence[str]) -> list[str]:
-    """Drop the `--local_rank=N` / `--local_rank N` DeepSpeed's launcher appends (LOCAL_RANK says the same)."""
-    out, it = [], iter(argv)
+def take_local_rank(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """Split off the `--local_rank=N` / `--local_rank N` DeepSpeed's launcher appends: (the other arguments, N or
+    None). The caller decides what to do with N (LOCAL_RANK says the same); nothing here touches os.environ."""
+    out, rank, it = [], None, iter(argv)
     for a in it:
         if a in ("--local_rank", "--local-rank"):
-            os.environ.setdefault("LOCAL_RANK", next(it, "0"))
+            rank = next(it, "0")
         elif a.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+            rank = a.split("=", 1)[1]
         else:
             out.append(a)
-    return out
+    return out, rank
 
 
 def under_launcher() -> bool:
@@ -446,7 +447,9 @@ def _run_entry(seed: Seed, argv: list[str], worker=None) -> int:
 
 def seed_main(name: str, script: str, argv: Sequence[str] | None = None) -> int:
     seed = SEEDS[name]
-    argv = take_local_rank(sys.argv[1:] if argv is None else argv)
+    argv, local_rank = take_local_rank(sys.argv[1:] if argv is None else argv)
+    if local_rank is not None:  # this process is a launcher's worker: its flag and LOCAL_RANK name the same rank
+        os.environ.setdefault("LOCAL_RANK", local_rank)
     launched = under_launcher()
     ranks = Ranks() if launched else None
     talk = ranks is None or ranks.rank == 0

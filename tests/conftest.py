@@ -63,8 +63,14 @@ def tiny_assets() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_launcher_env(monkeypatch):
+def _no_launcher_env():
     """No test inherits a distributed launcher's variables that an earlier in-process test (or helper) left in
-    os.environ: the entry modules read LOCAL_RANK as "started under a launcher" and refuse (seen in a full run)."""
-    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    os.environ, and none leaves them behind: the entry modules read LOCAL_RANK as "started under a launcher" and
+    refuse. They are removed before and after each test, never restored (monkeypatch would restore a value a test
+    had set itself, and module fixtures of the next file would see it: a full CI run failed that way)."""
+    names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    for name in names:
+        os.environ.pop(name, None)
+    yield
+    for name in names:
+        os.environ.pop(name, None)

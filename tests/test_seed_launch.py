@@ -4,6 +4,7 @@ tests/test_seed_commands.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,10 +22,11 @@ SEED_PPO_JSON = {
 
 def test_local_rank_flag_is_taken_from_the_arguments(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert sl.take_local_rank(["--local_rank=1", "--steps", "3"]) == ["--steps", "3"]
-    assert sl.os.environ["LOCAL_RANK"] == "1"
-    monkeypatch.delenv("LOCAL_RANK")
-    assert sl.take_local_rank(["--local_rank", "0", "--x"]) == ["--x"] and sl.os.environ["LOCAL_RANK"] == "0"
+    assert sl.take_local_rank(["--local_rank=1", "--steps", "3"]) == (["--steps", "3"], "1")
+    assert sl.take_local_rank(["--local_rank", "0", "--x"]) == (["--x"], "0")
+    assert sl.take_local_rank(["--x"]) == (["--x"], None)
+    assert "LOCAL_RANK" not in os.environ, "splitting arguments leaves the process environment alone"
+    monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RLHF_OVERLAY_WORKER", "1")
     assert not sl.under_launcher(), "a worker the entry module started itself is not a seed rank"
 
