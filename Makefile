@@ -68,7 +68,7 @@ RESUME     ?=
 
 # Every value a user gives reaches the programs through the environment (recipes say "$$MODEL", never $(MODEL)),
 # so the shell never parses it: `;`, quotes, backticks, spaces and newlines arrive as they were typed. List
-# variables (RUN, CONVERT_FLAGS, PYTEST_ARGS) are split by rlhf_overlay.make_args, not by the shell. make itself
+# variables (RUN, CONVERT_FLAGS, PYTEST_ARGS) are split by rlhf_overlay.runtime.make_args, not by the shell. make itself
 # expands `$` in command-line and environment values (`DATA='$(x)'` would arrive empty), so such values are
 # refused here, before anything runs.
 USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
@@ -95,23 +95,23 @@ upstream: ## Only the git + overlay part of setup (no pip): clone/verify pins an
 	$(SETUP_SH) --upstream-only
 
 verify: ## Check each upstream work tree is exactly pin + overlays and report drifted overlays/patches
-	"$$PYTHON" -m rlhf_overlay.setup_engine verify
+	"$$PYTHON" -m rlhf_overlay.engine.setup_engine verify
 
 lock: ## Recompute the digests and upstream bases of every overlay file and patch into upstream.lock
-	"$$PYTHON" -m rlhf_overlay.setup_engine lock
+	"$$PYTHON" -m rlhf_overlay.engine.setup_engine lock
 
 assets: ## Build the embedded tiny models, tokenizers and synthetic data into assets/ (deterministic, offline)
-	"$$PYTHON" -m rlhf_overlay.tiny_assets
+	"$$PYTHON" -m rlhf_overlay.data.tiny_assets
 
 test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
 	$(SETUP_SH) --for-tests
 	@# the tests' own `make` calls use the venv setup just made: PYTHON was fixed when this make started (and
 	@# exported), when a fresh clone had no .venv yet, so it would name the system python3 (CI failed that way)
-	PYTHON="$$(cd "$$VENV" && pwd)/bin/python" "$$VENV/bin/python" -m rlhf_overlay.make_args --append PYTEST_ARGS -- \
+	PYTHON="$$(cd "$$VENV" && pwd)/bin/python" "$$VENV/bin/python" -m rlhf_overlay.runtime.make_args --append PYTEST_ARGS -- \
 	    "$$VENV/bin/python" -m pytest
 
 upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit (OUTPUT)
-	"$$PYTHON" -m rlhf_overlay.upstream_tests
+	"$$PYTHON" -m rlhf_overlay.engine.upstream_tests
 
 # ---------------------------------------------------------------- training targets
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
@@ -133,10 +133,10 @@ ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the pre-trained tiny BL
 	@bash training_scripts/run.sh ppo_smoke_test
 ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host (RUN, MACHINE_RANK)
 	$(if $(RUN),,$(error ppo-join needs RUN=<the run folder printed on the first host>))$(if $(MACHINE_RANK),,$(error ppo-join needs MACHINE_RANK=<this host's line in HOSTFILE, from 0>))
-	"$$PYTHON" -m rlhf_overlay.trlx_ppo --join "$$RUN" --machine-rank "$$MACHINE_RANK"
+	"$$PYTHON" -m rlhf_overlay.trlx_jobs.ppo --join "$$RUN" --machine-rank "$$MACHINE_RANK"
 accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
 	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
-	"$$PYTHON" -m rlhf_overlay.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
+	"$$PYTHON" -m rlhf_overlay.runtime.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
 dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2 (MODEL, DATA, OUTPUT, LORA_DIM)
 	@bash training_scripts/run.sh dpo_llama2
 eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram (RM, DATA)
@@ -144,12 +144,12 @@ eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histog
 chat: ## Chat with a trained actor; PROMPT="..." answers once and exits (MODEL)
 	@bash training_scripts/run.sh chat
 
-# two "nodes" on this machine for trying HOSTFILE runs by hand (root; rlhf_overlay/cluster.py, used by the tests)
+# two "nodes" on this machine for trying HOSTFILE runs by hand (root; rlhf_overlay/runtime/cluster.py, used by the tests)
 .PHONY: cluster-up cluster-down
 cluster-up: ## Test cluster: node-b = a network namespace + sshd, node-a = this machine (installs pdsh, openssh-server)
-	"$$PYTHON" -m rlhf_overlay.cluster up
+	"$$PYTHON" -m rlhf_overlay.runtime.cluster up
 cluster-down: ## Remove everything cluster-up made (namespace, veth, /etc/hosts block, keys, sshd); safe to repeat
-	"$$PYTHON" -m rlhf_overlay.cluster down
+	"$$PYTHON" -m rlhf_overlay.runtime.cluster down
 
 # ---------------------------------------------------------------- whole chain
 .PHONY: pipeline-llama2 pipeline-bloom
@@ -161,7 +161,7 @@ pipeline-bloom: ## Megatron SFT -> HF -> rm-bloom -> ppo-bloom -> Megatron (inpu
 # ---------------------------------------------------------------- reports
 .PHONY: report
 report: ## Curves (report.png) and summary.md for one or more run folders (RUN="runs/a runs/b")
-	"$$PYTHON" -m rlhf_overlay.make_args --append RUN -- "$$PYTHON" -m rlhf_overlay.report
+	"$$PYTHON" -m rlhf_overlay.runtime.make_args --append RUN -- "$$PYTHON" -m rlhf_overlay.tools.report
 
 # ---------------------------------------------------------------- converters (toolkits/)
 # >>> converters
@@ -179,8 +179,8 @@ EXTRA_VOCAB_SIZE ?=
 # more flags for python -m toolkits.megatron_hf.convert, e.g. CONVERT_FLAGS="--dtype bf16 --tokenizer /path"
 CONVERT_FLAGS ?=
 
-# values go as "$$VAR" (the environment), CONVERT_FLAGS is split by rlhf_overlay.make_args (see USER_VARS above)
-convert_py = "$$PYTHON" -m rlhf_overlay.make_args --append CONVERT_FLAGS -- "$$PYTHON" -m toolkits.megatron_hf.convert
+# values go as "$$VAR" (the environment), CONVERT_FLAGS is split by rlhf_overlay.runtime.make_args (see USER_VARS above)
+convert_py = "$$PYTHON" -m rlhf_overlay.runtime.make_args --append CONVERT_FLAGS -- "$$PYTHON" -m toolkits.megatron_hf.convert
 convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(if $(TARGET),,$(error $@ needs TARGET=<folder to create>))--source "$$SOURCE" --target "$$TARGET" $(if $(EXTRA_VOCAB_SIZE),--extra-vocab-size "$$EXTRA_VOCAB_SIZE") $(if $(filter 1,$(OVERWRITE)),--overwrite)
 llama_model_name = $(if $(MODEL_NAME),--model-name "$$MODEL_NAME")
 

@@ -67,7 +67,7 @@ install_upstreams() {
     # made optional by our patches). compat mode: DeepSpeed-Chat's `dschat` has no __init__.py, and the
     # default (strict, import-hook) editable mode does not expose such namespace packages.
     "$py" - <<'EOF' | while read -r name commit path; do
-from rlhf_overlay.lock import load_lock
+from rlhf_overlay.engine.lock import load_lock
 from rlhf_overlay.paths import LOCK_FILE, UPSTREAM_DIR
 for name, spec in load_lock(LOCK_FILE).upstreams.items():
     status = UPSTREAM_DIR / f".{name}.status"
@@ -91,8 +91,8 @@ prebuild_deepspeed_cpu_ops() {
     local ext
     ext="${TORCH_EXTENSIONS_DIR:-${RLHF_OVERLAY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rlhf-overlay}/torch_extensions}"
     # A `lock` left there by a killed build makes torch (this build, and every DeepSpeed run) wait forever:
-    # stale ones are removed, a build in progress is waited for (RLHF_LOCK_TIMEOUT); see rlhf_overlay/waits.py.
-    if ! "$py" -m rlhf_overlay.waits extensions "$ext"; then
+    # stale ones are removed, a build in progress is waited for (RLHF_LOCK_TIMEOUT); see rlhf_overlay/runtime/waits.py.
+    if ! "$py" -m rlhf_overlay.runtime.waits extensions "$ext"; then
         say "warning: not pre-building DeepSpeed's CPU ops (see the message above)"
         return 0
     fi
@@ -112,7 +112,7 @@ prebuild_deepspeed_cpu_ops() {
 install_upstream_test_deps() {
     # `make upstream-tests` runs the upstreams' own test suites, which need a few test-only packages
     # (requirements-upstream-tests.txt). They go into their own folder, on PYTHONPATH only for those runs
-    # (rlhf_overlay/upstream_tests.py): peft, for one, changes what trlx does at import.
+    # (rlhf_overlay/engine/upstream_tests.py): peft, for one, changes what trlx does at import.
     local target="$VENV/upstream-tests-deps" want
     want="$(sha256sum requirements-upstream-tests.txt | cut -c1-64)"
     [[ -f "$target/.rlhf-overlay-stamp" && "$(cat "$target/.rlhf-overlay-stamp")" == "$want" ]] && return 0
@@ -131,11 +131,11 @@ sync_args=()
 if [[ "$mode" == upstream ]]; then
     # No pip here: use the venv if it exists (gitpython), else the system python with gitpython installed.
     runner="$py"; [[ -x "$runner" ]] || runner="$PYTHON"
-    exec "$runner" -m rlhf_overlay.setup_engine sync "${sync_args[@]}"
+    exec "$runner" -m rlhf_overlay.engine.setup_engine sync "${sync_args[@]}"
 fi
 
 ensure_venv
-"$py" -m rlhf_overlay.setup_engine sync "${sync_args[@]}"
+"$py" -m rlhf_overlay.engine.setup_engine sync "${sync_args[@]}"
 install_upstreams
 install_upstream_test_deps || say "warning: could not install requirements-upstream-tests.txt; make upstream-tests will say so"
 prebuild_deepspeed_cpu_ops

@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6)
     ns = p.parse_args()
-    ppo = ["rlhf_overlay.trlx_ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(ns.steps)]
+    ppo = ["rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(ns.steps)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ck_wall = run(ppo + ["--checkpoint-every", "1", "--keep-checkpoints", str(ns.steps)], tmp / "ck")
@@ -59,13 +59,13 @@ def main() -> None:
             if d != last:
                 shutil.rmtree(d)
         shutil.rmtree(tmp / "ck" / "policy")
-        resume_wall = run(["rlhf_overlay.trlx_ppo", "--resume", str(tmp / "ck")], tmp / "ck")
+        resume_wall = run(["rlhf_overlay.trlx_jobs.ppo", "--resume", str(tmp / "ck")], tmp / "ck")
         resumed = json.loads((tmp / "ck" / "metrics.json").read_text())["steps"][-1:]
         print(f"start-up (wall minus time in PPO steps): fresh {fresh_wall - fresh_steps:.1f} s, "
               f"resume {resume_wall - sum(step_seconds(s) for s in resumed):.1f} s "
               f"(walls: fresh {fresh_wall:.1f} s for {ns.steps} steps, resume {resume_wall:.1f} s for 1 step; "
               f"first run with checkpoints {ck_wall:.1f} s)")
-        rm = ["rlhf_overlay.trlx_reward_model", "--arch", "bloom", "--max-steps", "60"]
+        rm = ["rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--max-steps", "60"]
         run(rm + ["--checkpoint-every", "10", "--keep-checkpoints", "10"], tmp / "rm-ck")
         run(rm + ["--checkpoint-every", "0", "--checkpoint-minutes", "0"], tmp / "rm-none")
         a, b = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("rm-ck", "rm-none"))

@@ -113,8 +113,8 @@ def write_jsonfile_data(dschat: Path, source_folder: Path) -> None:
 
 
 def timed_run(dschat: Path, step_folder: str, args: list[str], work: Path, label: str) -> dict:
-    from rlhf_overlay.dschat_reward_model import free_port
-    from rlhf_overlay.runs import runtime_env
+    from rlhf_overlay.dschat_jobs.reward_model import free_port
+    from rlhf_overlay.runtime.runs import runtime_env
     env = runtime_env(cpu=True)
     stub = work / "stub"
     stub.mkdir(exist_ok=True)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from rlhf_overlay.paths import dschat_dir
-    from rlhf_overlay.tiny_assets import ensure_tiny_assets
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
     assets = Path(ensure_tiny_assets())
     model = assets / "models" / "tiny-llama"
     ours = dschat_dir()
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # a `lock` left in the extension folder by a killed run would make every timed run below hang silently
     from rlhf_overlay.errors import UserError
-    from rlhf_overlay.runs import runtime_env
-    from rlhf_overlay.waits import check_torch_extensions
+    from rlhf_overlay.runtime.runs import runtime_env
+    from rlhf_overlay.runtime.waits import check_torch_extensions
     try:
         check_torch_extensions(runtime_env(cpu=True)["TORCH_EXTENSIONS_DIR"])
     except UserError as e:

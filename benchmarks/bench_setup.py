@@ -12,8 +12,6 @@ import subprocess
 import time
 
 from rlhf_overlay import PROJECT_ROOT
-
-
 def time_command(cmd: list[str], repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):

@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 
 from rlhf_overlay import PROJECT_ROOT
-
-
 def _run(module: str, args: list[str]) -> None:
     res = subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
     if res.returncode != 0:
@@ -29,11 +27,11 @@ def _run(module: str, args: list[str]) -> None:
 
 def bench(arch: str, rm_steps: int, ppo_steps: int, tmp: Path) -> dict:
     rm_dir = tmp / f"rm-{arch}"
-    _run("rlhf_overlay.trlx_reward_model", ["--arch", arch, "--max-steps", str(rm_steps), "--eval-steps",
+    _run("rlhf_overlay.trlx_jobs.reward_model", ["--arch", arch, "--max-steps", str(rm_steps), "--eval-steps",
                                             str(rm_steps * 10), "--eval-before", "no", "--output", str(rm_dir)])
     rm = json.loads((rm_dir / "metrics.json").read_text())
     ppo_dir = tmp / f"ppo-{arch}"
-    _run("rlhf_overlay.trlx_ppo", ["--arch", arch, "--reward", "rule", "--steps", str(ppo_steps),
+    _run("rlhf_overlay.trlx_jobs.ppo", ["--arch", arch, "--reward", "rule", "--steps", str(ppo_steps),
                                    "--output", str(ppo_dir)])
     ppo = json.loads((ppo_dir / "metrics.json").read_text())
     return {"arch": arch, "rm_step_s": rm["seconds_per_step"], "rm_pairs_per_step": rm["pairs_per_step"],

@@ -1,4 +1,4 @@
-"""1 node x 2 ranks vs 2 nodes x 1 rank (rlhf_overlay.cluster: node-b is a network namespace of this machine), wall
+"""1 node x 2 ranks vs 2 nodes x 1 rank (rlhf_overlay.runtime.cluster: node-b is a network namespace of this machine), wall
 time of each make target, and how long a rank killed on node-b takes to stop the whole job. Root; ~6 min.
 
     python benchmarks/bench_two_nodes.py
@@ -25,7 +25,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
-from rlhf_overlay import cluster  # noqa: E402
+from rlhf_overlay.runtime import cluster  # noqa: E402
 
 TARGETS = ("rm-llama2", "dpo-llama2", "rm-bloom", "ppo-smoke-test")
 CLEAR = ("MODEL", "ACTOR", "CRITIC", "RM", "DATA", "OUTPUT", "NUM_GPUS", "ZERO_STAGE", "HOSTFILE", "RANK_REPORT")
@@ -79,7 +79,7 @@ def dead_rank(root: Path) -> tuple[float, int]:
     out = root / "dead-rank"
     netns_b = subprocess.run(["ssh", "node-b", "readlink /proc/self/ns/net"], capture_output=True,
                              text=True).stdout.strip()
-    cmd = [sys.executable, "-m", "rlhf_overlay.dschat_reward_model", "--hostfile", str(root / "hostfile"),
+    cmd = [sys.executable, "-m", "rlhf_overlay.dschat_jobs.reward_model", "--hostfile", str(root / "hostfile"),
            "--output", str(out), "--max-steps", "0", "--epochs", "3"]
     job = subprocess.Popen(cmd, cwd=PROJECT, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)

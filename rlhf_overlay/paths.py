@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from rlhf_overlay import PROJECT_ROOT
-
 LOCK_FILE = PROJECT_ROOT / "upstream.lock"
 OVERLAYS_DIR = PROJECT_ROOT / "overlays"
 UPSTREAM_DIR = PROJECT_ROOT / "upstream"

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-
 # Tests never touch the network or the hub, and tiny models run fastest with one thread per process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -58,7 +57,7 @@ def trlx_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_assets() -> Path:
     """The embedded tiny models/tokenizers/data (built once, deterministically, offline)."""
-    from rlhf_overlay.tiny_assets import ensure_tiny_assets
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
     return ensure_tiny_assets()
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import model_folders
-from rlhf_overlay import PROJECT_ROOT, chat, preflight
-
-
+from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay.tools import chat
+from rlhf_overlay.runtime import preflight
 def test_prompt_mode_answers_once(tiny_assets, capsys):
     model = tiny_assets / "models" / "tiny-llama"
     assert chat.main(["--model", str(model), "--prompt", "tell me about the garden", "--max-new-tokens", "8"]) == 0
@@ -32,7 +32,7 @@ def test_make_chat_prompt_through_the_script(tiny_assets):
 
 def test_interactive_loop_keeps_history_and_quits(tiny_assets):
     model = tiny_assets / "models" / "tiny-gptj"
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.chat", "--model", str(model), "--max-new-tokens", "4"],
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.tools.chat", "--model", str(model), "--max-new-tokens", "4"],
                          input="hello\nclear\nhow are you\nquit\n", capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stderr[-2000:]

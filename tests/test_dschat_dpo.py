@@ -1,4 +1,4 @@
-"""`make dpo-llama2`: DeepSpeed-Chat DPO through rlhf_overlay.dschat_dpo and our step2_dpo_finetuning overlay.
+"""`make dpo-llama2`: DeepSpeed-Chat DPO through rlhf_overlay.dschat_jobs.dpo and our step2_dpo_finetuning overlay.
 
 Unit tests (no upstream, nothing trained): arguments, validation, CPU refusals, recipes and the launch command.
 Integration tests (`upstream`; the training ones also `slow`): the tiny LLaMA trained for real on CPU once per
@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, dschat_dpo, dschat_launch
-from rlhf_overlay.dschat_launch import ConfigError
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.dschat_jobs import dpo as dschat_dpo
+
+from rlhf_overlay.dschat_jobs import launch as dschat_launch
+from rlhf_overlay.dschat_jobs.launch import ConfigError
 
 GOOD = {"prompt": "Human: hi Assistant:", "chosen": "hello, how can I help?", "rejected": "go away"}
 
@@ -39,13 +43,13 @@ def flat(args: list[str]) -> str:
 
 # ================================================================================================ unit tests
 def test_help_is_instant_and_shows_paste_able_commands():
-    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.dschat_dpo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.dschat_jobs.dpo", "--help"], capture_output=True, text=True,
                          timeout=60, cwd=PROJECT_ROOT)
     assert out.returncode == 0, out.stderr
     for text in ("make dpo-llama2", "LORA_DIM=", "HOSTFILE=", "MODEL=meta-llama/Llama-2-7b-hf", "--zero-stage",
                  "--beta", "--only-optimize-lora"):
         assert text in out.stdout, text
-    probe = subprocess.run([sys.executable, "-c", "import sys, rlhf_overlay.dschat_dpo; "
+    probe = subprocess.run([sys.executable, "-c", "import sys, rlhf_overlay.dschat_jobs.dpo; "
                             "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"],
                            capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
@@ -338,7 +342,7 @@ def test_tensorboard_has_loss_margins_and_accuracy(dpo_run):
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_run_folder_records_command_config_and_log(dpo_run):
-    assert "-m rlhf_overlay.dschat_dpo --output" in (dpo_run / "command.txt").read_text()
+    assert "-m rlhf_overlay.dschat_jobs.dpo --output" in (dpo_run / "command.txt").read_text()
     config = json.loads((dpo_run / "config.json").read_text())
     assert (config["recipe"], config["dtype"], config["zero_stage"], config["lora_dim"]) == ("tiny", "fp32", 0, 0)
     assert config["launch_cwd"].endswith("training/step2_dpo_finetuning")
@@ -379,7 +383,7 @@ def test_lora_dpo_on_a_user_data_folder(dpo_run, tiny_assets, tmp_path):
 def _run_main(dschat_dir: Path, args: list[str], launcher: bool = False) -> subprocess.CompletedProcess:
     """The overlay main.py as a user would run it (its own argument checks come before distributed set-up, so
     plain python suffices for them; data errors need the launcher)."""
-    from rlhf_overlay.runs import runtime_env
+    from rlhf_overlay.runtime.runs import runtime_env
     env = runtime_env(cpu=True)
     env["PYTHONPATH"] = f"{dschat_dir}:{env['PYTHONPATH']}"
     prefix = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, dschat_ppo, dschat_reward_model as rm
-from rlhf_overlay.dschat_reward_model import ConfigError
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
+
+from rlhf_overlay.dschat_jobs import reward_model as rm
+from rlhf_overlay.dschat_jobs.reward_model import ConfigError
 
 
 def fake_model(folder: Path, reward_model: bool = False) -> Path:
@@ -30,7 +34,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 GOOD = {"prompt": "Human: hi Assistant:", "chosen": "hello, how can I help?", "rejected": "go away"}
 
 
-@pytest.mark.parametrize("module", ["rlhf_overlay.dschat_reward_model", "rlhf_overlay.dschat_ppo"])
+@pytest.mark.parametrize("module", ["rlhf_overlay.dschat_jobs.reward_model", "rlhf_overlay.dschat_jobs.ppo"])
 def test_help_is_instant_and_shows_paste_able_commands(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
                          cwd=PROJECT_ROOT)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import dschat_ppo
-from rlhf_overlay.runs import runtime_env
+from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
+from rlhf_overlay.runtime.runs import runtime_env
 
 pytestmark = pytest.mark.upstream
 
@@ -107,9 +107,9 @@ def test_critic_is_saved_and_was_trained(ppo_run):
 
 @pytest.mark.slow
 def test_run_folders_record_command_config_and_log(ppo_run):
-    assert "-m rlhf_overlay.dschat_ppo --output" in (ppo_run / "command.txt").read_text()
+    assert "-m rlhf_overlay.dschat_jobs.ppo --output" in (ppo_run / "command.txt").read_text()
     rm_command = (ppo_run / "reward_model" / "command.txt").read_text()
-    assert "-m rlhf_overlay.dschat_reward_model" in rm_command and "--recipe tiny" in rm_command
+    assert "-m rlhf_overlay.dschat_jobs.reward_model" in rm_command and "--recipe tiny" in rm_command
     for folder in (ppo_run, ppo_run / "reward_model"):
         config = json.loads((folder / "config.json").read_text())
         assert config["recipe"] == "tiny" and config["dtype"] == "fp32" and config["zero_stage"] == 0
@@ -201,7 +201,7 @@ def test_fp32_deepspeed_configs(dschat_dir, monkeypatch):
 @pytest.mark.slow
 def test_bloom_reward_model_trains(tiny_assets, dschat_dir, tmp_path):
     """A `bigscience/bloom-*` path triggers step 2's ln_f reset, which upstream crashed on (`rwtranrsformer`)."""
-    from rlhf_overlay import dschat_reward_model
+    from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
     bloom = tmp_path / "bigscience" / "bloom-tiny"
     bloom.parent.mkdir()
     bloom.symlink_to(tiny_assets / "models" / "tiny-bloom", target_is_directory=True)

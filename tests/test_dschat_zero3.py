@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, rank_report
+from rlhf_overlay import PROJECT_ROOT
 
+from rlhf_overlay.runtime import rank_report
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 
 
@@ -59,7 +60,7 @@ def zero3_run(dschat_dir, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{kind}-z3{'-offload' if offload else ''}") / "run"
             args = ["--critic", str(get("rm", offload) / "model")] if kind == "ppo" else []
             module = {"rm": "reward_model", "ppo": "ppo", "dpo": "dpo"}[kind]
-            run_module(f"rlhf_overlay.dschat_{module}", out, *args, offload=offload)
+            run_module(f"rlhf_overlay.dschat_jobs.{module}", out, *args, offload=offload)
             done[kind, offload] = out
         return done[kind, offload]
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rlhf_overlay import PROJECT_ROOT, eval_rm
-from rlhf_overlay.preference_data import load_preference_rows
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.tools import eval_rm
+from rlhf_overlay.data.preference_data import load_preference_rows
 
 pytestmark = pytest.mark.slow
 
@@ -109,8 +111,7 @@ def test_bad_inputs_fail_clearly(critics, tmp_path, capsys):
 
 def test_trained_trlx_value_head_rm_beats_untrained(tiny_assets, tmp_path):
     """The trlx path's value-head RMs: 40 training steps (seconds on the tiny BLOOM) vs the same model untrained."""
-    from rlhf_overlay import trlx_reward_model as trm
-
+    from rlhf_overlay.trlx_jobs import reward_model as trm
     assert trm.main(["--arch", "bloom", "--max-steps", "40", "--output", str(tmp_path / "trained")]) == 0
     trained = tmp_path / "trained" / "reward_model"
     model, tok = trm.new_reward_model(str(tiny_assets / "models" / "tiny-bloom"))

@@ -1,4 +1,4 @@
-"""Health guards (rlhf_overlay.health): each signal provoked, each named with its value and likely causes.
+"""Health guards (rlhf_overlay.runtime.health): each signal provoked, each named with its value and likely causes.
 
 Unit: NaN rewards/losses, KL per token above its bound, degenerate answers (empty, one token repeated), undecodable
 tokens and a reward collapse each trip the guard with their own line; a healthy history trips nothing; every signal
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.health import CAUSES, HealthGuard, answer_shares, nonfinite_count
+from rlhf_overlay.runtime.health import CAUSES, HealthGuard, answer_shares, nonfinite_count
 
 
 def _step(i, reward=0.5, std=0.1, kl=0.1, outputs=("it is good and kind.",) * 4, nonfinite=0):
@@ -85,7 +85,7 @@ def test_ppo_emitting_one_token_stops_itself(trlx_dir, tiny_assets, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     # lr 0.5: after one update the policy answers with one repeated token (measured: 100 % degenerate at step 2);
     # the KL bound is lifted so that the degenerate-answer guard is the one that stops the run
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--arch", "bloom", "--reward", "rule",
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule",
                           "--steps", "4", "--lr", "0.5", "--max-kl-per-token", "1e9", "--on-unhealthy", "stop",
                           "--checkpoint-every", "0", "--output", str(out)], cwd=PROJECT_ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
@@ -107,7 +107,7 @@ def test_reward_model_with_nan_gradients_stops_itself(tiny_assets, tmp_path):
     out = tmp_path / "rm"
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA", "OUTPUT", "OVERWRITE")}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--arch", "bloom", "--max-steps",
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--max-steps",
                           "20", "--lr", "1e6", "--checkpoint-every", "0", "--on-unhealthy", "stop", "--output",
                           str(out)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]

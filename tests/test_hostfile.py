@@ -1,4 +1,4 @@
-"""rlhf_overlay.hostfile: DeepSpeed hostfiles, this-machine detection, reachability, per-machine accelerate configs,
+"""rlhf_overlay.runtime.hostfile: DeepSpeed hostfiles, this-machine detection, reachability, per-machine accelerate configs,
 and the early hostfile checks of the make targets (no training here)."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 import pytest
 import yaml
 
-from rlhf_overlay import PROJECT_ROOT, hostfile
-from rlhf_overlay.hostfile import Host, HostfileError
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.runtime import hostfile
+from rlhf_overlay.runtime.hostfile import Host, HostfileError
 
 
 def write(tmp_path, text: str, name: str = "hostfile"):
@@ -83,7 +85,7 @@ def test_accelerate_configs_one_per_machine():
 def test_cli_writes_configs_prints_commands_and_keeps_edited_files(tmp_path):
     hf = write(tmp_path, "node-a slots=8\nnode-b slots=8\n")
     out = tmp_path / "cfg"
-    cmd = [sys.executable, "-m", "rlhf_overlay.hostfile", "accelerate-config", "--hostfile", str(hf), "--base", "cpu",
+    cmd = [sys.executable, "-m", "rlhf_overlay.runtime.hostfile", "accelerate-config", "--hostfile", str(hf), "--base", "cpu",
            "--out", str(out), "--port", "29600"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -111,8 +113,8 @@ def test_make_accelerate_config_target(tmp_path):
 
 
 def test_targets_check_the_hostfile_before_making_a_run_folder(tmp_path, capsys):
-    from rlhf_overlay import trlx_ppo, trlx_reward_model
-
+    from rlhf_overlay.trlx_jobs import ppo as trlx_ppo
+    from rlhf_overlay.trlx_jobs import reward_model as trlx_reward_model
     bad = write(tmp_path, f"{socket.gethostname()} slots=1\nnonexistent-host.invalid slots=1\n")
     out = tmp_path / "rm"
     rc = trlx_reward_model.main(["--arch", "bloom", "--hostfile", str(bad), "--output", str(out)])
@@ -129,8 +131,7 @@ def test_targets_check_the_hostfile_before_making_a_run_folder(tmp_path, capsys)
 
 
 def test_join_without_a_started_run_says_what_to_do(tmp_path, capsys):
-    from rlhf_overlay import trlx_ppo
-
+    from rlhf_overlay.trlx_jobs import ppo as trlx_ppo
     assert trlx_ppo.main(["--join", str(tmp_path), "--machine-rank", "1"]) == 2
     assert "start the run on the first host of the hostfile first" in capsys.readouterr().err
     assert trlx_ppo.main(["--join", str(tmp_path)]) == 2
@@ -139,8 +140,7 @@ def test_join_without_a_started_run_says_what_to_do(tmp_path, capsys):
 
 @pytest.mark.upstream
 def test_dschat_targets_check_the_hostfile_before_making_a_run_folder(dschat_dir, tmp_path, capsys):
-    from rlhf_overlay import dschat_reward_model
-
+    from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
     bad = write(tmp_path, f"{socket.gethostname()} slots=1\n192.0.2.1 slots=1\n")
     out = tmp_path / "rm"
     rc = dschat_reward_model.main(["--hostfile", str(bad), "--output", str(out)])

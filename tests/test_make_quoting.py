@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-
 MAKEFILE = (PROJECT_ROOT / "Makefile").read_text()
 TARGETS = re.findall(r"^([a-zA-Z0-9_-]+):.*?## ", MAKEFILE, flags=re.M)
 SETTABLE = sorted(set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*\?=", MAKEFILE, flags=re.M)) | {"RM"})
@@ -27,8 +26,8 @@ USER_VARS = re.search(r"^USER_VARS := (.*?)\n(?!\s)", MAKEFILE, flags=re.M | re.
 STUB = """#!{python}
 import json, os, sys
 sys.path.insert(0, {root!r})
-if sys.argv[1:3] == ["-m", "rlhf_overlay.make_args"]:      # the list-splitting helper: run it for real
-    from rlhf_overlay import make_args
+if sys.argv[1:3] == ["-m", "rlhf_overlay.runtime.make_args"]:      # the list-splitting helper: run it for real
+    from rlhf_overlay.runtime import make_args
     sys.exit(make_args.main(sys.argv[3:]))
 with open(os.environ["ARGV_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
@@ -108,7 +107,7 @@ def test_the_issue_cases(tmp_path, stub):
     assert res.returncode == 2 and "DATA=$(x) contains '$'" in res.stderr and not log.exists()
     res = run_make(["report", f"RUN=runs/a; touch {tmp_path / 'pwned'}"], env)
     assert res.returncode == 0, res.stderr
-    assert json.loads(log.read_text()) == ["-m", "rlhf_overlay.report", "runs/a;", "touch", str(tmp_path / "pwned")]
+    assert json.loads(log.read_text()) == ["-m", "rlhf_overlay.tools.report", "runs/a;", "touch", str(tmp_path / "pwned")]
     log.unlink()
     res = run_make(["convert-llama2-mg2hf", f"SOURCE=`touch {tmp_path / 'pwned'}`", "TARGET=out"], env)
     assert res.returncode == 0, res.stderr
@@ -204,7 +203,7 @@ def test_ppo_llama2_refuses_model_with_a_message(tmp_path, stub):
 
 
 def test_list_variables_split_like_shell_words_without_expansion(tmp_path, stub):
-    from rlhf_overlay.make_args import split_list
+    from rlhf_overlay.runtime.make_args import split_list
 
     assert split_list("RUN", '"runs/my run" runs/b') == ["runs/my run", "runs/b"]
     assert split_list("RUN", "runs/a;rm -rf x `y` $(z)") == ["runs/a;rm", "-rf", "x", "`y`", "$(z)"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.pipeline import DONE, STAGES, hf2mg_format_flags, tiny_flags
+from rlhf_overlay.tools.pipeline import DONE, STAGES, hf2mg_format_flags, tiny_flags
 
 
 def _env(**extra):
@@ -34,19 +34,19 @@ def _make(target, **extra):
 
 def test_bad_input_is_refused_before_anything_is_created(tmp_path):
     out = tmp_path / "p"
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.pipeline", "run", "--family", "llama2",
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.tools.pipeline", "run", "--family", "llama2",
                           "--megatron-sft", str(tmp_path / "nope"), "--output", str(out)],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert res.stderr.startswith("error: MEGATRON_SFT=") and len(res.stderr.strip().splitlines()) == 1
     assert not out.exists()
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.pipeline", "run", "--family", "bloom",
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.tools.pipeline", "run", "--family", "bloom",
                           "--resume", str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "not a pipeline folder" in res.stderr
 
 
 def test_tiny_flags_select_the_tiny_recipe_for_a_given_model(tiny_assets):
-    from rlhf_overlay.trlx_ppo import PPORunConfig
+    from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
 
     model = tiny_assets / "models" / "tiny-bloom"
     flags = tiny_flags(PPORunConfig, "bloom", model, rm=str(model))

@@ -19,13 +19,13 @@ import time
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.ppo_smoke_test import (BASE_FLUENCY_MIN, END_FLUENCY_MIN, END_KL_PER_TOKEN_MAX, SMOKE_DEFAULTS,
+from rlhf_overlay.trlx_jobs.smoke_test import (BASE_FLUENCY_MIN, END_FLUENCY_MIN, END_KL_PER_TOKEN_MAX, SMOKE_DEFAULTS,
                                          failures, health, verdict)
 
 
 def test_help_is_instant_and_defaults_are_the_embedded_run():
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.ppo_smoke_test", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.smoke_test", "--help"], capture_output=True,
                          text=True, cwd=PROJECT_ROOT, timeout=60)
     assert res.returncode == 0 and time.time() - t0 < 5
     assert "make ppo-smoke-test" in res.stdout and "REWARD=model" in res.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay.preference_data import PreferenceDataError, load_preference_rows, load_prompt_rows
+from rlhf_overlay.data.preference_data import PreferenceDataError, load_preference_rows, load_prompt_rows
 
 ROWS = [
     {"prompt": "Human: tell me about the garden. Assistant:", "chosen": " the garden is calm.",
@@ -176,7 +176,7 @@ def test_prompt_row_errors(tmp_path):
 
 
 def test_cli_validates_a_folder(tmp_path, capsys):
-    from rlhf_overlay.preference_data import main
+    from rlhf_overlay.data.preference_data import main
 
     write_jsonl(tmp_path / "train.jsonl", ROWS)
     write_jsonl(tmp_path / "eval.jsonl", ROWS[:1])
@@ -190,7 +190,7 @@ def test_cli_validates_a_folder(tmp_path, capsys):
 def test_cli_refuses_a_folder_without_train_as_training_does(tmp_path, capsys):
     """A folder with only eval.jsonl used to pass (`eval.jsonl: 100 valid rows`, exit 0); every training target
     refuses it, so the validator does too."""
-    from rlhf_overlay.preference_data import main
+    from rlhf_overlay.data.preference_data import main
 
     write_jsonl(tmp_path / "eval.jsonl", ROWS)
     before = sorted(tmp_path.iterdir())
@@ -202,7 +202,7 @@ def test_cli_refuses_a_folder_without_train_as_training_does(tmp_path, capsys):
 
 
 def test_a_single_file_is_split_into_train_and_a_held_out_share(tmp_path, capsys):
-    from rlhf_overlay.preference_data import held_out_indices, main, split_held_out
+    from rlhf_overlay.data.preference_data import held_out_indices, main, split_held_out
 
     rows = [dict(ROWS[0], prompt=f"Human: question {i}? Assistant:") for i in range(50)]
     f = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -219,7 +219,7 @@ def test_a_single_file_is_split_into_train_and_a_held_out_share(tmp_path, capsys
 
 
 def test_overlong_rows_are_one_warning_per_file_with_line_tokens_and_side(tmp_path):
-    from rlhf_overlay.preference_data import overlong_warning, preference_rows_with_lines
+    from rlhf_overlay.data.preference_data import overlong_warning, preference_rows_with_lines
 
     rows = [dict(ROWS[0]), dict(ROWS[1], chosen=" long" * 40), dict(ROWS[0], rejected=" x" * 20)]
     f = write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -234,7 +234,7 @@ def test_overlong_rows_are_one_warning_per_file_with_line_tokens_and_side(tmp_pa
 
 
 def test_join_conversation_is_prompt_plus_answer():
-    from rlhf_overlay.preference_data import join_conversation
+    from rlhf_overlay.data.preference_data import join_conversation
 
     assert join_conversation("Human: hi Assistant:", " hello") == "Human: hi Assistant: hello"
     assert join_conversation("Human: hi Assistant:", "hello") == "Human: hi Assistant: hello"   # one space added
@@ -261,7 +261,7 @@ def _run(argv, tmp_path):
 def test_trlx_reward_model_holds_out_a_share_and_warns_about_the_long_row(tiny_assets, tmp_path):
     data = _single_file_with_a_long_row(tiny_assets, tmp_path)
     before = data.read_bytes()
-    res = _run(["rlhf_overlay.trlx_reward_model", "--data", "pairs.jsonl", "--max-steps", "2", "--output", "out"],
+    res = _run(["rlhf_overlay.trlx_jobs.reward_model", "--data", "pairs.jsonl", "--max-steps", "2", "--output", "out"],
                tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"data: 54 train / 6 eval pairs (train: {data}; eval: {data} (6 of its rows held out, not trained on))" \
@@ -280,7 +280,7 @@ def test_dschat_reward_model_holds_out_a_share_and_warns_about_the_long_row(dsch
     """The issue's case: `make rm-llama2 DATA=file.json` evaluated on its own training rows ("eval accuracy 1.000")
     without a word, and cut a long row from the right silently."""
     data = _single_file_with_a_long_row(tiny_assets, tmp_path)
-    res = _run(["rlhf_overlay.dschat_reward_model", "--data", "pairs.jsonl", "--max-steps", "3", "--max-seq-len", "48",
+    res = _run(["rlhf_overlay.dschat_jobs.reward_model", "--data", "pairs.jsonl", "--max-steps", "3", "--max-seq-len", "48",
                 "--output", "out"], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (f"note: {data} is the only data file (no eval file): 6 of its 60 rows (10%) are held out for evaluation "
@@ -291,7 +291,7 @@ def test_dschat_reward_model_holds_out_a_share_and_warns_about_the_long_row(dsch
 
 
 def test_ppo_prompts_longer_than_the_prompt_budget_are_one_warning(tiny_assets, tmp_path):
-    from rlhf_overlay.preference_data import prompt_overlong_warnings
+    from rlhf_overlay.data.preference_data import prompt_overlong_warnings
 
     rows = [{"prompt": "Human: tell me about the garden. Assistant:"} for _ in range(10)]
     rows[4]["prompt"] = "Human: " + "garden " * 200 + "Assistant:"

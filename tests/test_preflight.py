@@ -14,9 +14,14 @@ import git
 import pytest
 
 import model_folders as mf
-from rlhf_overlay import PROJECT_ROOT, dschat_ppo, dschat_reward_model, eval_rm, preflight, trlx_ppo
-from rlhf_overlay import trlx_reward_model
-from rlhf_overlay.preflight import PreflightError
+from rlhf_overlay import PROJECT_ROOT
+from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
+from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
+from rlhf_overlay.tools import eval_rm
+from rlhf_overlay.runtime import preflight
+from rlhf_overlay.trlx_jobs import ppo as trlx_ppo
+from rlhf_overlay.trlx_jobs import reward_model as trlx_reward_model
+from rlhf_overlay.runtime.preflight import PreflightError
 from test_setup_engine import Sandbox
 
 
@@ -326,7 +331,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_ctrl_c_during_a_real_run_prints_no_traceback(tiny_assets, tmp_path):
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) while the reward model trains."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--output", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--output", str(out),
                              "--max-steps", "100000"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))

@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from rlhf_overlay import report
-
-
+from rlhf_overlay.tools import report
 def _fake_run(folder, reward_slope=1.0, subdir="tb"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "command.txt").write_text("cd /w && make ppo-smoke-test\n")
@@ -90,7 +88,7 @@ def test_run_in_progress_can_be_reported(tmp_path):
 
 
 def test_help_is_instant():
-    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.report", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.tools.report", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--max-panels" in out
 
@@ -104,7 +102,6 @@ def test_smoke_test_ends_with_a_report_showing_reward_rising(trlx_dir, tiny_asse
     import re
 
     from rlhf_overlay import PROJECT_ROOT
-
     out = tmp_path / "smoke"
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "REWARD", "RM", "OVERWRITE")}
     res = subprocess.run(["make", "-s", "ppo-smoke-test"], cwd=PROJECT_ROOT, env=dict(env, OUTPUT=str(out)),

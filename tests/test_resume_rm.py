@@ -1,4 +1,4 @@
-"""Checkpoints and RESUME for the HF-Trainer reward models (rm-bloom, rm-gptj: rlhf_overlay.trlx_reward_model).
+"""Checkpoints and RESUME for the HF-Trainer reward models (rm-bloom, rm-gptj: rlhf_overlay.trlx_jobs.reward_model).
 
 Integration (slow, tiny BLOOM, one CPU rank): a run SIGKILLed after its first mid-run checkpoint and resumed with
 RESUME ends with the same reward model as an uninterrupted run (max |Δ| = 0); a run sent SIGTERM writes a checkpoint
@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-
-RUN = [sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--arch", "bloom", "--max-steps", "60"]
+RUN = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--max-steps", "60"]
 
 
 def _env():
@@ -75,7 +74,7 @@ def test_sigkilled_reward_model_resumes_bit_identically(reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "reward_model").exists()
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--resume", str(out)],
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--resume", str(out)],
                          cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert re.search(r"resumed from step (20|40)", (out / "training.log").read_text())

@@ -1,4 +1,4 @@
-"""Checkpoints and RESUME for trlx PPO (ppo-smoke-test, ppo-bloom, ppo-gptj share rlhf_overlay.trlx_ppo).
+"""Checkpoints and RESUME for trlx PPO (ppo-smoke-test, ppo-bloom, ppo-gptj share rlhf_overlay.trlx_jobs.ppo).
 
 Integration (upstream + slow, tiny BLOOM, one CPU rank): a run SIGKILLed after its first mid-run checkpoint, with a
 half-written checkpoint left behind, resumed with RESUME, ends with the same policy as an uninterrupted run (max |Δ|
@@ -24,7 +24,7 @@ from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.errors import ConfigError
 
 STEPS = 5
-RUN = [sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(STEPS)]
+RUN = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(STEPS)]
 
 
 def _env():
@@ -97,7 +97,7 @@ def test_sigkilled_run_resumes_bit_identically(reference, tmp_path):
     half = out / "checkpoints" / f".tmp-step-{int(newest.name.split('-')[1]) + 1}"
     half.mkdir()
     (half / "pytorch_model.bin").write_bytes((newest / "pytorch_model.bin").read_bytes()[:1000])
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
                          env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"ignored and removed half-written checkpoint(s) {half.name}" in res.stdout and not half.exists()
@@ -142,15 +142,15 @@ def test_sigterm_checkpoints_stops_and_the_printed_resume_command_works(referenc
 
 
 def _run_folder(tmp_path, **settings):
-    from rlhf_overlay.trlx_ppo import PPORunConfig
+    from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
     cfg = PPORunConfig(arch="bloom", reward="rule", **settings).resolve()
     (tmp_path / "config.json").write_text(json.dumps({"ppo": dataclasses.asdict(cfg)}))
     return cfg
 
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path):
-    from rlhf_overlay.trlx_checkpoints import resolve_resume, resume_config
-    from rlhf_overlay.trlx_ppo import PPORunConfig
+    from rlhf_overlay.trlx_jobs.checkpoints import resolve_resume, resume_config
+    from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
     _run_folder(tmp_path, steps=40, batch_size=16)
 
     def resume(*argv, **fields):
@@ -209,7 +209,7 @@ def test_two_rank_zero2_resume_restores_each_ranks_optimizer_shard(trlx_dir, tin
         if d.name != "step-1":
             shutil.rmtree(d)
     # the copied config.json names the reference folder nowhere the resume uses: RESUME takes the folder given
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--resume", str(out)], cwd=PROJECT_ROOT,
                          env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from step 1" in res.stdout

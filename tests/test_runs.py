@@ -6,9 +6,7 @@ import sys
 
 import pytest
 
-from rlhf_overlay import runs
-
-
+from rlhf_overlay.runtime import runs
 def test_new_run_dirs_are_unique(tmp_path):
     a = runs.prepare_run_dir("rm-bloom", runs_root=tmp_path)
     b = runs.prepare_run_dir("rm-bloom", runs_root=tmp_path)

@@ -7,12 +7,18 @@ import json
 
 import pytest
 
-from rlhf_overlay import dschat_ppo, dschat_reward_model, rank_report, runs
-from rlhf_overlay import trlx_ppo as ppo
-from rlhf_overlay import trlx_reward_model
-from rlhf_overlay.dschat_launch import ConfigError as DSChatConfigError
-from rlhf_overlay.trlx_common import ConfigError as TrlxConfigError
-from rlhf_overlay.trlx_common import check_world_size, deepspeed_cpu_problem
+from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
+
+from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
+
+from rlhf_overlay.runtime import rank_report
+
+from rlhf_overlay.runtime import runs
+from rlhf_overlay.trlx_jobs import ppo
+from rlhf_overlay.trlx_jobs import reward_model as trlx_reward_model
+from rlhf_overlay.dschat_jobs.launch import ConfigError as DSChatConfigError
+from rlhf_overlay.trlx_jobs.common import ConfigError as TrlxConfigError
+from rlhf_overlay.trlx_jobs.common import check_world_size, deepspeed_cpu_problem
 
 
 # ------------------------------------------------------------------------------------------- rank counts

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, rank_report
+from rlhf_overlay import PROJECT_ROOT
 
+from rlhf_overlay.runtime import rank_report
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 TARGET_VARS = ("MODEL", "ACTOR", "CRITIC", "RM", "REWARD", "DATA", "OUTPUT", "OVERWRITE", "ZERO_STAGE", "LORA_DIM",
                "NUM_GPUS", "HOSTFILE", "RANK_REPORT", "RLHF_OVERLAY_RANK_REPORT", "RLHF_OVERLAY_RUN_DIRS_FILE")
@@ -61,7 +62,7 @@ def unique_data(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     """Preference pairs with no repeated prompt+chosen or prompt+rejected text (train and eval disjoint; 192 eval
     pairs = 96 per rank = 6 full batches of 16, so DeepSpeed-Chat's mean of batch means is the plain mean), and
     640 distinct prompts for PPO."""
-    from rlhf_overlay.synthetic import NEGATIVE, POSITIVE, TOPICS
+    from rlhf_overlay.data.synthetic import NEGATIVE, POSITIVE, TOPICS
 
     root = tmp_path_factory.mktemp("unique-data")
     pref = tiny_assets / "data" / "preference"
@@ -145,8 +146,7 @@ def test_rm_llama2_two_ranks_write_one_copy_and_one_progress_stream(rm_llama2):
 def test_rm_llama2_saved_model_scores_as_the_run_reported(rm_llama2, unique_data, tmp_path):
     """Reload the saved critic with transformers only (make eval-rm) on the same 192 eval pairs: the mean chosen
     and rejected scores equal what the 2-rank run all-reduced."""
-    from rlhf_overlay import eval_rm
-
+    from rlhf_overlay.tools import eval_rm
     out, _, _ = rm_llama2
     results = json.loads((out / "model" / "eval_results.json").read_text())
     cfg = eval_rm.EvalConfig(rm=str(out / "model"), data=str(unique_data["pref"] / "eval.jsonl"),
@@ -223,8 +223,7 @@ def test_rm_bloom_two_ranks_split_the_pairs_and_learn(rm_bloom):
 
 
 def test_rm_bloom_two_ranks_write_one_copy_that_scores_as_reported(rm_bloom, unique_data, tmp_path):
-    from rlhf_overlay import eval_rm
-
+    from rlhf_overlay.tools import eval_rm
     out, _, _ = rm_bloom
     assert sorted(p.name for p in (out / "reward_model").glob("*.safetensors")) == [
         "model.safetensors", "value_head.safetensors"]
@@ -275,7 +274,7 @@ def sampled_rule_reward(model_dir: Path, prompts: list[str], seed: int = 0) -> f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_overlay.synthetic import rule_reward
+    from rlhf_overlay.data.synthetic import rule_reward
 
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token

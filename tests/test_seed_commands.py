@@ -1,5 +1,5 @@
 """The seed's commands (Pai-Megatron-Patch rlhf/ README), typed as written, from the folders it names, with the
-launchers it names (rlhf_overlay.seed_launch, overlays/trlx/examples/summarize_rlhf, DeepSpeedExamples patch 0006).
+launchers it names (rlhf_overlay.tools.seed_launch, overlays/trlx/examples/summarize_rlhf, DeepSpeedExamples patch 0006).
 
 One test per command, on CPU with the tiny defaults (MODEL/DATA unset, offline) for trlx and with MODEL/DATA pointing
 at the tiny LLaMA and a slice of the tiny data for DeepSpeed-Chat's 7B scripts; step counts are cut with the scripts'
@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 
 VENV_BIN = PROJECT_ROOT / ".venv" / "bin"

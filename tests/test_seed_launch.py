@@ -1,4 +1,4 @@
-"""rlhf_overlay.seed_launch without launching anything: the launcher's `--local_rank`, the make variables as flags,
+"""rlhf_overlay.tools.seed_launch without launching anything: the launcher's `--local_rank`, the make variables as flags,
 and what of a DeepSpeed config is changed (and said) so that this machine runs it. The commands themselves run in
 tests/test_seed_commands.py."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from rlhf_overlay import seed_launch as sl
+from rlhf_overlay.tools import seed_launch as sl
 from rlhf_overlay.errors import UserError
 
 # the seed's ds_config_trlx_gptj_summarize.json as Pai-Megatron-Patch ships it (before our overlay's fixes)

@@ -9,8 +9,10 @@ from pathlib import Path
 import git
 import pytest
 
-from rlhf_overlay import paths, setup_engine
-from rlhf_overlay.lock import LockError, load_lock
+from rlhf_overlay import paths
+
+from rlhf_overlay.engine import setup_engine
+from rlhf_overlay.engine.lock import LockError, load_lock
 
 PATCH_HEADER = """Description: greet politely
  The upstream greeting is terse.
@@ -344,7 +346,7 @@ def test_shell_scripts_parse_and_make_help_lists_targets():
 
 
 def test_engine_help_is_instant():
-    out = subprocess.run([os.sys.executable, "-m", "rlhf_overlay.setup_engine", "--help"], capture_output=True,
+    out = subprocess.run([os.sys.executable, "-m", "rlhf_overlay.engine.setup_engine", "--help"], capture_output=True,
                          text=True, check=True, cwd=paths.PROJECT_ROOT).stdout
     assert "sync" in out and "verify" in out and "lock" in out
 

@@ -11,13 +11,14 @@ import signal
 
 import pytest
 
-from rlhf_overlay import checkpoints as ck
-from rlhf_overlay import runs, status
+from rlhf_overlay.runtime import checkpoints as ck
+from rlhf_overlay.runtime import runs
+from rlhf_overlay.runtime import status
 from rlhf_overlay.errors import ConfigError
 
 
 def test_status_is_merged_and_written_atomically(tmp_path):
-    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_jobs.ppo", total_steps=40)
     st = status.write_status(tmp_path, last_step=10, checkpoint=str(tmp_path / "checkpoints" / "step-10"))
     assert st["state"] == "running" and st["target"] == "ppo-bloom" and st["last_step"] == 10
     assert st["resume_command"] == f"make ppo-bloom RESUME={tmp_path}"
@@ -25,12 +26,12 @@ def test_status_is_merged_and_written_atomically(tmp_path):
     assert not list(tmp_path.glob(".status.json.tmp-*"))
     with pytest.raises(ValueError, match="not one of"):
         status.write_status(tmp_path, state="done")
-    assert status.resume_command("ppo-llama", tmp_path / "a b", "rlhf_overlay.trlx_ppo") == \
-        f"python -m rlhf_overlay.trlx_ppo --resume '{tmp_path / 'a b'}'"
+    assert status.resume_command("ppo-llama", tmp_path / "a b", "rlhf_overlay.trlx_jobs.ppo") == \
+        f"python -m rlhf_overlay.trlx_jobs.ppo --resume '{tmp_path / 'a b'}'"
 
 
 def test_failure_line_goes_to_the_log_and_status(tmp_path):
-    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=4)
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_jobs.ppo", total_steps=4)
     status.write_status(tmp_path, last_step=2, checkpoint=str(tmp_path / "checkpoints" / "step-2"))
     (tmp_path / "training.log").write_text("step 2/4 ...\n")
     st = status.finish(tmp_path, -signal.SIGKILL)
@@ -86,13 +87,13 @@ def test_checkpoints_commit_keep_and_ignore_half_written(tmp_path):
 def test_incomplete_run_is_refused_with_its_resume_command_and_overwrite_moves_it_aside(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    status.start(out, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.start(out, "ppo-bloom", "rlhf_overlay.trlx_jobs.ppo", total_steps=40)
     status.write_status(out, state="interrupted", last_step=20, checkpoint=str(out / "checkpoints" / "step-20"))
     (out / "metrics.json").write_text('{"eval_acc": 1.0}')
     with pytest.raises(runs.RunDirError, match=rf"incomplete run \(interrupted at step 20\); resume it with: "
                                                rf"make ppo-bloom RESUME={out}"):
         runs.prepare_run_dir("ppo-bloom", output=out)
-    from rlhf_overlay import preflight
+    from rlhf_overlay.runtime import preflight
     with pytest.raises(preflight.PreflightError, match="incomplete run .* OVERWRITE=1"):
         preflight.check_output(str(out), False)
     assert runs.prepare_run_dir("ppo-bloom", output=out, overwrite=True) == out.resolve()
@@ -105,12 +106,12 @@ def test_incomplete_run_is_refused_with_its_resume_command_and_overwrite_moves_i
 def test_report_shows_the_status(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
-    from rlhf_overlay import report
+    from rlhf_overlay.tools import report
     w = SummaryWriter(str(tmp_path / "tensorboard"))
     for step in (1, 2, 3):
         w.add_scalar("ppo/reward_mean", 0.1 * step, step)
     w.close()
-    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_jobs.ppo", total_steps=40)
     status.write_status(tmp_path, state="interrupted", last_step=20, checkpoint=str(tmp_path / "checkpoints" / "step-20"),
                         reason="stopped by SIGTERM after step 20")
     assert report.main([str(tmp_path)]) == 0
@@ -123,7 +124,7 @@ def test_report_shows_the_status(tmp_path, capsys):
 
 
 def test_targets_without_checkpoints_have_a_status_without_resume_command(tmp_path):
-    status.start(tmp_path, "rm-llama2", "rlhf_overlay.dschat_reward_model", resumable=False)
+    status.start(tmp_path, "rm-llama2", "rlhf_overlay.dschat_jobs.reward_model", resumable=False)
     (tmp_path / "training.log").write_text("")
     st = status.finish(tmp_path, 1)
     assert st["state"] == "failed" and st["resume_command"] is None and st["exit_code"] == 1
@@ -133,7 +134,7 @@ def test_targets_without_checkpoints_have_a_status_without_resume_command(tmp_pa
 
 
 def test_ctrl_c_while_the_job_runs_ends_the_status_and_the_log(tmp_path, capsys):
-    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_ppo", total_steps=40)
+    status.start(tmp_path, "ppo-bloom", "rlhf_overlay.trlx_jobs.ppo", total_steps=40)
     status.write_status(tmp_path, last_step=10, checkpoint=str(tmp_path / "checkpoints" / "step-10"))
     (tmp_path / "training.log").write_text("")
     with pytest.raises(KeyboardInterrupt):

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, synthetic
-from rlhf_overlay.preference_data import load_preference_rows, load_prompt_rows
-from rlhf_overlay.tiny_assets import LOCK_FILE, STAMP_FILE, AssetsError, ensure_tiny_assets, word_token_count
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.data import synthetic
+from rlhf_overlay.data.preference_data import load_preference_rows, load_prompt_rows
+from rlhf_overlay.data.tiny_assets import LOCK_FILE, STAMP_FILE, AssetsError, ensure_tiny_assets, word_token_count
 
 MODELS = ["tiny-llama", "tiny-bloom", "tiny-gptj"]
 ARCHITECTURES = {"tiny-llama": "LlamaForCausalLM", "tiny-bloom": "BloomForCausalLM", "tiny-gptj": "GPTJForCausalLM"}
@@ -155,7 +157,7 @@ def test_chosen_and_rejected_have_the_same_token_length(assets, name):
 
 
 def test_rule_reward_bounds_and_order():
-    from rlhf_overlay.synthetic import rule_reward
+    from rlhf_overlay.data.synthetic import rule_reward
 
     pos, ref, neutral, neg = rule_reward([" good great happy kind", " the garden is bright and calm.",
                                           " the garden is there.", " bad awful sad rude"])
@@ -292,17 +294,17 @@ def test_env_variable_picks_the_folder(assets, monkeypatch):
 
 
 def test_cli_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys, rlhf_overlay.tiny_assets as t\n"
+    code = ("import sys, rlhf_overlay.data.tiny_assets as t\n"
             "try:\n    t.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'sentencepiece') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert "python -m rlhf_overlay.tiny_assets" in res.stdout and "--force" in res.stdout
+    assert "python -m rlhf_overlay.data.tiny_assets" in res.stdout and "--force" in res.stdout
 
 
 def test_cli_reports_the_parts(assets):
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.tiny_assets", "--out", str(assets)], cwd=PROJECT_ROOT,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.data.tiny_assets", "--out", str(assets)], cwd=PROJECT_ROOT,
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stderr
     assert "models/tiny-llama" in res.stdout and "params" in res.stdout and "train 4000 rows" in res.stdout
@@ -312,8 +314,7 @@ def test_cli_reports_the_parts(assets):
 def test_read_only_assets_are_usable_when_current_and_say_so_when_not(assets, tmp_path, monkeypatch):
     import contextlib
 
-    from rlhf_overlay import tiny_assets
-
+    from rlhf_overlay.data import tiny_assets
     @contextlib.contextmanager
     def read_only(root):  # what _locked yields when the lock file cannot be created (read-only folder)
         yield PermissionError(13, "Permission denied")
@@ -362,7 +363,7 @@ def test_pretrained_bases_answer_fluently_and_neutrally_random_init_do_not(asset
 
 
 def test_build_info_records_how_each_base_was_trained(assets, random_init_assets):
-    from rlhf_overlay.tiny_assets import PRETRAIN
+    from rlhf_overlay.data.tiny_assets import PRETRAIN
 
     for name in MODELS:
         info = json.loads((assets / STAMP_FILE).read_text())["parts"][f"models/{name}"]["info"]

@@ -17,7 +17,7 @@ ARCHES = ["tiny-bloom", "tiny-gptj", "tiny-llama"]
 
 @pytest.fixture(scope="module")
 def trlx_modules(trlx_dir):
-    from rlhf_overlay.trlx_common import import_trlx
+    from rlhf_overlay.trlx_jobs.common import import_trlx
 
     import_trlx()
     from trlx.models import modeling_ppo
@@ -190,7 +190,7 @@ def test_import_without_ray_and_wandb(trlx_dir):
     import subprocess
     import sys
 
-    from rlhf_overlay.trlx_common import trlx_env
+    from rlhf_overlay.trlx_jobs.common import trlx_env
 
     assert importlib.util.find_spec("ray") is None and importlib.util.find_spec("wandb") is None, \
         "this test is only meaningful in an environment without ray and wandb (the project's venv)"

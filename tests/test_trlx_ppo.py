@@ -1,4 +1,4 @@
-"""make ppo-bloom / ppo-gptj (rlhf_overlay.trlx_ppo).
+"""make ppo-bloom / ppo-gptj (rlhf_overlay.trlx_jobs.ppo).
 
 Unit tests (no upstream): --help, validation naming the field, launch planning (plain python, accelerate,
 ZeRO-2, hostfile), bad prompt rows with file:line. Integration (upstream + slow): tiny PPO on BLOOM (with a tiny
@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay import trlx_ppo as ppo
-from rlhf_overlay.trlx_common import ConfigError
+from rlhf_overlay.trlx_jobs import ppo
+from rlhf_overlay.trlx_jobs.common import ConfigError
 
 
 def test_help_is_instant():
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--help"], capture_output=True, text=True,
                          cwd=PROJECT_ROOT, timeout=60)
     assert res.returncode == 0 and time.time() - t0 < 5
     for flag in ("--model", "--rm", "--rm-device", "--reward-baseline", "--zero-stage", "--hostfile", "--steps"):
@@ -60,11 +60,11 @@ def test_seed_recipe_defaults_for_own_models():
 def test_launch_plans(tmp_path):
     run = tmp_path / "run"
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule").resolve(), run, cuda=False, gpu_count=0)
-    assert cmd[1:3] == ["-m", "rlhf_overlay.trlx_ppo"] and l["zero_stage"] == 0 and l["precision"] == "no"
+    assert cmd[1:3] == ["-m", "rlhf_overlay.trlx_jobs.ppo"] and l["zero_stage"] == 0 and l["precision"] == "no"
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule", zero_stage=2, num_processes=2).resolve(), run,
                              cuda=False, gpu_count=0)
     assert "accelerate.commands.launch" in cmd and cmd[cmd.index("--config_file") + 1].endswith("zero2.yaml")
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-3:] == ["rlhf_overlay.trlx_ppo", "--worker", str(run)]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-3:] == ["rlhf_overlay.trlx_jobs.ppo", "--worker", str(run)]
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule", num_processes=2).resolve(), run, cuda=False, gpu_count=0)
     assert cmd[cmd.index("--config_file") + 1].endswith("cpu.yaml")
     cmd, l = ppo.plan_launch(ppo.PPORunConfig(reward="rule").resolve(), run, cuda=True, gpu_count=4)
@@ -122,7 +122,7 @@ def test_reference_baseline_needs_references(tmp_path, capsys, tiny_assets):
 def test_reward_fn_rule_and_eos_stripping(tiny_assets):
     from transformers import AutoTokenizer
 
-    from rlhf_overlay.synthetic import rule_reward
+    from rlhf_overlay.data.synthetic import rule_reward
 
     tok = AutoTokenizer.from_pretrained(tiny_assets / "models" / "tiny-bloom")
     outs = [" the garden is lovely and calm." + tok.eos_token, " the garden is awful.", " a calm and kind river."]
@@ -147,14 +147,14 @@ def ppo_runs(trlx_dir, tiny_assets, tmp_path_factory):
     """Three tiny trlx runs, once for the module (~2-3 min on 2 cores)."""
     runs = {}
     rm_dir = tmp_path_factory.mktemp("rm-bloom")
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--arch", "bloom", "--max-steps",
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--max-steps",
                           "60", "--output", str(rm_dir), "--overwrite"], cwd=PROJECT_ROOT, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # BLOOM with a trained reward model, normalised by the reference answer (the seed's form), hydra heads.
     out = tmp_path_factory.mktemp("ppo-bloom")
     runs["bloom"] = (out, subprocess.run(
-        [sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--arch", "bloom", "--rm", str(rm_dir / "reward_model"),
+        [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--rm", str(rm_dir / "reward_model"),
          "--steps", "3", "--num-layers-unfrozen", "1", "--output", str(out), "--overwrite"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900))
     # GPT-J through make's script with no RM: a tiny reward model is trained first (the embedded default).
@@ -163,7 +163,7 @@ def ppo_runs(trlx_dir, tiny_assets, tmp_path_factory):
     # accelerate + DeepSpeed ZeRO-2 on 2 CPU processes, with a save_state checkpoint (patches 0004/0005).
     out = tmp_path_factory.mktemp("ppo-zero2")
     runs["zero2"] = (out, subprocess.run(
-        [sys.executable, "-m", "rlhf_overlay.trlx_ppo", "--arch", "bloom", "--reward", "rule", "--steps", "2",
+        [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule", "--steps", "2",
          "--zero-stage", "2", "--num-processes", "2", "--checkpoint-every", "1", "--save-optimizer",
          "--output", str(out), "--overwrite"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900))
     return runs
@@ -240,10 +240,10 @@ def test_common_tensorboard_names(ppo_runs):
 @pytest.mark.upstream
 @pytest.mark.slow
 @pytest.mark.parametrize("module,args", [
-    ("rlhf_overlay.ppo_smoke_test", []),   # the smoke test's defaults (num_layers_unfrozen -1: a full reference copy)
-    ("rlhf_overlay.trlx_ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
-    ("rlhf_overlay.trlx_ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "1"]),
-    ("rlhf_overlay.trlx_ppo", ["--arch", "gptj", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
+    ("rlhf_overlay.trlx_jobs.smoke_test", []),   # the smoke test's defaults (num_layers_unfrozen -1: a full reference copy)
+    ("rlhf_overlay.trlx_jobs.ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
+    ("rlhf_overlay.trlx_jobs.ppo", ["--arch", "bloom", "--reward", "rule", "--num-layers-unfrozen", "1"]),
+    ("rlhf_overlay.trlx_jobs.ppo", ["--arch", "gptj", "--reward", "rule", "--num-layers-unfrozen", "-1"]),
 ], ids=["smoke-default", "bloom-all-layers", "bloom-hydra-1", "gptj-all-layers"])
 def test_reference_is_the_policy_at_step_1(trlx_dir, tiny_assets, tmp_path, module, args):
     """Step 1's rollouts are scored before any update, so the KL reference must equal the policy there: KL 0.

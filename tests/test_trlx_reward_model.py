@@ -1,4 +1,4 @@
-"""make rm-bloom / rm-gptj (rlhf_overlay.trlx_reward_model).
+"""make rm-bloom / rm-gptj (rlhf_overlay.trlx_jobs.reward_model).
 
 Unit tests (no upstream needed): --help, validation messages naming the field, data aliasing and file:line errors,
 launcher commands, the score position. Integration (slow): tiny reward models on BLOOM and GPT-J beat chance,
@@ -15,14 +15,14 @@ import time
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay import trlx_reward_model as rm
-from rlhf_overlay.hostfile import Host, HostfileError, read_hostfile
-from rlhf_overlay.trlx_common import ConfigError, trainer_command
+from rlhf_overlay.trlx_jobs import reward_model as rm
+from rlhf_overlay.runtime.hostfile import Host, HostfileError, read_hostfile
+from rlhf_overlay.trlx_jobs.common import ConfigError, trainer_command
 
 
 def test_help_is_instant_and_lists_the_fields():
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_reward_model", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--help"], capture_output=True,
                          text=True, cwd=PROJECT_ROOT, timeout=60)
     assert res.returncode == 0
     assert time.time() - t0 < 5, "heavy imports must stay inside main/worker"
@@ -176,7 +176,7 @@ def test_tiny_reward_model_beats_chance(trained, arch):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["bloom", "gptj"])
 def test_saved_reward_model_scores_chosen_above_rejected(trained, arch, tiny_assets):
-    from rlhf_overlay.preference_data import load_preference_rows
+    from rlhf_overlay.data.preference_data import load_preference_rows
 
     run_dir, _ = trained[arch]
     model, tok, meta = rm.load_reward_model(run_dir / "reward_model")

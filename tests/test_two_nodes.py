@@ -1,4 +1,4 @@
-"""Two real nodes on one machine (issue 18), made by rlhf_overlay.cluster: node-a is this machine, node-b a network
+"""Two real nodes on one machine (issue 18), made by rlhf_overlay.runtime.cluster: node-a is this machine, node-b a network
 namespace with its own hostname, /tmp and sshd, joined by a veth pair (10.213.7.0/30, traffic stays on this
 machine). OUTPUT and DATA live on the shared file system (/var/tmp), as on a cluster's shared storage.
 
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, cluster
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.runtime import cluster
 from test_scaleout_runs import (TARGET_VARS, assert_disjoint_samples, assert_zero2_sharded, event_files, jsonl, ranks,
                                 unique, write_jsonl)
 
@@ -276,7 +278,7 @@ def test_a_rank_killed_on_node_b_stops_the_whole_job(nodes, shared, pref_data, d
     """rm-llama2 on both nodes for 2 epochs; once it trains, node-b's rank is killed (SIGKILL): the launcher on
     node-a must return an error and no rank may be left on either node (the 900 s limit only guards a hang)."""
     out = shared / "dead-rank"
-    cmd = [str(PROJECT_ROOT / ".venv" / "bin" / "python"), "-m", "rlhf_overlay.dschat_reward_model", "--hostfile",
+    cmd = [str(PROJECT_ROOT / ".venv" / "bin" / "python"), "-m", "rlhf_overlay.dschat_jobs.reward_model", "--hostfile",
            str(shared / "hostfile"), "--data", str(pref_data), "--output", str(out), "--max-steps", "0",
            "--epochs", "2"]
     job = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=target_env(), stdout=subprocess.PIPE,

@@ -10,9 +10,11 @@ import sys
 import git
 import pytest
 
-from rlhf_overlay import paths, setup_engine
-from rlhf_overlay.lock import load_lock
-from rlhf_overlay.runs import runtime_env
+from rlhf_overlay import paths
+
+from rlhf_overlay.engine import setup_engine
+from rlhf_overlay.engine.lock import load_lock
+from rlhf_overlay.runtime.runs import runtime_env
 
 pytestmark = pytest.mark.upstream
 

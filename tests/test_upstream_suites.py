@@ -1,4 +1,4 @@
-"""rlhf_overlay.upstream_tests / hub_standins / upstream_tests_plugin: trlx's own test suite against our patched
+"""rlhf_overlay.engine.upstream_tests / hub_standins / upstream_tests_plugin: trlx's own test suite against our patched
 tree, offline on tiny stand-ins (`make upstream-tests`), and the pieces it is built from.
 
 The full run (test_trlx_suite_passes_on_the_patched_tree) needs upstream/trlx and is skipped, with the reason,
@@ -13,9 +13,11 @@ import textwrap
 
 import pytest
 
-from rlhf_overlay import hub_standins, upstream_tests, upstream_tests_plugin
+from rlhf_overlay.engine import hub_standins
 
+from rlhf_overlay.engine import upstream_tests
 
+from rlhf_overlay.engine import upstream_tests_plugin
 # ---------------------------------------------------------------------------------------------- unit
 def test_named_hub_ids_reads_the_places_suites_name_models(tmp_path):
     suite = tmp_path / "test_x.py"
@@ -123,7 +125,7 @@ def test_trlx_suite_passes_on_the_patched_tree(trlx_dir, tmp_path):
     """`make upstream-tests`: every test of trlx's own suite passes or is skipped with a reason; the skips are
     exactly upstream's own `unittest.skip`s and our KNOWN_SKIPS (CUDA-only bitsandbytes)."""
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.upstream_tests", "--suite", "trlx", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "rlhf_overlay.engine.upstream_tests", "--suite", "trlx", "--out", str(out)],
                          capture_output=True, text=True, timeout=1500)
     assert (out / "table.md").is_file(), res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""rlhf_overlay.waits: a killed run never hangs the next one.
+"""rlhf_overlay.runtime.waits: a killed run never hangs the next one.
 
 - torch's extension-build `lock` left by a killed run is removed with a warning (unit + a real DeepSpeed-Chat
   target); a lock held by a live build is waited for with a message and the run goes on once it is released; a
@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_overlay import PROJECT_ROOT, runs, waits
+from rlhf_overlay import PROJECT_ROOT
+
+from rlhf_overlay.runtime import runs
+
+from rlhf_overlay.runtime import waits
 from rlhf_overlay.paths import cache_dir
 
 PY = sys.executable
@@ -65,7 +69,7 @@ def start_holder(lock: Path) -> subprocess.Popen:
 
 
 def check_cmd(root: Path) -> list[str]:
-    return [PY, "-m", "rlhf_overlay.waits", "extensions", str(root)]
+    return [PY, "-m", "rlhf_overlay.runtime.waits", "extensions", str(root)]
 
 
 # ------------------------------------------------------------------------------------- extension locks
@@ -155,7 +159,7 @@ def test_stale_lock_does_not_hang_a_deepspeed_chat_run(dschat_dir, tiny_assets, 
     lock = ext / "fused_adam" / "lock"
     lock.touch()
     out = tmp_path / "rm"
-    r = subprocess.run([PY, "-m", "rlhf_overlay.dschat_reward_model", "--output", str(out), "--max-steps", "2"],
+    r = subprocess.run([PY, "-m", "rlhf_overlay.dschat_jobs.reward_model", "--output", str(out), "--max-steps", "2"],
                        env=env_with(TORCH_EXTENSIONS_DIR=ext), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert f"warning: removed stale torch extension lock {lock}" in r.stderr
@@ -167,7 +171,7 @@ NEVER_JOINS = r"""
 import os, sys
 if os.environ["RANK"] == "1":
     sys.exit(0)                       # this rank never arrives (its node never started the worker)
-from rlhf_overlay.trlx_common import cpu_deepspeed_backend_fix
+from rlhf_overlay.trlx_jobs.common import cpu_deepspeed_backend_fix
 cpu_deepspeed_backend_fix()           # what every trlx PPO worker does before trlx builds its Accelerator
 print("process group ready", flush=True)
 """
@@ -176,7 +180,7 @@ print("process group ready", flush=True)
 def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(NEVER_JOINS)
-    from rlhf_overlay.trlx_common import free_port
+    from rlhf_overlay.trlx_jobs.common import free_port
     cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(script)]
     r = subprocess.run(cmd, env=env_with(RLHF_DIST_TIMEOUT=3, CUDA_VISIBLE_DEVICES=""), capture_output=True,
@@ -188,10 +192,10 @@ def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
 
 
 def test_rank_zero_that_never_comes_is_named(tmp_path):
-    from rlhf_overlay.trlx_common import free_port
+    from rlhf_overlay.trlx_jobs.common import free_port
     env = env_with(RLHF_DIST_TIMEOUT=2, WORLD_SIZE=2, RANK=1, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=free_port())
-    r = subprocess.run([PY, "-c", "from rlhf_overlay.waits import roll_call; roll_call()"], env=env,
+    r = subprocess.run([PY, "-c", "from rlhf_overlay.runtime.waits import roll_call; roll_call()"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "rank 1 could not reach rank 0 at 127.0.0.1:" in r.stderr and "rank 0 never arrived" in r.stderr
@@ -211,7 +215,7 @@ def test_launch_environment_carries_the_timeouts(monkeypatch):
 # ------------------------------------------------------------------------------------- our kernel locks
 HOLD_RUN_DIR = r"""
 import sys
-from rlhf_overlay.runs import prepare_run_dir
+from rlhf_overlay.runtime.runs import prepare_run_dir
 prepare_run_dir("test", output=sys.argv[1])
 print("holding", flush=True)
 sys.stdin.readline()
@@ -235,7 +239,7 @@ def test_run_folder_in_use_is_refused_naming_the_holder_and_freed_when_it_dies(t
 
 HOLD_VIA_LAUNCHER = r"""
 import sys
-from rlhf_overlay.runs import prepare_run_dir, run_logged
+from rlhf_overlay.runtime.runs import prepare_run_dir, run_logged
 run = prepare_run_dir("test", output=sys.argv[1])
 run_logged([sys.executable, "-c", "import sys, time; print('job started', flush=True); time.sleep(300)"], run)
 """
@@ -278,7 +282,7 @@ def test_refused_output_gets_no_lock_file(tmp_path):
 
 HOLD_FLOCK = r"""
 import sys
-from rlhf_overlay.waits import acquire_flock
+from rlhf_overlay.runtime.waits import acquire_flock
 f = open(sys.argv[1], "a+")
 acquire_flock(f, "test lock")
 print("holding", flush=True)
@@ -305,7 +309,7 @@ def test_our_lock_names_its_live_holder_and_gives_up_at_the_limit(tmp_path):
 
 
 def test_tiny_asset_build_waits_for_a_live_builder_then_stops_naming_it(tmp_path, monkeypatch):
-    from rlhf_overlay.tiny_assets import LOCK_FILE, AssetsError, ensure_tiny_assets
+    from rlhf_overlay.data.tiny_assets import LOCK_FILE, AssetsError, ensure_tiny_assets
     tmp_path.mkdir(exist_ok=True)
     holder = subprocess.Popen([PY, "-c", HOLD_FLOCK, str(tmp_path / LOCK_FILE)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env_with())
@@ -321,7 +325,8 @@ def test_tiny_asset_build_waits_for_a_live_builder_then_stops_naming_it(tmp_path
 
 
 def test_setup_engine_waits_for_a_live_engine_then_gives_up_with_its_name(tmp_path, monkeypatch):
-    from rlhf_overlay import paths, setup_engine
+    from rlhf_overlay import paths
+    from rlhf_overlay.engine import setup_engine
     monkeypatch.setattr(paths, "UPSTREAM_DIR", tmp_path)
     held = setup_engine.engine_lock()
     try:

@@ -9,4 +9,4 @@ fi
 args=(--model "$MODEL")
 [[ -n "${PROMPT:-}" ]] && args+=(--prompt "$PROMPT")
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$py" -m rlhf_overlay.chat "${args[@]}"
+exec "$py" -m rlhf_overlay.tools.chat "${args[@]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make dpo-llama2: DeepSpeed-Chat DPO (step2_dpo_finetuning) through rlhf_overlay.dschat_dpo.
+# make dpo-llama2: DeepSpeed-Chat DPO (step2_dpo_finetuning) through rlhf_overlay.dschat_jobs.dpo.
 # Make variables arrive as environment variables; empty ones mean "the recipe's default":
 #   MODEL (SFT model; empty: embedded tiny LLaMA on CPU), DATA, OUTPUT (empty: runs/dpo-llama2-<time>), OVERWRITE=1,
 #   ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE. More flags after the script name go to the entry module, e.g.
@@ -9,4 +9,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 common_flags --num-gpus
 [[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
 cd "$root"
-exec "$py" -m rlhf_overlay.dschat_dpo "${args[@]}" "$@"
+exec "$py" -m rlhf_overlay.dschat_jobs.dpo "${args[@]}" "$@"

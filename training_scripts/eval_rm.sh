@@ -7,4 +7,4 @@ args=(--rm "${RM:-}")
 [[ -n "${OUTPUT:-}" ]] && args+=(--output "$OUTPUT")
 [[ "${OVERWRITE:-0}" == 1 ]] && args+=(--overwrite)
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$py" -m rlhf_overlay.eval_rm "${args[@]}"
+exec "$py" -m rlhf_overlay.tools.eval_rm "${args[@]}"

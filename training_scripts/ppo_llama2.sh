@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make ppo-llama2: DeepSpeed-Chat step 3 (LLaMA2 PPO with LoRA) through rlhf_overlay.dschat_ppo.
+# make ppo-llama2: DeepSpeed-Chat step 3 (LLaMA2 PPO with LoRA) through rlhf_overlay.dschat_jobs.ppo.
 # Make variables arrive as environment variables; empty ones mean "the recipe's default":
 #   ACTOR (empty: embedded tiny LLaMA on CPU), CRITIC (empty with no ACTOR: trains the tiny reward model first),
 #   DATA (prompts), OUTPUT (empty: runs/ppo-llama2-<time>), OVERWRITE=1, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE.
@@ -16,4 +16,4 @@ common_flags --num-gpus
 [[ -n "${CRITIC:-}" ]] && args+=(--critic "$CRITIC")
 [[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
 cd "$root"
-exec "$py" -m rlhf_overlay.dschat_ppo "${args[@]}" "$@"
+exec "$py" -m rlhf_overlay.dschat_jobs.ppo "${args[@]}" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make rm-llama2: DeepSpeed-Chat step 2 (LLaMA2 reward model) through rlhf_overlay.dschat_reward_model.
+# make rm-llama2: DeepSpeed-Chat step 2 (LLaMA2 reward model) through rlhf_overlay.dschat_jobs.reward_model.
 # Make variables arrive as environment variables; empty ones mean "the recipe's default":
 #   MODEL (empty: embedded tiny LLaMA on CPU), DATA, OUTPUT (empty: runs/rm-llama2-<time>), OVERWRITE=1,
 #   ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE. More flags after the script name go to the entry module, e.g.
@@ -9,4 +9,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 common_flags --num-gpus
 [[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
 cd "$root"
-exec "$py" -m rlhf_overlay.dschat_reward_model "${args[@]}" "$@"
+exec "$py" -m rlhf_overlay.dschat_jobs.reward_model "${args[@]}" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dispatcher used by the Makefile: `run.sh NAME` runs training_scripts/NAME.sh, then writes report.png and
-# summary.md (python -m rlhf_overlay.report) into every run folder the job created.
+# summary.md (python -m rlhf_overlay.tools.report) into every run folder the job created.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -27,7 +27,7 @@ if [[ $rc -eq 0 && -s "$RLHF_OVERLAY_RUN_DIRS_FILE" ]]; then
         done
         [[ $nested -eq 1 || ! -d "$d" ]] && continue
         if find "$d" -name 'events.out.tfevents.*' -print -quit 2>/dev/null | grep -q .; then
-            PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m rlhf_overlay.report "$d" \
+            PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m rlhf_overlay.tools.report "$d" \
                 || echo "warning: the run succeeded but its report could not be written (see above)" >&2
         fi
     done

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # rlhf-overlay: REPLACES applications/DeepSpeed-Chat/training/step2_reward_model_finetuning/main.py at the pin
 # (83757d9c). Based on that file; changes (the seed's rm_main.py rebuilt for the dschat/ layout, plus CPU fixes):
-#   - RANK_REPORT=1 (rlhf_overlay.rank_report): each rank records the samples it trained on and its optimizer
+#   - RANK_REPORT=1 (rlhf_overlay.runtime.rank_report): each rank records the samples it trained on and its optimizer
 #     state size, to check data splitting and ZeRO partitioning with several ranks;
 #   - tensorboard scalars in the output folder at every eval: train/loss, eval/reward_score, eval/acc (+ the
 #     project's common names rm/loss, rm/acc) and a final eval_results.json;
@@ -481,7 +481,7 @@ def main():
     total_micro_steps = 0
     total_steps = 0
     step_times = []
-    from rlhf_overlay.rank_report import RankReport
+    from rlhf_overlay.runtime.rank_report import RankReport
     rank_report = RankReport("rm")
     for epoch in range(args.num_train_epochs):
         print_rank_0(

@@ -8,9 +8,9 @@
 #   - end-of-conversation token = the tokenizer's EOS (LLaMA2 has no <|endoftext|>);
 #   - tensorboard scalars always written (rank 0) to <output_dir>/tensorboard with a global step across epochs:
 #     upstream's reward/actor_loss/critic_loss plus the project's ppo/reward_mean, ppo/kl, ppo/policy_loss,
-#     ppo/value_loss, ppo/response_length, ppo/fluency (rlhf_overlay.synthetic.fluency of the sampled answers);
+#     ppo/value_loss, ppo/response_length, ppo/fluency (rlhf_overlay.data.synthetic.fluency of the sampled answers);
 #     the writer is no longer opened by every rank in parse_args;
-#   - RANK_REPORT=1 (rlhf_overlay.rank_report): each rank records its prompts and the optimizer state sizes of
+#   - RANK_REPORT=1 (rlhf_overlay.runtime.rank_report): each rank records its prompts and the optimizer state sizes of
 #     actor and critic, to check data splitting and ZeRO partitioning with several ranks;
 #   - --max_steps stops after that many PPO steps (upstream's --enable_test_mode/--test_stop_step still work).
 # Copyright (c) Microsoft Corporation.
@@ -576,7 +576,7 @@ def main():
     steps_done = 0
     step_times = []
 
-    from rlhf_overlay.rank_report import RankReport
+    from rlhf_overlay.runtime.rank_report import RankReport
     rank_report = RankReport("ppo")
     for epoch in range(args.num_train_epochs):
         print_rank_0(
@@ -789,9 +789,9 @@ def main():
 
 
 def answers_fluency(exp, tokenizer):
-    """Fluency (rlhf_overlay.synthetic.fluency: words of the synthetic language, no empty or looping answers) of
+    """Fluency (rlhf_overlay.data.synthetic.fluency: words of the synthetic language, no empty or looping answers) of
     the answers sampled in this experience batch (this rank's)."""
-    from rlhf_overlay.synthetic import fluency
+    from rlhf_overlay.data.synthetic import fluency
     answers = exp['input_ids'][:, exp['prompts'].shape[1]:]
     return fluency(tokenizer.batch_decode(answers, skip_special_tokens=True))['fluency']
 

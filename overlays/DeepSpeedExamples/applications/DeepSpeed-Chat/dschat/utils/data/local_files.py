@@ -1,13 +1,13 @@
 # rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Lets `--data_path` name the user's own JSON/JSONL
 # files or folder instead of only <DeepSpeed-Chat>/data/{train,eval}.json (`local/jsonfile`), and validates
-# every row through rlhf_overlay.preference_data so a bad row is reported as `file:line: what is wrong`.
+# every row through rlhf_overlay.data.preference_data so a bad row is reported as `file:line: what is wrong`.
 # Used by dschat/utils/data/data_utils.py (patch 0004-local-preference-files.patch).
 """Local JSON/JSONL data for DeepSpeed-Chat.
 
 `--data_path` may be
   - a folder holding train.jsonl/train.json and eval.jsonl/eval.json (eval optional: then a held-out share of the
     train file is the eval data),
-  - one .json/.jsonl file: a fixed share of its rows (rlhf_overlay.preference_data.held_out_indices) is held out
+  - one .json/.jsonl file: a fixed share of its rows (rlhf_overlay.data.preference_data.held_out_indices) is held out
     for evaluation and not trained on, and the run says so,
   - `local/jsonfile` (upstream's fixed <DeepSpeed-Chat>/data/{train,eval}.json, kept for compatibility).
 Rows: {"prompt", "chosen", "rejected"} (phases 1-3), or {"prompt"} plus optional other keys for a prompt-only
@@ -74,10 +74,10 @@ def data_fingerprint(paths):
 
 
 def load_rows(path, split):
-    """Validated rows of one file as [(line, row)]: preference rows via rlhf_overlay.preference_data, or
+    """Validated rows of one file as [(line, row)]: preference rows via rlhf_overlay.data.preference_data, or
     prompt-only rows."""
     try:
-        from rlhf_overlay.preference_data import preference_rows_with_lines, prompt_rows_with_lines
+        from rlhf_overlay.data.preference_data import preference_rows_with_lines, prompt_rows_with_lines
     except ImportError as e:  # DeepSpeed-Chat used outside rlhf-overlay's environment
         raise LocalDataError(
             f"{path}: reading local data needs the rlhf_overlay package on PYTHONPATH "
@@ -93,7 +93,7 @@ def split_rows(files, local_rank):
     eval share (the same rows on every rank and every run), which rank 0 announces."""
     if files["train"] != files["eval"]:
         return {split: load_rows(path, split) for split, path in files.items()}
-    from rlhf_overlay.preference_data import held_out_note, split_held_out
+    from rlhf_overlay.data.preference_data import held_out_note, split_held_out
     rows = load_rows(files["train"], "train")
     train, evaluation = split_held_out(rows, file=files["train"])
     if local_rank <= 0:
@@ -159,7 +159,7 @@ class LocalFileDataset(PromptRawDataset):
         """One warning per file whose rows are longer than max_seq_len tokens as this phase tokenizes them:
         phases 1-2 truncate prompt + answer + end-of-conversation token (on the tokenizer's truncation side),
         phase 3 drops prompts longer than the maximum prompt length."""
-        from rlhf_overlay.preference_data import join_conversation, overlong_warning
+        from rlhf_overlay.data.preference_data import join_conversation, overlong_warning
 
         def texts(row):
             if train_phase == 3:
@@ -193,7 +193,7 @@ class LocalFileDataset(PromptRawDataset):
     def get_eval_data(self):
         return self.raw_datasets["eval"]
 
-    # Text format: prompt + answer (rlhf_overlay.preference_data.join_conversation), as Dahoas/rm-static and our
+    # Text format: prompt + answer (rlhf_overlay.data.preference_data.join_conversation), as Dahoas/rm-static and our
     # data format (answers start with a space). Upstream LocalJsonFileDataset wrote " " + prompt + " " + answer,
     # which put a lone extra space token at the start and between prompt and answer, and differed from what
     # `make eval-rm` scores.
@@ -214,12 +214,12 @@ class LocalFileDataset(PromptRawDataset):
 
     def get_prompt_and_chosen(self, sample):
         if sample['prompt'] is not None and sample['chosen'] is not None:
-            from rlhf_overlay.preference_data import join_conversation
+            from rlhf_overlay.data.preference_data import join_conversation
             return join_conversation(sample['prompt'], sample['chosen'])
         return None
 
     def get_prompt_and_rejected(self, sample):
         if sample['prompt'] is not None and sample['rejected'] is not None:
-            from rlhf_overlay.preference_data import join_conversation
+            from rlhf_overlay.data.preference_data import join_conversation
             return join_conversation(sample['prompt'], sample['rejected'])
         return None

@@ -1,0 +1,1 @@
+"""Data: the synthetic language, preference/prompt files, the embedded tiny models."""

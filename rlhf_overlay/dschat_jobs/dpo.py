@@ -1,0 +1,240 @@
+"""DeepSpeed-Chat DPO: Direct Preference Optimization of an SFT model (`make dpo-llama2`).
+
+Runs our overlay of DeepSpeed-Chat's step2_dpo_finetuning/main.py with the `deepspeed` launcher. The policy
+starts from MODEL; the reference is a frozen copy of MODEL. Data: JSON/JSONL rows {prompt, chosen, rejected}
+(a folder with train.jsonl + eval.jsonl, or one file), the same as `make rm-llama2`. One run folder gets
+model/ (the tuned policy, LoRA merged: an HF model folder that AutoModelForCausalLM and AutoTokenizer load,
+plus eval_results.json with the evaluation before and after training), tensorboard/ (train/ and eval/ loss,
+acc, reward_margin, chosen_reward, rejected_reward, eval/policy_acc; dpo/loss, dpo/acc, dpo/reward_margin),
+training.log (also shown in the terminal), command.txt (this command) and config.json (resolved settings).
+
+Preference accuracy = share of eval pairs whose chosen answer gets the higher implicit reward
+beta * log(pi(answer) / pi_ref(answer)); it is 0 before training by construction (policy = reference, every
+margin is exactly 0). policy_acc = share where the policy itself gives the chosen answer the higher log-prob,
+the model's own preference, meaningful before training too.
+
+    # CPU, embedded tiny LLaMA + tiny preference data (under a minute of training):
+    make dpo-llama2
+    python -m rlhf_overlay.dschat_jobs.dpo --output runs/dpo-tiny
+    make dpo-llama2 LORA_DIM=8                   # LoRA adapters only (merged into model/ on save)
+
+    # your own SFT model folder and data, on CPU or GPU:
+    make dpo-llama2 MODEL=/models/llama2-sft DATA=/data/prefs OUTPUT=runs/my-dpo
+    python -m rlhf_overlay.dschat_jobs.dpo --model /models/llama2-sft --data /data/prefs.jsonl --beta 0.2
+
+    # one GPU node, the upstream LLaMA2-7B DPO recipe (training_scripts/llama2/run_llama2_7b.sh: ZeRO-3 +
+    # offload, Dahoas/rm-static, 2,4,4 split, lr 9.65e-6, batch 8, seq 512):
+    make dpo-llama2 MODEL=meta-llama/Llama-2-7b-hf NUM_GPUS=8
+    make dpo-llama2 MODEL=meta-llama/Llama-2-7b-hf LORA_DIM=128     # upstream run_llama2_7b_lora.sh
+
+    # several nodes (DeepSpeed hostfile lines `host slots=8`; OUTPUT on shared storage):
+    make dpo-llama2 MODEL=meta-llama/Llama-2-7b-hf HOSTFILE=/job/hostfile NUM_GPUS=8 OUTPUT=/shared/runs/dpo
+
+Anything after `--` goes to main.py unchanged (e.g. `-- --label_smoothing 0.1 --gradient_checkpointing`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_overlay.dschat_jobs import launch as dschat_launch
+from rlhf_overlay.dschat_jobs.launch import (ConfigError, build_config_parser, check_common, check_model_folder,
+                                        cli_main, config_to_argv, cpu_adjust, launch,
+                                        local_data_files, looks_local, plan_run, tiny_paths, validate_local_data)
+
+KIND = "dpo-llama2"
+MODULE = "rlhf_overlay.dschat_jobs.dpo"
+STEP_FOLDER = "training/step2_dpo_finetuning"
+
+
+@dataclass
+class DPOConfig:
+    model: str = ""                   # SFT model folder or hub id, policy start and reference (empty = tiny LLaMA)
+    data: str = ""                    # preference data: dataset name, .json/.jsonl file or folder (empty = recipe's)
+    output: str = ""                  # run folder (empty = new runs/dpo-llama2-<time>)
+    overwrite: bool = False           # allow writing into a non-empty output folder
+    recipe: str = ""                  # tiny | llama2-7b (empty = tiny without model, llama2-7b with one)
+    zero_stage: int | None = None     # ZeRO stage (empty = 0 on CPU, the recipe's on GPU)
+    lora_dim: int | None = None       # LoRA rank, 0 = full fine-tuning (empty = the recipe's: 0)
+    only_optimize_lora: bool | None = None  # with LoRA, train only the adapters (empty = recipe's: tiny yes, 7B no)
+    num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
+    hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
+    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
+    data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
+    epochs: int | None = None         # training epochs (empty = the recipe's)
+    max_steps: int | None = None      # stop after N optimizer steps, 0 = all epochs (empty = the recipe's)
+    batch_size: int | None = None     # per-device train batch size in pairs (empty = the recipe's)
+    max_seq_len: int | None = None    # prompt + answer tokens (empty = the recipe's)
+    learning_rate: float | None = None  # learning rate of the model's weights (empty = the recipe's)
+    lora_learning_rate: float | None = None  # learning rate of the LoRA adapters (empty = the recipe's)
+    beta: float | None = None         # DPO temperature: strength of the pull towards the reference (empty = 0.1)
+    eval_interval: int | None = None  # evaluate every N steps, 0 = before/after each epoch only (empty = recipe's)
+    seed: int = 1234                  # training seed
+    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
+    master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
+    dry_run: bool = False             # print the launch command and exit
+    extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
+        return config_to_argv(self)
+
+    def validate(self) -> None:
+        """All checks in one place; each error names the field and the value it got."""
+        check_common(self)
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"beta={self.beta!r}: must be > 0 (typically 0.1 to 0.5; smaller = further from "
+                              f"the reference)")
+        if self.model:
+            check_model_folder(self.model, "model")
+        if self.data:
+            local_data_files(self.data)   # the path exists; rows are validated in run(), once
+
+
+HELPS = {"model": "SFT model folder or hub id: the policy's start and the frozen reference (empty: tiny LLaMA)",
+         "data": "dataset name, .json/.jsonl file or folder with train/eval files (empty: the recipe's)",
+         "output": "run folder (empty: a new folder under runs/)",
+         "overwrite": "allow writing into a non-empty --output",
+         "recipe": "tiny | llama2-7b (default: tiny without --model, llama2-7b with one)",
+         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 2 and 3 run on CPU too)",
+         "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's, 0)",
+         "only_optimize_lora": "with LoRA, train only the adapters (default: tiny yes, llama2-7b no as upstream)",
+         "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
+         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
+         "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
+         "epochs": "training epochs", "max_steps": "stop after N optimizer steps (0: all epochs)",
+         "batch_size": "per-device batch size (pairs)", "max_seq_len": "max tokens of prompt + answer",
+         "learning_rate": "learning rate of the model weights", "lora_learning_rate": "learning rate of LoRA adapters",
+         "beta": "DPO temperature (default 0.1)",
+         "eval_interval": "evaluate every N steps (0: before training and per epoch only)",
+         "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
+         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
+         "dry_run": "print the launch command and exit"}
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+# Upstream step2_dpo_finetuning/training_scripts/llama2/run_llama2_7b.sh at the pin (LoRA: _lora.sh adds
+# --lora_dim 128 --lora_module_name "layers.", no --only_optimize_lora), with main.py's beta 0.1 and evaluation
+# of the whole eval split as upstream.
+LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=8, eval_batch_size=8, max_seq_len=512,
+                 learning_rate=9.65e-6, lora_learning_rate=5e-4, weight_decay=0.1, epochs=1, max_steps=0,
+                 num_warmup_steps=0, zero_stage=3, offload=True, gradient_checkpointing=True, lora_dim=0,
+                 lora_module_name="layers.", only_optimize_lora=False, beta=0.1, eval_interval=0, eval_iters=0,
+                 print_interval=10)
+# The embedded tiny LLaMA on CPU: 60 steps of 8 pairs (of 4000), evaluated before training, every 20 steps and
+# at the end on all 400 held-out pairs (the tiny data's longest pair is 30 tokens). With LoRA only the adapters
+# train, at lr 1e-2 (at upstream's 5e-4 the rank-8 adapters barely moved in 60 steps).
+TINY = dict(data="", data_split="0,1,0", batch_size=8, eval_batch_size=16, max_seq_len=48, learning_rate=5e-4,
+            lora_learning_rate=1e-2, weight_decay=0.0, epochs=1, max_steps=60, num_warmup_steps=0, zero_stage=0,
+            offload=False, gradient_checkpointing=False, lora_dim=0, lora_module_name="layers.",
+            only_optimize_lora=True, beta=0.1, eval_interval=20, eval_iters=0, print_interval=10)
+
+
+def resolve(cfg: DPOConfig, cuda: bool) -> dict:
+    """The settings this run will use: the recipe, then the user's values, then CPU adjustments."""
+    recipe = cfg.recipe or ("llama2-7b" if cfg.model else "tiny")
+    r = dict(LLAMA2_7B if recipe == "llama2-7b" else TINY)
+    r["recipe"] = recipe
+    for name in ("data", "data_split", "zero_stage", "lora_dim", "only_optimize_lora", "epochs", "max_steps",
+                 "batch_size", "max_seq_len", "learning_rate", "lora_learning_rate", "beta", "eval_interval"):
+        value = getattr(cfg, name)
+        if value not in (None, ""):
+            r[name] = value
+    if not cfg.data_split and cfg.data and local_data_files(cfg.data) is not None:
+        r["data_split"] = "0,1,0"   # the user's own files: all of them train this step (train/eval files split)
+    return cpu_adjust(r, cfg, cuda)
+
+
+def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
+                 tensorboard_dir: Path) -> list[str]:
+    """Arguments of the DPO step's main.py for resolved settings `r`."""
+    args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
+            "--model_name_or_path", model,
+            "--per_device_train_batch_size", str(r["batch_size"]),
+            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
+            "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
+            "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
+            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
+            "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]),
+            "--beta", str(r["beta"]),
+            "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
+            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
+            "--print_interval", str(r["print_interval"]),
+            "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
+    if r["gradient_checkpointing"]:
+        args.append("--gradient_checkpointing")
+    if r["offload"]:
+        args.append("--offload")
+    if r["lora_dim"]:
+        args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"],
+                 "--lora_learning_rate", str(r["lora_learning_rate"])]
+        if r["only_optimize_lora"]:
+            args.append("--only_optimize_lora")
+    if r["max_steps"]:
+        args += ["--max_steps", str(r["max_steps"])]
+    return args
+
+
+def build_parser():
+    return build_config_parser(DPOConfig, HELPS, prog=f"python -m {MODULE}",
+                               description="DeepSpeed-Chat DPO on LLaMA2 (make dpo-llama2).", epilog=__doc__)
+
+
+def config_from_args(ns) -> DPOConfig:
+    return dschat_launch.config_from_args(DPOConfig, ns)
+
+
+def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
+    """DPO as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError/PreferenceDataError."""
+    from rlhf_overlay.runtime.runs import has_cuda
+    cfg.validate()
+    cuda = has_cuda()
+    r = resolve(cfg, cuda)
+    model, data = cfg.model, cfg.data or r["data"]
+    if not model or not data:
+        tiny = tiny_paths()
+        model = model or str(tiny["model"])
+        data = data or str(tiny["preference"])
+    n_rows = validate_local_data(data, need_pairs=True)    # file:line of a bad row, before anything starts
+    files = local_data_files(data)
+    if files and files["train"] == files["eval"] and not cfg.dry_run:
+        from rlhf_overlay.data.preference_data import held_out_note
+        print(f"[{KIND}] note: {held_out_note(files['train'], n_rows)}", flush=True)
+    from rlhf_overlay.runtime import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
+    checked = preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
+    plan = plan_run(KIND, cfg, r, STEP_FOLDER)
+    model_dir = plan.run_dir / "model"
+    partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
+    cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, partial, plan.data_cache,
+                                                     plan.run_dir / "tensorboard") + list(cfg.extra)
+    offline = not any(x and not looks_local(x) for x in (model, data))
+    resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir),
+                    model_dir=str(model_dir), master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd),
+                    extra=list(cfg.extra), hf_hub_offline=offline)
+    summary = (f"recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, ZeRO {r['zero_stage']}, "
+               f"LoRA {r['lora_dim']}, beta {r['beta']}")
+    rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    if rc == 0 and partial.is_dir():  # model/ appears only when complete (a killed run leaves .model.partial)
+        os.replace(partial, model_dir)
+    if rc == 0 and not cfg.dry_run:
+        results_file = model_dir / "eval_results.json"
+        if results_file.is_file():
+            res = json.loads(results_file.read_text())
+            before, after = res["before"], res["after"]
+            print(f"[{KIND}] done: preference accuracy {before['acc']:.3f} -> {after['acc']:.3f} (implicit reward; "
+                  f"0 before training by construction), policy's own accuracy {before['policy_acc']:.3f} -> "
+                  f"{after['policy_acc']:.3f}, reward margin {after['reward_margin']:.3f} on {after['pairs']} eval "
+                  f"pairs; model in {model_dir}", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(build_parser(), DPOConfig, run, MODULE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

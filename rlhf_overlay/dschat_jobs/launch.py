@@ -1,0 +1,337 @@
+"""What every DeepSpeed-Chat entry module (`make rm-llama2`, `make ppo-llama2`, `make dpo-llama2`) shares: the
+config error type and checks, local model/data validation, the embedded tiny assets, the `deepspeed` launcher
+command and environment, the run folder and the command-line plumbing of the config dataclasses.
+
+An entry module keeps only what is its own: the config dataclass (one field per setting, one-line help), its
+recipes, `resolve()` and the arguments of its step's main.py. Typical use:
+
+    cfg.validate()                                   # uses check_common(), check_model_folder(), ...
+    r = resolve(cfg, cuda)                           # recipe -> user values -> cpu_adjust(r, cfg, cuda)
+    plan = plan_run(KIND, cfg, r, step_folder)       # run folder, port, data cache, launcher prefix
+    cmd = plan.launcher + ["main.py", *main_py_args(...)]
+    return launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline)
+
+Nothing here imports torch, deepspeed or transformers at module level (`--help` stays instant).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
+
+RECIPES = ("tiny", "llama2-7b")
+DTYPES = ("bf16", "fp32", "fp16")
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def looks_local(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything absolute, ./-relative, deeper or existing is a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2
+            or os.path.exists(os.path.expanduser(name)))
+
+
+def check_model_folder(name: str, field_name: str) -> None:
+    """A local model folder must exist and hold config.json; hub ids are left to transformers."""
+    if not looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{field_name}={name!r}: no such model folder (give a local folder with config.json or a "
+                          f"hub id such as meta-llama/Llama-2-7b-hf)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{field_name}={name!r}: the folder has no config.json, so it is not a Hugging Face model")
+
+
+def check_data_split(split: str) -> None:
+    parts = split.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(parts) != 3 or len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ConfigError(f"data_split={split!r}: give three non-negative shares for phases 1,2,3, e.g. 6,2,2")
+
+
+def check_common(cfg) -> None:
+    """The checks of the settings all DeepSpeed-Chat configs share (each only if the config has that field)."""
+    def has(name):
+        return hasattr(cfg, name) and getattr(cfg, name) not in (None, "")
+
+    if has("recipe") and cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe={cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
+    if has("dtype") and cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if has("zero_stage") and cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage={cfg.zero_stage!r}: ZeRO stages are 0, 1, 2 or 3")
+    if has("lora_dim") and cfg.lora_dim < 0:
+        raise ConfigError(f"lora_dim={cfg.lora_dim!r}: must be >= 0 (0 = no LoRA)")
+    if has("max_steps") and cfg.max_steps < 0:
+        raise ConfigError(f"max_steps={cfg.max_steps!r}: must be >= 0 (0 = all epochs)")
+    for name in ("num_gpus", "epochs", "batch_size", "max_seq_len"):
+        if has(name) and getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: must be >= 1")
+    if has("eval_interval") and cfg.eval_interval < 0:
+        raise ConfigError(f"eval_interval={cfg.eval_interval!r}: must be >= 0")
+    for name in ("learning_rate", "lora_learning_rate"):
+        if has(name) and not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: must be > 0")
+    if has("data_split"):
+        check_data_split(cfg.data_split)
+    if has("hostfile") and not Path(cfg.hostfile).expanduser().is_file():
+        raise ConfigError(f"hostfile={cfg.hostfile!r}: no such file (DeepSpeed hostfile, `host slots=N` lines)")
+    if has("master_port") and not 0 < cfg.master_port < 65536:
+        raise ConfigError(f"master_port={cfg.master_port!r}: must be a TCP port (1-65535)")
+
+
+def local_data_files(data: str) -> dict[str, Path] | None:
+    """{'train': file, 'eval': file} for a local data path (same rules as the overlay's local_files.py), or
+    None when `data` is a dataset name."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise ConfigError(f"data={data!r}: not a .json or .jsonl file")
+        return {"train": path.resolve(), "eval": path.resolve()}
+    if path.is_dir():
+        found = {}
+        for split in ("train", "eval"):
+            for suffix in DATA_SUFFIXES:
+                if (path / f"{split}{suffix}").is_file():
+                    found[split] = (path / f"{split}{suffix}").resolve()
+                    break
+        if "train" not in found:
+            raise ConfigError(f"data={data!r}: the folder has no train.jsonl or train.json")
+        found.setdefault("eval", found["train"])
+        return found
+    if looks_local(data) or data.endswith(DATA_SUFFIXES):
+        raise ConfigError(f"data={data!r}: no such file or folder")
+    return None
+
+
+def validate_local_data(data: str, need_pairs: bool) -> int:
+    """Validate every row of a local data path before launching (errors say file:line); returns the row count.
+    Preference rows when `need_pairs`, else prompt rows (preference rows pass too). Dataset names (hub) are
+    left to DeepSpeed-Chat."""
+    files = local_data_files(data)
+    if files is None:
+        return 0
+    from rlhf_overlay.data import preference_data
+    load = preference_data.load_preference_rows if need_pairs else preference_data.load_prompt_rows
+    return sum(len(load(str(path))) for path in set(files.values()))
+
+
+def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
+    """Resolved settings `r` made to run where we are: on CPU ZeRO 0 unless asked (2 and 3 run too), no offload,
+    fp16 refused with what to use instead; dtype fp32 on CPU (measured ~2x faster than bf16 for the tiny model),
+    fp16 on GPU as upstream; the rank count, hostfile, seed. What a GPU recipe loses on CPU is listed in
+    r["cpu_notes"] (printed by launch(); the caller may have put notes there already)."""
+    notes = r.setdefault("cpu_notes", [])
+    if not cuda:
+        if getattr(cfg, "zero_stage", None) is None:
+            if r["zero_stage"]:
+                notes.append(f"ZeRO-{r['zero_stage']} -> 0: the {r.get('recipe')} recipe's stage is for GPUs; "
+                             f"ZERO_STAGE=2 or 3 run on CPU too")
+            r["zero_stage"] = 0
+        if "offload" in r:
+            if r["offload"]:
+                notes.append("--offload dropped: on CPU the parameters and optimizer state already live in host memory")
+            r["offload"] = False        # CPU: parameters already live in host memory
+        if r.get("recipe") != "tiny" and not cfg.dtype:
+            notes.append("dtype fp16 -> fp32: fp16 training needs a GPU")
+        # ZeRO-3 (and ZeRO-3 + offload, `-- --offload`) runs on CPU ranks: tests/test_dschat_zero3.py
+    r["dtype"] = cfg.dtype or ("fp16" if cuda else "fp32")
+    if not cuda and r["dtype"] == "fp16":
+        raise ConfigError("dtype='fp16': fp16 training is not supported on CPU; use bf16 or fp32")
+    if r.get("offload") and r["zero_stage"] == 0:
+        r["offload"] = False            # ZeRO offload needs stage >= 1
+    # ranks per node: NUM_GPUS; else the hostfile's slots, all GPUs, or 1 process on CPU
+    r["num_gpus"] = cfg.num_gpus if cfg.num_gpus is not None else (None if cuda or cfg.hostfile else 1)
+    from rlhf_overlay.runtime.runs import rank_count_problem
+    problem = rank_count_problem(cfg.num_gpus, cuda, what="num_gpus (NUM_GPUS)")
+    if not problem and cfg.hostfile and cfg.num_gpus is None and Path(cfg.hostfile).expanduser().is_file():
+        from rlhf_overlay.runtime.hostfile import local_slots_problem
+        problem = local_slots_problem(cfg.hostfile, cuda)
+    if problem:
+        raise ConfigError(problem)
+    r["hostfile"] = cfg.hostfile
+    r["seed"] = cfg.seed
+    r["cuda"] = cuda
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- launching
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_paths() -> dict[str, Path]:
+    """The embedded tiny LLaMA and data (built on first use, deterministic, offline)."""
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+    root = Path(ensure_tiny_assets())
+    return {"model": root / "models" / "tiny-llama", "preference": root / "data" / "preference",
+            "prompts": root / "data" / "prompts"}
+
+
+def launcher_prefix(num_gpus: int | None, hostfile: str, master_port: int, flags: list[str] | None = None) -> list[str]:
+    """The `deepspeed` launcher (as `python -m deepspeed.launcher.runner`, so the venv's python runs every rank).
+    Not torchrun: the step scripts initialise distributed only when given --local_rank, which deepspeed passes."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if hostfile:
+        cmd += ["--hostfile", str(Path(hostfile).expanduser().resolve()), *(flags or [])]
+    if num_gpus is not None:
+        cmd += ["--num_gpus", str(num_gpus)]
+    cmd += ["--master_port", str(master_port)]
+    return cmd
+
+
+def launch_env(cpu: bool, offline: bool, run_dir: Path, hostfile: str) -> dict:
+    """runtime_env() plus DeepSpeed-Chat on PYTHONPATH; for several nodes a DS_ENV_FILE carrying the cache and
+    hub settings to the other nodes (the launcher forwards only PYTHON*/NCCL* variables by itself)."""
+    from rlhf_overlay.paths import dschat_dir
+    from rlhf_overlay.runtime.runs import runtime_env
+    env = runtime_env(offline=offline, cpu=cpu)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(dschat_dir())])
+    if hostfile:
+        from rlhf_overlay.runtime.hostfile import remote_env
+        env = remote_env(env, run_dir)
+    return env
+
+
+def check_upstream(step_folder: str) -> Path:
+    """The step's folder in the DeepSpeed-Chat work tree, or a ConfigError saying how to set it up."""
+    from rlhf_overlay.paths import dschat_dir
+    folder = dschat_dir() / step_folder
+    if not (folder / "main.py").is_file():
+        raise ConfigError(f"DeepSpeed-Chat is not set up ({folder / 'main.py'} is missing); run `make setup` "
+                          f"(or `make upstream`) first")
+    return folder
+
+
+@dataclass
+class RunPlan:
+    """Where and how one run goes: its folder, rendezvous port, tokenized-data cache and launcher prefix."""
+    run_dir: Path
+    port: int
+    data_cache: str
+    launcher: list[str]
+    cwd: Path
+
+
+def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
+    """Check the upstream step exists, then make the run folder (refusing a non-empty OUTPUT without
+    OVERWRITE; a dry run creates nothing). The data cache must be node-local (each node's local rank 0 writes
+    it): the run folder on one node, /tmp on several (the run folder is then usually on shared storage)."""
+    from rlhf_overlay.paths import RUNS_DIR
+    from rlhf_overlay.runtime.runs import prepare_run_dir
+    folder = check_upstream(step_folder)
+    # a hostfile is checked (format, first host, remote hosts reachable) before the run folder is made
+    from rlhf_overlay.runtime.hostfile import deepspeed_launcher_flags
+    flags = deepspeed_launcher_flags(cfg.hostfile) if cfg.hostfile else []
+    if cfg.dry_run:
+        run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>"
+    else:
+        run_dir = prepare_run_dir(kind, output=cfg.output or None, overwrite=cfg.overwrite)
+    multi_node = bool(cfg.hostfile) and "--no_ssh_check" not in flags   # this machine alone runs locally
+    from rlhf_overlay.runtime.hostfile import rendezvous_port
+    port = cfg.master_port or (rendezvous_port(cfg.hostfile) if multi_node else free_port())
+    data_cache = f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache")
+    return RunPlan(run_dir=run_dir, port=port, data_cache=data_cache,
+                   launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port, flags), cwd=folder)
+
+
+def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved: dict,
+           argv_for_record: list[str] | None, offline: bool, summary: str) -> int:
+    """Print the command (dry run) or record command.txt/config.json and run it, streaming to the terminal and
+    training.log; returns the launcher's exit code."""
+    from rlhf_overlay.runtime.runs import record_invocation, run_logged
+    if cfg.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    record_invocation(plan.run_dir, argv_for_record or [sys.executable, "-m", module, *config_to_argv(cfg)],
+                      dict(resolved, requested=asdict(cfg)))
+    env = launch_env(cpu=not resolved["cuda"], offline=offline, run_dir=plan.run_dir, hostfile=cfg.hostfile)
+    from rlhf_overlay.runtime.waits import check_torch_extensions
+    check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
+    for note in resolved.get("cpu_notes") or []:
+        print(f"[{kind}] note (CPU): {note}", flush=True)
+    print(f"[{kind}] run folder: {plan.run_dir}  ({summary})", flush=True)
+    from rlhf_overlay.runtime import status   # status.json: running -> completed / failed (exit code, signal); no checkpoints
+    status.start(plan.run_dir, kind, module, None, resumable=False)
+    with status.interrupt_finishes(plan.run_dir):
+        rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
+    status.finish(plan.run_dir, rc)
+    if rc != 0:
+        print(f"[{kind}] failed with exit code {rc}; see {plan.run_dir / 'training.log'}", file=sys.stderr,
+              flush=True)
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def config_to_argv(cfg) -> list[str]:
+    """Flags for every field of a config dataclass that differs from its default; `extra` goes after `--`."""
+    argv: list[str] = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if f.name == "extra" or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    if cfg.extra:
+        argv += ["--", *cfg.extra]
+    return argv
+
+
+def build_config_parser(config_cls, helps: dict[str, str], prog: str, description: str,
+                        epilog: str | None) -> argparse.ArgumentParser:
+    """One flag per config field (`--zero-stage` for zero_stage); `bool | None` fields get --x/--no-x; anything
+    after `--` lands in `extra`."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, action="store_true", help=helps[f.name])
+        elif kind == "bool | None":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
+        else:
+            typ = {"int | None": int, "float | None": float, "int": int, "float": float}.get(kind, str)
+            p.add_argument(flag, type=typ, default=None if typ is not str else "", help=helps[f.name])
+    p.add_argument("extra", nargs="*", help="after `--`: more arguments for main.py, passed unchanged")
+    return p
+
+
+def config_from_args(config_cls, ns: argparse.Namespace):
+    values = {k: v for k, v in vars(ns).items() if v is not None}
+    values["extra"] = list(ns.extra or [])
+    return config_cls(**values)
+
+
+def cli_main(parser: argparse.ArgumentParser, config_cls, run: Callable, module: str,
+             argv: list[str] | None) -> int:
+    """Parse, build the config, run; the errors made for users (rlhf_overlay.errors.UserError: bad setting,
+    occupied OUTPUT, bad data row, hostfile) print as `error: ...` with exit code 2, without a traceback."""
+    ns = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(config_cls, ns)
+        return run(cfg, argv_for_record=[sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        from rlhf_overlay.errors import interrupted
+        return interrupted()

@@ -1,0 +1,209 @@
+"""DeepSpeed-Chat step 2: train a LLaMA2 reward model (`make rm-llama2`).
+
+Runs our step-2 overlay (upstream/DeepSpeedExamples/.../step2_reward_model_finetuning/main.py) with the
+`deepspeed` launcher and writes one run folder: model/ (config.json, pytorch_model.bin, tokenizer files: the
+DeepSpeed-Chat reward-model layout, which step 3 loads as critic; weights are `rwtransformer.*` + `v_head.weight`),
+tensorboard/ (train/loss, eval/acc, eval/reward_score, rm/loss, rm/acc), model/eval_results.json, training.log
+(also shown in the terminal), command.txt (this command) and config.json (resolved settings + launch command).
+
+    # CPU, embedded tiny LLaMA + tiny preference data (about a minute):
+    make rm-llama2
+    python -m rlhf_overlay.dschat_jobs.reward_model --output runs/rm-tiny
+
+    # your own model folder and data (JSON/JSONL rows: prompt, chosen, rejected; a folder with
+    # train.jsonl + eval.jsonl, or one file), on CPU or GPU:
+    make rm-llama2 MODEL=/models/llama2-sft DATA=/data/prefs OUTPUT=runs/my-rm
+
+    # one GPU node, the upstream LLaMA2-7B recipe (ZeRO-3 + offload, Dahoas/rm-static, 2,4,4 split):
+    make rm-llama2 MODEL=meta-llama/Llama-2-7b-hf NUM_GPUS=8
+    make rm-llama2 MODEL=meta-llama/Llama-2-7b-hf LORA_DIM=128     # upstream run_llama2_7b_lora.sh
+
+    # several nodes (DeepSpeed hostfile lines `host slots=8`; OUTPUT on shared storage):
+    make rm-llama2 MODEL=meta-llama/Llama-2-7b-hf HOSTFILE=/job/hostfile NUM_GPUS=8 OUTPUT=/shared/runs/rm
+
+Anything after `--` goes to main.py unchanged (e.g. `-- --eval_interval 50`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from rlhf_overlay.dschat_jobs import launch as dschat_launch
+# Shared with the other DeepSpeed-Chat entry modules (ppo, dpo); re-exported here for callers and tests.
+from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, check_common, check_data_split,  # noqa: F401
+                                        check_model_folder, check_upstream, cli_main, config_to_argv, cpu_adjust,
+                                        free_port, launch, launch_env, launcher_prefix, local_data_files,
+                                        looks_local, plan_run, tiny_paths, validate_local_data)
+
+KIND = "rm-llama2"
+MODULE = "rlhf_overlay.dschat_jobs.reward_model"
+STEP_FOLDER = "training/step2_reward_model_finetuning"
+
+
+@dataclass
+class RewardModelConfig:
+    model: str = ""                   # base model folder or hub id (empty = embedded tiny LLaMA, recipe tiny)
+    data: str = ""                    # preference data: dataset name, .json/.jsonl file or folder (empty = recipe's)
+    output: str = ""                  # run folder (empty = new runs/rm-llama2-<time>)
+    overwrite: bool = False           # allow writing into a non-empty output folder
+    recipe: str = ""                  # tiny | llama2-7b (empty = tiny without model, llama2-7b with one)
+    zero_stage: int | None = None     # ZeRO stage (empty = 0 on CPU, the recipe's on GPU)
+    lora_dim: int | None = None       # LoRA rank, 0 = full fine-tuning (empty = the recipe's)
+    num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
+    hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
+    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
+    data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
+    epochs: int | None = None         # training epochs (empty = the recipe's)
+    max_steps: int | None = None      # stop after N optimizer steps, 0 = all epochs (empty = the recipe's)
+    batch_size: int | None = None     # per-device train and eval batch size (empty = the recipe's)
+    max_seq_len: int | None = None    # prompt + answer tokens (empty = the recipe's)
+    learning_rate: float | None = None  # learning rate (empty = the recipe's)
+    eval_interval: int | None = None  # evaluate every N steps, 0 = only per epoch (empty = the recipe's)
+    seed: int = 1234                  # training seed
+    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
+    master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
+    dry_run: bool = False             # print the launch command and exit
+    extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
+        return config_to_argv(self)
+
+    def validate(self) -> None:
+        """All checks in one place; each error names the field and the value it got."""
+        check_common(self)
+        if self.model:
+            check_model_folder(self.model, "model")
+        if self.data:
+            local_data_files(self.data)   # the path exists; rows are validated in run(), once
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+# Values of the upstream scripts at the pin, training_scripts/llama2/run_llama2_7b.sh (LoRA: _lora.sh adds
+# --lora_dim 128 --lora_module_name "layers."), with --num_padding_at_beginning 0 as there.
+LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=8, eval_batch_size=8, max_seq_len=512,
+                 learning_rate=9.65e-6, weight_decay=0.1, epochs=1, max_steps=0, zero_stage=3, offload=True,
+                 gradient_checkpointing=True, lora_dim=0, lora_module_name="layers.", eval_interval=0, eval_iters=100,
+                 print_interval=10, num_warmup_steps=0)
+# The embedded tiny LLaMA on CPU: the first MAX_STEPS batches of its 4000 pairs, evaluated every 20 steps on
+# 160 held-out pairs (the tiny data's longest pair is 30 tokens).
+TINY = dict(data="", data_split="0,1,0", batch_size=8, eval_batch_size=16, max_seq_len=48, learning_rate=5e-4,
+            weight_decay=0.0, epochs=1, max_steps=60, zero_stage=0, offload=False, gradient_checkpointing=False,
+            lora_dim=0, lora_module_name="layers.", eval_interval=20, eval_iters=10, print_interval=10,
+            num_warmup_steps=0)
+
+
+def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
+    """The settings this run will use: the recipe, then the user's values, then CPU adjustments."""
+    recipe = cfg.recipe or ("llama2-7b" if cfg.model else "tiny")
+    r = dict(LLAMA2_7B if recipe == "llama2-7b" else TINY)
+    r["recipe"] = recipe
+    for name in ("data", "data_split", "zero_stage", "lora_dim", "epochs", "max_steps", "batch_size", "max_seq_len",
+                 "learning_rate", "eval_interval"):
+        value = getattr(cfg, name)
+        if value not in (None, ""):
+            r[name] = value
+    if not cfg.data_split and cfg.data and local_data_files(cfg.data) is not None:
+        r["data_split"] = "0,1,0"   # the user's own files: all of them train this step (train/eval files split)
+    return cpu_adjust(r, cfg, cuda)
+
+
+def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
+                 tensorboard_dir: Path) -> list[str]:
+    """Arguments of step 2's main.py for resolved settings `r`."""
+    args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
+            "--model_name_or_path", model,
+            "--per_device_train_batch_size", str(r["batch_size"]),
+            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
+            "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
+            "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
+            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
+            "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]),
+            "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
+            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
+            "--print_interval", str(r["print_interval"]),
+            "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
+    if r["gradient_checkpointing"]:
+        args.append("--gradient_checkpointing")
+    if r["offload"]:
+        args.append("--offload")
+    if r["lora_dim"]:
+        args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"]]
+    if r["max_steps"]:
+        args += ["--max_steps", str(r["max_steps"])]
+    return args
+
+
+HELPS = {"model": "base model folder or hub id (empty: embedded tiny LLaMA)",
+         "data": "dataset name, .json/.jsonl file or folder with train/eval files (empty: the recipe's)",
+         "output": "run folder (empty: a new folder under runs/)",
+         "overwrite": "allow writing into a non-empty --output",
+         "recipe": "tiny | llama2-7b (default: tiny without --model, llama2-7b with one)",
+         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 2 and 3 run on CPU too)",
+         "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's)",
+         "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
+         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
+         "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
+         "epochs": "training epochs", "max_steps": "stop after N optimizer steps (0: all epochs)",
+         "batch_size": "per-device batch size", "max_seq_len": "max tokens",
+         "learning_rate": "learning rate", "eval_interval": "evaluate every N steps (0: per epoch only)",
+         "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
+         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
+         "dry_run": "print the launch command and exit"}
+
+
+def build_parser():
+    return dschat_launch.build_config_parser(
+        RewardModelConfig, HELPS, prog=f"python -m {MODULE}",
+        description="DeepSpeed-Chat step 2: LLaMA2 reward model (make rm-llama2).", epilog=__doc__)
+
+
+config_from_args = partial(dschat_launch.config_from_args, RewardModelConfig)
+
+
+def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int:
+    """Train a reward model as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError."""
+    from rlhf_overlay.runtime.runs import has_cuda
+    cfg.validate()
+    cuda = has_cuda()
+    r = resolve(cfg, cuda)
+    model, data = cfg.model, cfg.data or r["data"]
+    if not model or not data:
+        tiny = tiny_paths()
+        model = model or str(tiny["model"])
+        data = data or str(tiny["preference"])
+    n_rows = validate_local_data(data, need_pairs=True)
+    from rlhf_overlay.runtime import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
+    checked = preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
+    model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
+    plan = plan_run(KIND, cfg, r, STEP_FOLDER)
+    model_dir = plan.run_dir / "model"
+    partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
+    cmd = plan.launcher + ["main.py"] + main_py_args(
+        r, model, data, partial, plan.data_cache, plan.run_dir / "tensorboard") + list(cfg.extra)
+    offline = not any(x and not looks_local(x) for x in (model, data))
+    resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir), model_dir=str(model_dir),
+                    master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd), extra=list(cfg.extra),
+                    hf_hub_offline=offline)
+    summary = (f"recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, ZeRO {r['zero_stage']}, "
+               f"LoRA {r['lora_dim']}")
+    rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
+    if rc == 0 and partial.is_dir():  # model/ appears only when complete (a killed run leaves .model.partial)
+        os.replace(partial, model_dir)
+    results = model_dir / "eval_results.json"
+    if rc == 0 and not cfg.dry_run and results.is_file():
+        acc = json.loads(results.read_text()).get("eval/acc")
+        print(f"[{KIND}] done: eval accuracy {acc:.3f}; reward model in {model_dir}", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(build_parser(), RewardModelConfig, run, MODULE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Run an upstream's own test suite against our patched work tree, offline: `make upstream-tests`.
+
+    python -m rlhf_overlay.engine.upstream_tests                       # trlx's tests/ -> runs/upstream-tests-<time>/
+    python -m rlhf_overlay.engine.upstream_tests --files test_models.py --out /tmp/ut   # one file, chosen folder
+    python -m rlhf_overlay.engine.upstream_tests -- -k save_load       # extra pytest arguments after --
+
+Like Debian's autopkgtest: the upstream's tests, unchanged, run against the upstream as we ship it (pin +
+overlays). Each test file runs in its own pytest process from the upstream's root (its tests use paths relative
+to it), with
+  - HF_HOME = a private cache of tiny random stand-ins for every hub id the suite names
+    (rlhf_overlay.engine.hub_standins) and HF_HUB_OFFLINE=1: nothing is downloaded;
+  - the test-only dependencies (requirements-upstream-tests.txt: hypothesis, peft) from their own folder
+    <venv>/upstream-tests-deps, put on PYTHONPATH only here: peft changes what trlx does at import, so the
+    training stack never sees it;
+  - our plugin (rlhf_overlay.engine.upstream_tests_plugin): tests that cannot run on CPU are skipped with the reason.
+Writes, atomically, into the output folder: junit/<suite>-<file>.xml, logs/<suite>-<file>.log, results.json and
+table.md (per file: passed / failed / errors / skipped, then every skip reason and failure). Exit status 0 when
+nothing failed, 1 when a test failed or errored, 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_overlay import PROJECT_ROOT, paths
+from rlhf_overlay.errors import UserError
+
+DEPS_DIR_NAME = "upstream-tests-deps"
+REQUIREMENTS = PROJECT_ROOT / "requirements-upstream-tests.txt"
+
+
+class UpstreamTestsError(UserError, RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    root: Path              # cwd for pytest (the suite's tests use paths relative to it)
+    tests: str              # folder of the test files, relative to root
+    files: tuple[str, ...]  # in the order they run
+
+
+def suites() -> dict[str, Suite]:
+    return {
+        "trlx": Suite("trlx", paths.trlx_dir(), "tests",
+                      ("test_configs.py", "test_utils.py", "test_pipelines.py", "test_minibatch.py",
+                       "test_models.py", "test_peft.py", "test_trainers.py")),
+    }
+
+
+@dataclass
+class FileResult:
+    suite: str
+    file: str
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    skips: list = field(default_factory=list)      # [nodeid, reason]
+    failures: list = field(default_factory=list)   # [nodeid, first line of the message]
+
+
+def deps_dir() -> Path:
+    return Path(os.environ.get("RLHF_OVERLAY_UPSTREAM_TEST_DEPS") or Path(sys.prefix) / DEPS_DIR_NAME)
+
+
+def suite_env(hf_home: Path) -> dict:
+    from rlhf_overlay.runtime.runs import runtime_env
+
+    env = runtime_env(cpu=True)
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1", WANDB_MODE="disabled")
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("TRANSFORMERS_CACHE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), str(deps_dir())] +
+                                        [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                         if p and p != str(PROJECT_ROOT)])
+    return env
+
+
+def _nodeid(case: ET.Element) -> str:
+    # junit classname is dotted ("tests.test_models.TestX"); rebuild pytest's node id "tests/test_models.py::TestX::t"
+    if not case.get("classname"):   # a collection error: name is the dotted module
+        return case.get("name", "").replace(".", "/") + ".py"
+    parts = case.get("classname", "").split(".")
+    mod_end = next((i for i, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
+    module = "/".join(parts[:mod_end + 1]) + ".py"
+    return "::".join([module, *parts[mod_end + 1:], case.get("name", "")])
+
+
+def parse_junit(path: Path, result: FileResult) -> None:
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        nodeid = _nodeid(case)
+        failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
+        if failure is not None:
+            result.failed += 1
+            result.failures.append([nodeid, (failure.get("message") or "").strip().splitlines()[0][:300]
+                                    if failure.get("message") else ""])
+        elif error is not None:
+            result.errors += 1
+            # a collection error's message is just "collection failure"; its last `E ` line says what failed
+            e_lines = [ln[1:].strip() for ln in (error.text or "").splitlines() if ln.startswith("E ")]
+            what = e_lines[-1] if e_lines else error.get("message") or ""
+            result.failures.append([nodeid, "ERROR: " + what[:300]])
+        elif skipped is not None:
+            result.skipped += 1
+            result.skips.append([nodeid, (skipped.get("message") or "").strip()])
+        else:
+            result.passed += 1
+
+
+def run_file(suite: Suite, name: str, out: Path, env: dict, extra: list[str]) -> FileResult:
+    result = FileResult(suite.name, name)
+    junit = out / "junit" / f"{suite.name}-{Path(name).stem}.xml"
+    log = out / "logs" / f"{suite.name}-{Path(name).stem}.log"
+    # -c /dev/null --rootdir .: the suite's own (absent) pytest settings, not ours from a parent folder
+    cmd = [sys.executable, "-m", "pytest", "-c", os.devnull, "--rootdir", ".", f"{suite.tests}/{name}",
+           "-p", "rlhf_overlay.engine.upstream_tests_plugin",
+           "--upstream-suite", suite.name, "-p", "no:cacheprovider", "-rs", "-q", "--junitxml", str(junit), *extra]
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=suite.root, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    result.seconds = round(time.monotonic() - t0, 1)
+    if junit.is_file():
+        parse_junit(junit, result)
+    # 5: nothing collected; 2 with errors in the junit: collection errors (counted above); else pytest itself failed
+    if not junit.is_file() or (rc not in (0, 1, 5) and not (result.errors or result.failed)):
+        result.errors += 1
+        result.failures.append([f"{suite.tests}/{name}", f"pytest exited {rc} (see {log})"])
+    return result
+
+
+def format_table(results: list[FileResult], title: str) -> str:
+    lines = [f"### {title}", "", "| suite | file | passed | failed | errors | skipped | s |", "|---|---|---|---|---|---|---|"]
+    tot = FileResult("", "total")
+    for r in results:
+        lines.append(f"| {r.suite} | {r.file} | {r.passed} | {r.failed} | {r.errors} | {r.skipped} | {r.seconds} |")
+        for k in ("passed", "failed", "errors", "skipped", "seconds"):
+            setattr(tot, k, round(getattr(tot, k) + getattr(r, k), 1))
+    lines.append(f"| | **total** | {tot.passed} | {tot.failed} | {tot.errors} | {tot.skipped} | {tot.seconds} |")
+    skips = [s for r in results for s in r.skips]
+    fails = [s for r in results for s in r.failures]
+    if skips:
+        lines += ["", "Skipped (reason):"] + [f"- `{n}`: {m}" for n, m in skips]
+    if fails:
+        lines += ["", "Failed / errors:"] + [f"- `{n}`: {m}" for n, m in fails]
+    return "\n".join(lines) + "\n"
+
+
+def _tree_status(root: Path) -> set[str]:
+    res = subprocess.run(["git", "status", "--porcelain=v1", "--untracked-files=all"], cwd=root,
+                         capture_output=True, text=True)
+    return set(res.stdout.splitlines()) if res.returncode == 0 else set()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra: list[str] | None = None,
+        hf_home: Path | None = None, tree: Path | None = None) -> list[FileResult]:
+    from dataclasses import replace
+
+    from rlhf_overlay.engine.hub_standins import ensure_standins, suite_texts
+
+    all_suites = suites()
+    if tree is not None and len(suite_names) != 1:
+        raise UpstreamTestsError("--tree: give exactly one --suite, the one that tree is a checkout of")
+    chosen = []
+    for name in suite_names:
+        if name not in all_suites:
+            raise UpstreamTestsError(f"--suite {name}: unknown suite; known: {', '.join(all_suites)}")
+        suite = all_suites[name] if tree is None else replace(all_suites[name], root=Path(tree).resolve())
+        if not (suite.root / suite.tests).is_dir():
+            raise UpstreamTestsError(f"upstream {name} is not set up ({suite.root / suite.tests} is missing); "
+                                     f"run `make setup` (UPSTREAM_MIRROR=<dir> if GitHub is out of reach)"
+                                     + (" or pass a --tree that is a checkout of it" if tree else ""))
+        for f in files or []:
+            if f not in suite.files:
+                raise UpstreamTestsError(f"--files {f}: not a test file of {name}; its files: {', '.join(suite.files)}")
+        chosen.append(suite)
+    if not deps_dir().is_dir():
+        raise UpstreamTestsError(f"the upstream suites' test dependencies are not installed ({deps_dir()} is "
+                                 f"missing); run `make setup`, which installs {REQUIREMENTS.name} there")
+    texts = suite_texts([s.root / s.tests / f for s in chosen for f in s.files])
+    env = suite_env(ensure_standins(hf_home, texts))
+    (out / "junit").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    results = []
+    for suite in chosen:
+        before = _tree_status(suite.root)
+        for name in (f for f in suite.files if not files or f in files):
+            r = run_file(suite, name, out, env, list(extra or []))
+            print(f"{suite.name}/{suite.tests}/{name}: {r.passed} passed, {r.failed} failed, {r.errors} errors, "
+                  f"{r.skipped} skipped ({r.seconds} s)", flush=True)
+            results.append(r)
+        left = sorted(_tree_status(suite.root) - before)
+        if left:
+            print(f"warning: the {suite.name} suite left files in {suite.root}: {', '.join(left)}", file=sys.stderr)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--suite", action="append", help="suite to run (default: all; known: trlx)")
+    ap.add_argument("--files", nargs="+", help="only these test files (names as in the suite's tests/)")
+    ap.add_argument("--out", default=os.environ.get("OUTPUT") or None,
+                    help="output folder (default: $OUTPUT or runs/upstream-tests-<time>)")
+    ap.add_argument("--overwrite", action="store_true", default=os.environ.get("OVERWRITE") == "1",
+                    help="allow a non-empty --out (default: $OVERWRITE=1)")
+    ap.add_argument("--title", default="upstream test suites", help="heading of the table")
+    ap.add_argument("--tree", help="run the tests of this checkout instead of upstream/<suite> (with one --suite; "
+                                   "e.g. a copy without our newest patches, to compare before/after). Its package "
+                                   "is imported from there: pytest runs in it")
+    ap.add_argument("pytest_args", nargs="*", help="after --: passed to every pytest run")
+    args = ap.parse_args(argv)
+    try:
+        from rlhf_overlay.runtime.runs import prepare_run_dir
+
+        out = prepare_run_dir("upstream-tests", output=args.out, overwrite=args.overwrite)
+        results = run(args.suite or list(suites()), out, args.files, args.pytest_args, tree=args.tree)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = format_table(results, args.title)
+    _atomic_write(out / "table.md", table)
+    _atomic_write(out / "results.json", json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    print("\n" + table + f"\n(junit files, logs, table.md, results.json: {out})")
+    return 1 if any(r.failed or r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Trlx jobs: rm-bloom/rm-gptj (value-head reward models), ppo-bloom/ppo-gptj, the PPO smoke test."""

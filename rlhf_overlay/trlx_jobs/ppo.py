@@ -1,0 +1,1096 @@
+"""trlx PPO on BLOOM / GPT-J (/ LLaMA): `make ppo-bloom`, `make ppo-gptj` (and the engine of `make ppo-smoke-test`).
+
+Policy = an SFT model folder (MODEL); reward = a value-head reward model trained by `make rm-bloom`/`make rm-gptj`
+(RM), optionally minus the score of the reference answer (the seed's normalisation, `--reward-baseline reference`),
+or a learnable rule (`--reward rule`, rlhf_overlay.data.synthetic.rule_reward). Prompts: JSONL rows {prompt, reference}.
+trlx's hydra heads keep a frozen copy of the top `--num-layers-unfrozen` layers as the KL reference.
+
+CPU, embedded tiny models (no download; with no RM a tiny reward model is trained first, ~20 s):
+    make ppo-bloom                                   # -> runs/ppo-bloom-<time>/policy (plain HF model)
+    make ppo-gptj RM=runs/rm-gptj-<time>/reward_model
+    python -m rlhf_overlay.trlx_jobs.ppo --arch bloom --reward rule --steps 10
+    make ppo-bloom ZERO_STAGE=2 NUM_GPUS=2           # accelerate + DeepSpeed ZeRO-2 on 2 CPU processes
+Own models (one GPU for the policy; the reward model on a spare GPU when there is one, else --rm-device):
+    make ppo-bloom MODEL=/models/bloom-7b1-sft RM=runs/rm-bloom-x/reward_model DATA=/data/rl   # train/eval.jsonl
+    python -m rlhf_overlay.trlx_jobs.ppo --arch gptj --model /models/gpt-j-sft --rm /rm --data prompts.jsonl --rm-device cuda:1
+Several GPUs / nodes (accelerate launch with configs/accelerate/zero2.yaml; a DeepSpeed hostfile for nodes):
+    make ppo-bloom MODEL=... RM=... DATA=... NUM_GPUS=8
+    make ppo-gptj MODEL=... RM=... DATA=... HOSTFILE=hosts OUTPUT=/shared/run   # on the first host of `hosts`
+    make ppo-join RUN=/shared/run MACHINE_RANK=1                                # on the second host, and so on
+    python -m rlhf_overlay.trlx_jobs.ppo ... --accelerate-config my_accelerate.yaml   # any accelerate config
+
+Output folder: policy/ (the trained policy as a plain HF model + tokenizer: AutoModelForCausalLM loads it),
+metrics.json (per-step mean reward, KL, fluency, losses, timings), tensorboard/ (ppo/reward_mean, ppo/kl,
+ppo/kl_per_token, ppo/fluency, ppo/policy_loss, ppo/value_loss, ppo/response_length; trlx's own scalars under
+tensorboard/trlx; the eval tables have a fluency column), checkpoints/ (trlx), samples.jsonl
+(a few generations per step), training.log, command.txt, config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rlhf_overlay.trlx_jobs.common import ConfigError, user_errors, write_json
+from rlhf_overlay.trlx_jobs.reward_model import ARCHES, TINY_MODEL_DIRS, _looks_local
+
+REWARDS = ("model", "rule")
+
+
+@dataclass
+class PPORunConfig:
+    arch: str = field(default="bloom", metadata={"help": "bloom | gptj | llama: picks the embedded tiny default model and the run name"})
+    model: str = field(default="", metadata={"help": "policy = SFT model folder or hub id (MODEL); empty = the embedded tiny model of --arch"})
+    reward: str = field(default="model", metadata={"help": "model: a value-head reward model (RM) | rule: the learnable rule of rlhf_overlay.data.synthetic"})
+    rm: str = field(default="", metadata={"help": "reward model folder from make rm-* (RM); empty with the tiny default = train a tiny one first"})
+    reward_baseline: str = field(default="auto", metadata={"help": "reference: reward minus the RM score of the row's reference answer (the seed) | none | auto (reference when every row has one)"})
+    rm_untrained: bool = field(default=False, metadata={"help": "with REWARD=model and no RM: score with a fresh (untrained) value head on the policy's base model, the seed's PPO smoke test"})
+    rm_device: str = field(default="auto", metadata={"help": "auto | cpu | policy | cuda:N: where the reward model runs (auto: a spare GPU, else the policy's GPU, else CPU)"})
+    data: str = field(default="", metadata={"help": "prompt JSONL {prompt, reference} file, or folder with train.jsonl [+ eval.jsonl] (DATA); empty = embedded"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT); empty = a new runs/ppo-<arch>-<time>"})
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
+    steps: int = field(default=0, metadata={"help": "PPO steps = rollout + update rounds; 0 = 40 tiny / 50 (seed) own model"})
+    rollouts: int = field(default=0, metadata={"help": "generated samples per PPO step and process (trlx num_rollouts); 0 = 32 tiny / 128 (seed)"})
+    chunk_size: int = field(default=0, metadata={"help": "prompts generated at once (trlx chunk_size); 0 = 32 tiny / 16 (seed)"})
+    batch_size: int = field(default=0, metadata={"help": "samples per PPO optimizer step and process; 0 = 16 tiny / 4 (seed)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each step's samples (trlx ppo_epochs)"})
+    max_new_tokens: int = field(default=0, metadata={"help": "generated tokens per sample; 0 = 12 tiny / 50 (seed)"})
+    seq_length: int = field(default=0, metadata={"help": "prompt + generation tokens (prompts are cut on the left); 0 = 64 tiny / 550 (seed)"})
+    lr: float = field(default=0.0, metadata={"help": "learning rate; 0 = 3e-4 tiny / 1e-6 (seed BLOOM) / 5e-6 (GPT-J)"})
+    init_kl_coef: float = field(default=-1.0, metadata={"help": "KL penalty coefficient (start value); -1 = 0.3 tiny / 0.1 (seed)"})
+    kl_target: float = field(default=-1.0, metadata={"help": "adaptive-KL target (0 = fixed coefficient); -1 = 0 tiny / 6 (seed)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive-KL horizon (trlx horizon)"})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    cliprange_reward: float = field(default=10.0, metadata={"help": "rewards are clipped to +-this"})
+    normalize_reward: str = field(default="auto", metadata={"help": "running: rewards minus their running mean, over their running std, before the KL penalty (any reward scale learns alike) | none (the seed) | auto (running tiny / none own model)"})
+    vf_coef: float = field(default=0.2, metadata={"help": "value-loss weight"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    num_layers_unfrozen: int = field(default=-2, metadata={"help": "top layers trained; the frozen copy of them is the KL reference (hydra); -1 = all (full reference copy); -2 = auto: -1 tiny / 8 (seed)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for rollouts"})
+    top_k: int = field(default=0, metadata={"help": "sampling top-k for rollouts (0 = off)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate (trlx table of samples) every N PPO steps; 0 = only before and after"})
+    eval_prompts: int = field(default=0, metadata={"help": "eval prompts used (0 = 16 tiny / 256 own model)"})
+    checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N PPO steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 10 tiny / 0 own model"})
+    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn when a health guard trips (ON_UNHEALTHY; rlhf_overlay.runtime.health); auto = warn tiny / stop own model"})
+    max_kl_per_token: float = field(default=1.0, metadata={"help": "health: KL(policy || reference) per answer token above this (nats) is unhealthy"})
+    max_degenerate: float = field(default=0.5, metadata={"help": "health: share of empty or looping answers above this is unhealthy"})
+    max_undecodable: float = field(default=0.2, metadata={"help": "health: share of answers with undecodable tokens above this is unhealthy"})
+    max_reward_drop: float = field(default=1.0, metadata={"help": "health: reward mean falling by more than this many start-of-run per-sample reward stds is a collapse"})
+    save_optimizer: bool = field(default=False, metadata={"help": "accepted for older command lines: checkpoints always hold the optimizer and scheduler state"})
+    summary_window: int = field(default=3, metadata={"help": "steps averaged for the closing `mean reward: first -> last` line"})
+    accelerate_config: str = field(default="auto", metadata={"help": "accelerate config file; auto: none for 1 CPU process, configs/accelerate/zero2.yaml with DeepSpeed, cpu.yaml / multi_gpu.yaml otherwise"})
+    zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE): 0 = no DeepSpeed, 2 = ZeRO-2; -1 = 0 on CPU, 2 on GPU"})
+    num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
+    precision: str = field(default="auto", metadata={"help": "auto | no | bf16 | fp16 mixed precision (auto: no on CPU, bf16/fp16 on GPU)"})
+    seed: int = field(default=1000, metadata={"help": "random seed"})
+    allow_arch: bool = field(default=False, metadata={"help": "use a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
+    run_kind: str = field(default="", metadata={"help": "run folder prefix (default ppo-<arch>)"})
+
+    @property
+    def tiny(self) -> bool:
+        return not self.model
+
+    def resolve(self) -> "PPORunConfig":
+        """Fill every 0/-1 'auto' default (tiny default vs. the seed recipe for own models), then validate."""
+        c = dataclasses.replace(self)
+        t = c.tiny
+        c.steps = c.steps or (40 if t else 50)
+        c.rollouts = c.rollouts or (32 if t else 128)
+        c.chunk_size = c.chunk_size or (32 if t else 16)
+        c.batch_size = c.batch_size or (16 if t else 4)
+        c.max_new_tokens = c.max_new_tokens or (12 if t else 50)
+        c.seq_length = c.seq_length or (64 if t else 550)
+        # tiny: measured on the pre-trained tiny BLOOM (make ppo-smoke-test) as the best trade-off of reward rise,
+        # fluency and KL per answer token (1e-3 / 0.05 reached reward 0.95 by listing POSITIVE words, 0.8 nats/token)
+        c.lr = c.lr or (3e-4 if t else (5e-6 if c.arch == "gptj" else 1e-6))
+        c.init_kl_coef = (0.3 if t else 0.1) if c.init_kl_coef < 0 else c.init_kl_coef
+        c.kl_target = (0.0 if t else 6.0) if c.kl_target < 0 else c.kl_target
+        c.num_layers_unfrozen = (-1 if t else 8) if c.num_layers_unfrozen == -2 else c.num_layers_unfrozen
+        c.eval_prompts = c.eval_prompts or (16 if t else 256)
+        if c.normalize_reward == "auto":
+            c.normalize_reward = "running" if t else "none"
+        c.checkpoint_every = (10 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
+        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
+        if c.on_unhealthy == "auto":  # tiny CPU demos are read to their end (their verdict judges them); real runs stop
+            c.on_unhealthy = "warn" if t else "stop"
+        if c.on_unhealthy not in ("stop", "warn"):
+            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
+        c.run_kind = c.run_kind or f"ppo-{c.arch}"
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def bad(name, value, why):
+            raise ConfigError(f"{name}={value!r}: {why}")
+
+        if self.arch not in ARCHES:
+            bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
+        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
+            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
+        if self.data and not Path(self.data).expanduser().exists():
+            bad("data (DATA)", self.data, "no such file or folder — pass a .json/.jsonl file or a folder with "
+                "train.jsonl (a relative path is taken from the current folder)")
+        if self.reward not in REWARDS:
+            bad("reward (REWARD)", self.reward, "must be `model` (a reward model) or `rule` (the learnable rule)")
+        if self.normalize_reward not in ("auto", "running", "none"):
+            bad("normalize_reward", self.normalize_reward, "must be auto, running or none")
+        if self.reward_baseline not in ("auto", "reference", "none"):
+            bad("reward_baseline", self.reward_baseline, "must be auto, reference or none")
+        if self.reward == "rule" and self.rm:
+            bad("rm (RM)", self.rm, "is only used with REWARD=model; drop RM or set REWARD=model")
+        if self.rm_untrained and (self.rm or self.reward != "model"):
+            bad("rm_untrained", self.rm_untrained, "only applies with REWARD=model and no RM")
+        if self.reward == "model" and not self.rm and not self.tiny and not self.rm_untrained:
+            bad("rm (RM)", self.rm, "is required with your own MODEL: train one with `make rm-bloom MODEL=... "
+                "DATA=...` and pass RM=runs/<that run>/reward_model (or use REWARD=rule)")
+        if self.rm and not Path(self.rm).expanduser().is_dir():
+            bad("rm (RM)", self.rm, "is not a folder; pass the reward_model/ folder of a `make rm-*` run")
+        if not (self.rm_device in ("auto", "cpu", "policy") or self.rm_device.startswith("cuda")):
+            bad("rm_device", self.rm_device, "must be auto, cpu, policy or cuda:N")
+        for name in ("steps", "rollouts", "chunk_size", "batch_size", "ppo_epochs", "max_new_tokens",
+                     "summary_window", "eval_prompts"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be >= 1")
+        if self.rollouts % self.batch_size:
+            bad("rollouts", self.rollouts, f"must be a multiple of batch_size={self.batch_size}")
+        if self.rollouts % self.chunk_size:
+            bad("rollouts", self.rollouts, f"must be a multiple of chunk_size={self.chunk_size}")
+        if self.seq_length <= self.max_new_tokens + 1:
+            bad("seq_length", self.seq_length, f"must exceed max_new_tokens={self.max_new_tokens} (prompt tokens = "
+                "seq_length - max_new_tokens)")
+        if not self.lr > 0:
+            bad("lr", self.lr, "must be > 0")
+        for name in ("init_kl_coef", "kl_target", "cliprange", "cliprange_value", "cliprange_reward", "vf_coef"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "must be >= 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            bad("gamma/lam", (self.gamma, self.lam), "must be in [0, 1]")
+        if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
+            bad("num_layers_unfrozen", self.num_layers_unfrozen, "must be >= 1, or -1 for all layers")
+        if not self.temperature > 0:
+            bad("temperature", self.temperature, "must be > 0")
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            bad("zero_stage (ZERO_STAGE)", self.zero_stage, "must be 0-3 (or empty for the default)")
+        if self.num_processes < 0:
+            bad("num_processes (NUM_GPUS)", self.num_processes, "must be >= 1 (or empty for the default)")
+        if self.precision not in ("auto", "no", "bf16", "fp16"):
+            bad("precision", self.precision, "must be auto, no, bf16 or fp16")
+        if self.accelerate_config != "auto" and not Path(self.accelerate_config).is_file():
+            bad("accelerate_config", self.accelerate_config, "file does not exist")
+        if self.hostfile and not Path(self.hostfile).is_file():
+            bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
+        from rlhf_overlay.runtime.checkpoints import validate_schedule
+        validate_schedule(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        return self.ppo_epochs * math.ceil(self.rollouts / self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def resolve_policy_path(cfg: PPORunConfig) -> str:
+    if cfg.model:
+        return str(Path(cfg.model).expanduser().resolve()) if _looks_local(cfg.model) else cfg.model
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+
+    return str(ensure_tiny_assets() / "models" / TINY_MODEL_DIRS[cfg.arch])
+
+
+def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, eval rows, sources): rows {prompt, reference?}, validated (file:line errors)."""
+    from rlhf_overlay.data.preference_data import load_prompt_rows, resolve_data_file
+
+    if data:
+        p = Path(data).expanduser().resolve()
+    else:
+        from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+
+        p = ensure_tiny_assets() / "data" / "prompts"
+    if p.is_dir():
+        train_file = resolve_data_file(p, "train")
+        has_eval = any((p / f"eval{suffix}").is_file() for suffix in (".jsonl", ".json"))
+        eval_file = resolve_data_file(p, "eval") if has_eval else None
+    else:
+        train_file, eval_file = resolve_data_file(p), None
+
+    def rows(path, split):
+        out = []
+        for r in load_prompt_rows(path, split=split):
+            get = r.get if isinstance(r, dict) else (lambda k, _r=r: getattr(_r, k, None))
+            row = {"prompt": get("prompt")}
+            if get("reference"):
+                row["reference"] = get("reference")
+            out.append(row)
+        return out
+
+    train = rows(train_file, "train")
+    if eval_file is not None and eval_file.is_file():
+        ev = rows(eval_file, "eval")
+    else:
+        ev = train[: max(1, min(len(train), 16))]
+        eval_file = f"{train_file} (first {len(ev)} rows)"
+    if not train:
+        raise ConfigError(f"data (DATA)={train_file}: no prompt rows")
+    return train, ev, {"train": str(train_file), "eval": str(eval_file)}
+
+
+def strip_eos(text: str, eos: str | None) -> str:
+    if eos:
+        while text.endswith(eos):
+            text = text[: -len(eos)]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- worker
+class StepRecorder:
+    """Per-PPO-step statistics: the rollout rewards (raw, before trlx's clipping/scaling), response lengths, KL,
+    losses and timings. Prints one line per step (and a progress bar on a terminal), writes the common tensorboard
+    names, and keeps everything for metrics.json."""
+
+    def __init__(self, run_dir: Path, total_steps: int, scalars, tty: bool):
+        self.run_dir, self.total, self.scalars = run_dir, total_steps, scalars
+        self.steps: list[dict] = []
+        self.phase = "rollout"
+        self._rewards: list[float] = []
+        self._outputs: list[str] = []
+        self._kl_tokens = [0.0, 0]   # summed KL over answer tokens, answer tokens (this step's rollouts)
+        self._lengths: list[int] = []
+        self._samples: list[dict] = []
+        self._losses: list[dict] = []
+        self._cur: dict | None = None
+        self.bar = None
+        if tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="PPO", unit="step", file=sys.stdout, dynamic_ncols=True)
+
+    def record_rewards(self, prompts, outputs, rewards):
+        if self.phase != "rollout":
+            return
+        self._rewards += [float(r) for r in rewards]
+        self._outputs += list(outputs)
+        if len(self._samples) < 4:
+            self._samples += [{"prompt": p, "output": o, "reward": float(r)}
+                              for p, o, r in list(zip(prompts, outputs, rewards))[: 4 - len(self._samples)]]
+
+    def record_losses(self, stats: dict):
+        self._losses.append({k: stats[k] for k in ("losses/policy_loss", "losses/value_loss") if k in stats})
+
+    def start_rollouts(self):
+        """A make_experience call starts: the previous step's updates are done."""
+        self.close_step()
+        self.phase = "rollout"
+        self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
+        self._outputs, self._kl_tokens = [], [0.0, 0]
+
+    def add_answer_kl(self, kl_sum: float, tokens: int):
+        """KL(policy || reference) summed over the answer tokens of some rollouts, and their count."""
+        self._kl_tokens[0] += kl_sum
+        self._kl_tokens[1] += tokens
+
+    def rollouts_done(self, rollout_seconds: float, kl: float, lengths: list[int]):
+        """A make_experience call ended: open the step whose updates follow."""
+        from rlhf_overlay.data.synthetic import fluency
+
+        self._lengths = list(lengths)
+        n = len(self._rewards)
+        flu = fluency(self._outputs)
+        self._cur = {
+            "step": len(self.steps) + 1,
+            "reward_mean": sum(self._rewards) / n if n else float("nan"),
+            "reward_min": min(self._rewards) if n else float("nan"),
+            "reward_max": max(self._rewards) if n else float("nan"),
+            "reward_std": (sum((r - sum(self._rewards) / n) ** 2 for r in self._rewards) / max(1, n - 1)) ** 0.5
+            if n else float("nan"),
+            "response_length": sum(self._lengths) / max(1, len(self._lengths)),
+            "kl": kl, "samples": n, "rollout_seconds": rollout_seconds, "train_start": time.time(),
+            "kl_per_token": self._kl_tokens[0] / self._kl_tokens[1] if self._kl_tokens[1] else float("nan"),
+            "fluency": flu["fluency"], "in_language": flu["in_language"], "degenerate": flu["degenerate"],
+            "sentences": flu["sentences"],
+            "eval_seconds": 0.0, "examples": self._samples,
+        }
+        from rlhf_overlay.runtime.health import answer_shares, nonfinite_count
+        self._cur.update(answer_shares(self._outputs), nonfinite=nonfinite_count(self._rewards))  # health guards
+        self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
+        self._outputs, self._kl_tokens = [], [0.0, 0]
+
+    def add_eval_time(self, seconds: float):
+        if self._cur is not None:
+            self._cur["eval_seconds"] += seconds
+
+    def close_step(self):
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        n_opt = len(self._losses)
+        train_s = time.time() - cur.pop("train_start") - cur["eval_seconds"]
+        cur["optimizer_steps"] = n_opt
+        cur["ppo_step_seconds"] = train_s / n_opt if n_opt else float("nan")
+        for k, name in (("losses/policy_loss", "policy_loss"), ("losses/value_loss", "value_loss")):
+            vals = [x[k] for x in self._losses if k in x]
+            cur[name] = sum(vals) / len(vals) if vals else float("nan")
+        self._losses = []
+        if n_opt == 0:  # rollouts collected after the last update (trlx does not do this, but be safe)
+            return
+        self.steps.append(cur)
+        self.scalars.log({"ppo/reward_mean": cur["reward_mean"], "ppo/kl": cur["kl"],
+                          "ppo/kl_per_token": cur["kl_per_token"], "ppo/fluency": cur["fluency"],
+                          "ppo/sentences": cur["sentences"],
+                          "ppo/policy_loss": cur["policy_loss"], "ppo/value_loss": cur["value_loss"],
+                          "ppo/response_length": cur["response_length"]}, cur["step"])
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for ex in cur["examples"]:
+                f.write(json.dumps({"step": cur["step"], **ex}) + "\n")
+        line = (f"step {cur['step']:>3}/{self.total}  mean reward {cur['reward_mean']:+.3f}  kl {cur['kl']:.3f}  "
+                f"kl/token {cur['kl_per_token']:.3f}  fluency {cur['fluency']:.2f}  "
+                f"len {cur['response_length']:.1f}  policy_loss {cur['policy_loss']:+.3f}  "
+                f"value_loss {cur['value_loss']:.3f}  [rollout {cur['rollout_seconds']:.1f}s, "
+                f"{n_opt} updates {cur['ppo_step_seconds'] * 1000:.0f} ms each]")
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.set_postfix_str(f"reward {cur['reward_mean']:+.3f}")
+            self.bar.update(1)
+        else:
+            print(line, flush=True)
+
+    def close(self):
+        self.close_step()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_reward_fn(cfg: PPORunConfig, resolved: dict, tokenizer, recorder: StepRecorder | None, device):
+    """trlx reward function: one scalar per sample (raw rule score, or RM score [- RM score of the reference])."""
+    eos = tokenizer.eos_token
+    baseline = resolved["reward_baseline"]
+    if cfg.reward == "rule":
+        from rlhf_overlay.data.synthetic import rule_reward
+
+        def score(prompts, outputs, references):
+            return [float(x) for x in rule_reward(outputs)]
+    else:
+        import torch
+
+        from rlhf_overlay.trlx_jobs.reward_model import RewardScorer, load_reward_model, new_reward_model
+
+        dtype = None
+        if str(device).startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if resolved["rm_path"] == "untrained":  # the seed's PPO smoke test: a fresh value head on the policy's base
+            model, rm_tok = new_reward_model(resolved["policy_path"], torch_dtype=dtype, seed=cfg.seed)
+            model.to(device).eval()
+            max_length, sep = cfg.seq_length, "\n"
+        else:
+            model, rm_tok, meta = load_reward_model(resolved["rm_path"], device=device, torch_dtype=dtype)
+            max_length, sep = int(meta.get("max_length", cfg.seq_length)), meta.get("separator", "\n")
+        scorer = RewardScorer(model, rm_tok, max_length=max_length, separator=sep)
+
+        def score(prompts, outputs, references):
+            s = scorer.score(prompts, outputs)
+            if baseline == "reference":
+                ref = scorer.score(prompts, references)
+                s = [a - b for a, b in zip(s, ref)]
+            return s
+
+    moments = RunningMoments()
+
+    def reward_fn(samples, prompts, outputs, tokenizer=None, **metadata):
+        outs = [strip_eos(o, eos) for o in outputs]
+        references = metadata.get("reference")
+        if baseline == "reference" and (references is None or any(r is None for r in references)):
+            raise ConfigError("reward_baseline=reference needs a `reference` in every prompt row")
+        rewards = [float(x) for x in score(prompts, outs, references)]
+        rollout = recorder is None or recorder.phase == "rollout"
+        if recorder is not None:
+            recorder.record_rewards(prompts, outs, rewards)
+        if cfg.normalize_reward == "running" and rollout:  # evaluation tables show the raw scores
+            moments.update(rewards)
+            rewards = moments.normalize(rewards)
+        return rewards
+
+    reward_fn.moments = moments  # saved in checkpoints: the reward normalisation continues where it was
+    return reward_fn
+
+
+class RunningMoments:
+    """Running mean/std of all rollout rewards seen so far (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs):
+        n = len(xs)
+        if not n:
+            return
+        mean = sum(xs) / n
+        m2 = sum((x - mean) ** 2 for x in xs)
+        delta, total = mean - self.mean, self.n + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.n * n / total
+        self.n = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
+
+    def normalize(self, xs):
+        std = self.std if self.std > 1e-8 else 1.0
+        return [(x - self.mean) / std for x in xs]
+
+
+def build_trl_config(cfg: PPORunConfig, resolved: dict, run_dir: Path, tokenizer_extra: dict):
+    from trlx.data.configs import ModelConfig, OptimizerConfig, SchedulerConfig, TokenizerConfig, TrainConfig, TRLConfig
+    from trlx.models.modeling_ppo import PPOConfig
+
+    per_round = cfg.optimizer_steps_per_round
+    total = cfg.steps * per_round
+    return TRLConfig(
+        train=TrainConfig(
+            seq_length=cfg.seq_length, epochs=cfg.steps + 1, total_steps=total, batch_size=cfg.batch_size,
+            checkpoint_interval=(cfg.checkpoint_every * per_round) if cfg.checkpoint_every else total,
+            eval_interval=(cfg.eval_every * per_round) if cfg.eval_every else total,
+            pipeline="PromptPipeline", trainer="OverlayPPOTrainer", tracker="tensorboard",
+            logging_dir=str(run_dir / "tensorboard" / "trlx"), project_name="trlx",
+            checkpoint_dir=str(run_dir / "checkpoints"), save_best=False, save_optimizer=cfg.save_optimizer,
+            seed=cfg.seed,
+        ),
+        model=ModelConfig(model_path=resolved["policy_path"], num_layers_unfrozen=cfg.num_layers_unfrozen),
+        tokenizer=TokenizerConfig(tokenizer_path=resolved["policy_path"], padding_side="left",
+                                  truncation_side="left", tokenizer_extra_configs=tokenizer_extra),
+        optimizer=OptimizerConfig(name="adamw", kwargs={"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1.0e-8,
+                                                        "weight_decay": 0.01 if not cfg.tiny else 0.0}),
+        scheduler=SchedulerConfig(name="cosine_annealing", kwargs={"T_max": max(1, total), "eta_min": cfg.lr}),
+        method=PPOConfig(
+            name="PPOConfig", num_rollouts=cfg.rollouts, chunk_size=cfg.chunk_size, ppo_epochs=cfg.ppo_epochs,
+            init_kl_coef=cfg.init_kl_coef, target=cfg.kl_target or None, horizon=cfg.kl_horizon, gamma=cfg.gamma,
+            lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+            scale_reward=None, ref_mean=None, ref_std=None, cliprange_reward=cfg.cliprange_reward,
+            gen_kwargs={"max_new_tokens": cfg.max_new_tokens, "do_sample": True, "top_k": cfg.top_k, "top_p": 1.0,
+                        "temperature": cfg.temperature},
+        ),
+    )
+
+
+class AnswerKL:
+    """KL(policy || reference) per answer token of trlx's rollouts. trlx's own `mean_kl` sums over the prompt
+    positions too (its attention mask covers prompt and answer) and its estimator exp(r) - 1 - r (r = log pi -
+    log pi_ref) estimates KL(reference || policy), which explodes where the policy grew confident. This keeps the
+    log-probs trlx computes in make_experience (its logprobs_of_labels calls, 2 per chunk: policy then reference)
+    and sums the unbiased, non-negative estimator of KL(policy || reference) for tokens sampled from the policy,
+    exp(-r) - 1 + r ("k3"), over the answer tokens only (not padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+        self.calls: list = []
+        self._on = False
+
+    @contextlib.contextmanager
+    def recording(self):
+        import trlx.trainer.accelerate_ppo_trainer as ppo_module
+
+        original = ppo_module.logprobs_of_labels
+
+        def recorded(logits, labels):
+            out = original(logits, labels)
+            self.calls.append((out.detach().float().cpu(), labels.detach().cpu()))
+            return out
+
+        self.calls = []
+        ppo_module.logprobs_of_labels = recorded
+        try:
+            yield
+        finally:
+            ppo_module.logprobs_of_labels = original
+
+    def answer_kl(self, elements) -> tuple[float, int]:
+        """(KL summed over the answer tokens, answer tokens) of the rollouts just recorded; `elements` are the
+        PPORLElements they produced, in order (each chunk's prompts share one padded width)."""
+        import torch
+
+        total, tokens, i = 0.0, 0, 0
+        for (logprobs, labels), (ref_logprobs, _) in zip(self.calls[0::2], self.calls[1::2]):
+            n = logprobs.shape[0]
+            if i + n > len(elements):
+                break
+            start = elements[i].query_tensor.shape[0] - 1   # logprobs[:, t] scores token t + 1
+            mask = (labels[:, start:] != self.pad).float()
+            r = (logprobs[:, start:] - ref_logprobs[:, start:]) * mask
+            total += float(((torch.exp(-r) - 1 + r) * mask).sum())
+            tokens += int(mask.sum())
+            i += n
+        self.calls = []
+        return total, tokens
+
+
+def _rm_device(choice: str, policy_device):
+    import torch
+
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu") if choice in ("cpu", "auto", "policy") else torch.device(choice)
+    if choice == "policy":
+        return policy_device
+    if choice == "auto":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return torch.device(f"cuda:{local}") if torch.cuda.device_count() > local else policy_device
+    return torch.device(choice)
+
+
+def checkpoint_control(run_dir: Path, cfg: PPORunConfig, resolved: dict, recorder, scalars, get_reward_fn, stop):
+    """The worker's side of checkpoints (rlhf_overlay.trlx_jobs.checkpoints): when, and what of the overlay's own state
+    (per-step metrics, reward normalisation, tensorboard step) goes into a checkpoint and comes back on RESUME."""
+    from rlhf_overlay.runtime.checkpoints import Schedule
+    from rlhf_overlay.trlx_jobs.checkpoints import Control
+
+    def get_extra():
+        if recorder is None:
+            return {}
+        m = get_reward_fn().moments
+        return {"steps": recorder.steps, "moments": [m.n, m.mean, m.m2]}
+
+    def set_extra(d):
+        if recorder is None or not d:
+            return
+        recorder.steps = d["steps"]
+        m = get_reward_fn().moments
+        m.n, m.mean, m.m2 = d["moments"]
+        samples = run_dir / "samples.jsonl"  # lines a killed run wrote after its checkpoint go
+        if samples.is_file():
+            keep = [ln for ln in samples.read_text().splitlines(True)
+                    if ln.strip() and json.loads(ln).get("step", 0) <= len(recorder.steps)]
+            tmp = samples.with_name(".samples.jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, samples)
+
+    def reopen_scalars(steps):
+        if scalars.writer is not None:  # points logged after the checkpoint by a killed run are purged
+            from torch.utils.tensorboard import SummaryWriter
+
+            scalars.writer.close()
+            scalars.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=int(steps["ppo"]) + 1)
+
+    from rlhf_overlay.runtime.health import HealthGuard, nonfinite_count
+
+    guard = HealthGuard({k: getattr(cfg, k) for k in ("max_kl_per_token", "max_degenerate", "max_undecodable",
+                                                      "max_reward_drop")}, window=cfg.summary_window, log=scalars.log)
+
+    def check_health(nonfinite_grads: int):
+        """The health guards on the step just closed (main process): warning lines; the reason when the run must
+        stop (ON_UNHEALTHY=stop), else None."""
+        if recorder is None or not recorder.steps:
+            return None
+        if len(guard.history) != len(recorder.steps) - 1:   # a resumed run: the guard continues the run's history
+            guard.restore(recorder.steps[:-1])
+        step = recorder.steps[-1]
+        step["nonfinite"] = (step.get("nonfinite", 0) + nonfinite_grads
+                             + nonfinite_count([step.get("policy_loss"), step.get("value_loss")]))
+        lines = guard.check(step)
+        step["health"] = lines
+        for line in lines:
+            print(f"[health] WARNING {line}", flush=True)
+        return lines[0].split("; likely causes")[0] if lines and cfg.on_unhealthy == "stop" else None
+
+    return Control(run_dir, Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.keep_checkpoints), stop,
+                   Path(resolved["resume_from"]) if resolved.get("resume_from") else None, cfg.steps,
+                   settings={k: resolved.get(k) for k in ("policy_path", "rm_path", "data")},
+                   get_extra=get_extra, set_extra=set_extra,
+                   close_step=recorder.close_step if recorder is not None else None, reopen_scalars=reopen_scalars,
+                   check_health=check_health)
+
+
+def worker_main(run_dir: Path) -> int:
+    """Runs in each process (plain python, or started by accelerate launch)."""
+    from rlhf_overlay.trlx_jobs.common import CommonScalars, check_world_size, cpu_deepspeed_backend_fix, import_trlx
+
+    run_dir = Path(run_dir)
+    resolved = json.loads((run_dir / "config.json").read_text())
+    cfg = PPORunConfig(**resolved["ppo"])
+    from rlhf_overlay.runtime.checkpoints import StopRequest
+    stop = StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next PPO step boundary, then stop
+    cpu_deepspeed_backend_fix()
+    trlx = import_trlx()
+    import transformers
+    from transformers import AutoTokenizer
+    from trlx.trainer import register_trainer
+    from trlx.trainer.accelerate_ppo_trainer import AcceleratePPOTrainer
+    from trlx.utils import logging as trlx_logging
+
+    transformers.logging.set_verbosity_error()
+    trlx_logging.set_verbosity(trlx_logging.WARNING)
+    trlx_logging.disable_progress_bar()
+    main_proc = int(os.environ.get("RANK", "0")) == 0
+
+    tok = AutoTokenizer.from_pretrained(resolved["policy_path"])
+    tokenizer_extra = {} if tok.pad_token is not None else {"pad_token": tok.eos_token}
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    scalars = CommonScalars(run_dir, enabled=main_proc)
+    from rlhf_overlay.runtime.rank_report import RankReport
+
+    rank_report = RankReport("ppo")
+    recorder = StepRecorder(run_dir, cfg.steps, scalars, tty=resolved.get("tty", False)) if main_proc else None
+    timings = {"eval_seconds": 0.0}
+    answer_kl = AnswerKL(tok.pad_token_id)
+
+    from rlhf_overlay.trlx_jobs import checkpoints as trlx_checkpoints
+    control = checkpoint_control(run_dir, cfg, resolved, recorder, scalars, lambda: reward_fn, stop)
+
+    @register_trainer
+    class OverlayPPOTrainer(AcceleratePPOTrainer):
+        """trlx's PPO trainer plus per-step reporting (rewards as scored, KL, losses, timings)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            check_world_size(self.accelerator.num_processes)  # no silent single-process ranks
+
+        def add_prompt_pipeline(self, pipeline):
+            super().add_prompt_pipeline(pipeline)
+            # prompts in an order recreated from (seed, epoch) at a saved position, so a resume draws what the
+            # uninterrupted run would have drawn
+            self.epoch_prompts = trlx_checkpoints.epoch_prompts(self, pipeline, cfg.seed)
+            self.prompt_iterator = self.epoch_prompts
+            if rank_report.enabled:  # RANK_REPORT=1: record the prompts this rank draws (checks the data split)
+                prompts = self.prompt_iterator
+
+                def recorded():
+                    for batch in prompts:
+                        rank_report.add_sample_ids(batch["rank_report_row"])
+                        yield batch
+
+                self.prompt_iterator = recorded()
+
+        def make_experience(self, num_rollouts: int = 1024, iter_count: int = 0):
+            if recorder is not None:
+                recorder.start_rollouts()
+            t0 = time.time()
+            before = len(self.store.history)
+            with answer_kl.recording():
+                super().make_experience(num_rollouts, iter_count)
+            if recorder is not None:
+                recorder.add_answer_kl(*answer_kl.answer_kl(self.store.history[before:]))
+                pad = self.tokenizer.pad_token_id
+                lengths = [int((el.response_tensor != pad).sum()) for el in self.store.history[before:]]
+                recorder.rollouts_done(time.time() - t0, float(self.mean_kl), lengths)
+
+        def evaluate(self):
+            t0 = time.time()
+            if recorder is not None:
+                recorder.phase = "eval"
+            try:
+                return super().evaluate()
+            finally:
+                dt = time.time() - t0
+                timings["eval_seconds"] += dt
+                if recorder is not None:
+                    recorder.phase = "rollout"
+                    recorder.add_eval_time(dt)
+
+        def learn(self):  # trlx's loop with checkpoints, RESUME and SIGINT/SIGTERM at PPO step boundaries
+            return trlx_checkpoints.learn(self, control)
+
+        def loss(self, batch):
+            loss, stats = super().loss(batch)
+            if recorder is not None:
+                recorder.record_losses(stats)
+            return loss, stats
+
+    trl_config = build_trl_config(cfg, resolved, run_dir, tokenizer_extra)
+    reward_fn = None
+    # The reward model lives on the main process only (trlx gathers the samples there to score them).
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    policy_device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if main_proc:
+        reward_fn = make_reward_fn(cfg, resolved, tok, recorder, _rm_device(cfg.rm_device, policy_device))
+    else:
+        def reward_fn(*a, **k):  # never called off the main process; trlx only needs it to be set
+            raise RuntimeError("reward_fn called outside the main process")
+
+    train_rows, eval_rows, _ = load_prompts(resolved["data_arg"])
+    eval_rows = eval_rows[: cfg.eval_prompts]
+    t0 = time.time()
+    # RANK_REPORT=1: each prompt carries its row number (trlx passes extra keys along as metadata)
+    row_ids = (lambda i: {"rank_report_row": i}) if rank_report.enabled else (lambda i: {})
+    def metric_fn(samples, prompts, outputs, **metadata):  # a fluency column in trlx's eval tables
+        from rlhf_overlay.data.synthetic import answer_fluency
+
+        return {"fluency": [answer_fluency(strip_eos(o, tok.eos_token)) for o in outputs]}
+
+    trainer = trlx.train(reward_fn=reward_fn, metric_fn=metric_fn,
+                         prompts=[dict(r, **row_ids(i)) for i, r in enumerate(train_rows)],
+                         eval_prompts=[dict(r) for r in eval_rows], config=trl_config)
+    train_seconds = time.time() - t0
+    if recorder is not None:
+        recorder.close()
+    from rlhf_overlay.trlx_jobs.checkpoints import final_health
+    if not final_health(trainer, control):  # the last step tripped a guard with ON_UNHEALTHY=stop: no policy export
+        scalars.close()
+        return 3
+    engine = trainer.model if hasattr(trainer.model, "zero_optimization_stage") else trainer.opt
+    rank_report.add_optimizer("policy", engine, model=trainer.model)
+    rank_report.write()
+    policy_dir = run_dir / "policy"
+    from rlhf_overlay.runtime.status import final_folder
+    with final_folder(policy_dir, enabled=main_proc) as partial:  # policy/ appears only when complete
+        # every rank takes part in save_pretrained (it lists the folder; rank 0 writes): wait until rank 0 cleared an
+        # old partial folder, and until no rank still lists it before rank 0 renames it (a 2-rank resume died with
+        # FileNotFoundError on rank 1 when rank 0 renamed first)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_pretrained(str(partial))
+        trainer.accelerator.wait_for_everyone()
+    if main_proc:
+        steps = recorder.steps
+        k = min(cfg.summary_window, max(1, len(steps) // 2))
+        first = sum(s["reward_mean"] for s in steps[:k]) / k
+        last = sum(s["reward_mean"] for s in steps[-k:]) / k
+
+        def mean(key):
+            vals = [s[key] for s in steps if not math.isnan(s[key])]
+            return sum(vals) / len(vals) if vals else None
+
+        write_json(run_dir / "metrics.json", {
+            "reward_first": first, "reward_last": last, "summary_window": k, "steps": steps,
+            "rollout_seconds_mean": mean("rollout_seconds"), "ppo_step_seconds_mean": mean("ppo_step_seconds"),
+            "train_seconds": round(train_seconds, 2), "eval_seconds": round(timings["eval_seconds"], 2),
+            "policy": str(policy_dir), "reward": cfg.reward, "reward_baseline": resolved["reward_baseline"],
+            "checkpoint_seconds": control.checkpoint_seconds, "resumed_from": resolved.get("resume_from"),
+        })
+    scalars.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser(prog: str = "python -m rlhf_overlay.trlx_jobs.ppo", defaults: PPORunConfig | None = None,
+                 doc: str | None = None) -> argparse.ArgumentParser:
+    doc = doc or __doc__
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 2)[2])
+    defaults = defaults or PPORunConfig()
+    for f in dataclasses.fields(PPORunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default,
+                           help=f.metadata["help"] + f" (default: {default!r})")
+    p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    p.add_argument("--join", metavar="RUN_DIR", help="join a several-machine run (HOSTFILE) started on its first host")
+    p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank in the hostfile (with --join)")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> PPORunConfig:
+    return PPORunConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(PPORunConfig)})
+
+
+def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) -> tuple[list[str], dict]:
+    """The launch command and the launch facts recorded in config.json (no side effects). With a hostfile of
+    several hosts, `launch["machine_configs"]` holds one accelerate config per machine for run() to write."""
+    from rlhf_overlay.trlx_jobs.common import accelerate_command, default_accelerate_config
+
+    zero = cfg.zero_stage if cfg.zero_stage >= 0 else (2 if cuda else 0)
+    hosts = hostfile_hosts(cfg)
+    # processes per machine: NUM_GPUS, else the hostfile's slots, all GPUs, or 1 on CPU
+    n = cfg.num_processes or (hosts[0].slots if hosts else (max(1, gpu_count) if cuda else 1))
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "no"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision='fp16' needs a GPU (CPU training runs in fp32; use --precision no or bf16)")
+    if zero == 3 and not cuda:
+        raise ConfigError("zero_stage (ZERO_STAGE)=3: ZeRO stage 3 fails on CPU with this DeepSpeed (measured); use "
+                          "ZERO_STAGE=0 or 2 on CPU")
+    if cfg.accelerate_config != "auto":
+        config_file = Path(cfg.accelerate_config).resolve()
+        if not cuda:
+            import yaml
+
+            from rlhf_overlay.trlx_jobs.common import deepspeed_cpu_problem
+
+            user = yaml.safe_load(config_file.read_text()) or {}
+            problem = deepspeed_cpu_problem(user.get("deepspeed_config") or {}, f"accelerate_config={config_file}")
+            if problem:
+                raise ConfigError(problem)
+    elif zero > 0:
+        config_file = default_accelerate_config(cuda, deepspeed=True)
+        if zero != 2:
+            raise ConfigError(f"zero_stage (ZERO_STAGE)={zero}: our accelerate config is ZeRO-2; pass your own "
+                              f"--accelerate-config for stage {zero}")
+    elif n > 1 or hosts:
+        config_file = default_accelerate_config(cuda, deepspeed=False)
+    else:
+        config_file = None
+    mixed = None if (config_file is None and precision == "no") else precision
+    launch = {"zero_stage": zero, "num_processes": n, "precision": precision,
+              "accelerate_config": str(config_file) if config_file else None}
+    if hosts and len(hosts) > 1:  # several machines: one accelerate config each, machine 0 is this one
+        import yaml
+
+        from rlhf_overlay.runtime.hostfile import accelerate_configs
+        from rlhf_overlay.trlx_jobs.common import free_port
+
+        base = yaml.safe_load(config_file.read_text()) or {}
+        base["mixed_precision"] = mixed or "no"
+        if base.get("distributed_type") == "DEEPSPEED":  # torchrun on every node, no pdsh/ssh
+            base["deepspeed_config"] = dict(base.get("deepspeed_config") or {}, deepspeed_multinode_launcher="standard")
+        configs = accelerate_configs(hosts, base, port=free_port(), processes_per_node=n)
+        folder = run_dir / "accelerate"
+        launch.update(num_processes=n * len(hosts), processes_per_machine=n, machines=[
+            {"host": h.name, "machine_rank": i, "config": str(folder / f"machine-{i}.yaml")} for i, h in enumerate(hosts)])
+        launch["machine_configs"] = configs            # written by run() into the run folder
+        cmd = accelerate_command("rlhf_overlay.trlx_jobs.ppo", ["--worker", str(run_dir)],
+                                 config_file=folder / "machine-0.yaml", num_processes=n, machine_config=True)
+        return cmd, launch
+    cmd = accelerate_command("rlhf_overlay.trlx_jobs.ppo", ["--worker", str(run_dir)], config_file=config_file,
+                             num_processes=n, mixed_precision=mixed)
+    return cmd, launch
+
+
+def hostfile_hosts(cfg: PPORunConfig):
+    """The hosts of HOSTFILE after the checks that concern this node: the make target runs on the first host
+    (the main process address); NUM_GPUS, if given, fits the slots. None without a hostfile."""
+    if not cfg.hostfile:
+        return None
+    from rlhf_overlay.runtime.hostfile import check_main_host, is_local, read_hostfile
+
+    hosts = read_hostfile(cfg.hostfile)  # HostfileError: a UserError, printed as `error: ...` like ConfigError
+    check_main_host(hosts, cfg.hostfile)
+    if not is_local(hosts[0].name):
+        raise ConfigError(f"hostfile (HOSTFILE)={cfg.hostfile}: start the run on {hosts[0].name}, its first host (the "
+                          f"main process address); the other hosts join with `make ppo-join` (printed at start)")
+    if cfg.num_processes and cfg.num_processes > min(h.slots for h in hosts):
+        raise ConfigError(f"num_processes (NUM_GPUS)={cfg.num_processes}: more than the slots of a host in "
+                          f"{cfg.hostfile} ({', '.join(f'{h.name} slots={h.slots}' for h in hosts)})")
+    return hosts
+
+
+def join(run_dir: Path, machine_rank: int) -> int:
+    """`make ppo-join`: start machine `machine_rank` of a several-machine run that the first host started."""
+    from rlhf_overlay.runtime.runs import has_cuda, run_logged
+    from rlhf_overlay.trlx_jobs.common import accelerate_command, trlx_env
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    config = run_dir / "accelerate" / f"machine-{machine_rank}.yaml"
+    if not (run_dir / "config.json").is_file() or not config.is_file():
+        raise ConfigError(f"{config} does not exist: start the run on the first host of the hostfile first (it writes "
+                          f"one accelerate config per machine into the run folder, which must be on storage all "
+                          f"nodes share), then join with the RUN folder it printed")
+    env = trlx_env(cpu=not has_cuda())
+    env["RLHF_OVERLAY_WORKER"] = "1"
+    if env.get("RANK_REPORT") == "1":  # as prepare_run_dir does on the first host
+        from rlhf_overlay.runtime.rank_report import ENV
+
+        env.setdefault(ENV, str(run_dir / "ranks"))
+    cmd = accelerate_command("rlhf_overlay.trlx_jobs.ppo", ["--worker", str(run_dir)], config_file=config,
+                             num_processes=0, machine_config=True)
+    if "DEEPSPEED" in config.read_text():
+        from rlhf_overlay.runtime.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
+    print(f"joining {run_dir} as machine {machine_rank} (log: {run_dir / f'training-machine{machine_rank}.log'})",
+          flush=True)
+    return run_logged(cmd, run_dir, env=env, log_name=f"training-machine{machine_rank}.log")
+
+
+def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_jobs.ppo",
+        worker=None) -> tuple[int, Path | None]:
+    """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder)"""
+    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
+    from rlhf_overlay.trlx_jobs.common import check_trlx, trlx_env
+    from rlhf_overlay.trlx_jobs.reward_model import is_reward_model_dir
+
+    from rlhf_overlay.runtime import status
+    from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
+
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], PPORunConfig)
+        if changed:
+            print(f"resume: changed settings {', '.join(changed)}", flush=True)
+    cfg = cfg.resolve()
+    if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
+        raise ConfigError(f"started under a distributed launcher: run `python -m {module}` (or the make target) "
+                          f"directly; it starts accelerate itself (NUM_GPUS / HOSTFILE / --accelerate-config)")
+    cuda = has_cuda()
+    gpu_count = 0
+    if cuda:
+        import torch
+
+        gpu_count = torch.cuda.device_count()
+    from rlhf_overlay.runtime.runs import rank_count_problem
+
+    problem = rank_count_problem(cfg.num_processes or None, cuda, gpu_count, what="num_processes (NUM_GPUS)")
+    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
+        from rlhf_overlay.runtime.hostfile import local_slots_problem
+
+        problem = local_slots_problem(cfg.hostfile, cuda, gpu_count)
+    if problem:
+        raise ConfigError(problem)
+    hostfile_hosts(cfg)  # hostfile problems before anything is created
+    policy_path = resolve_policy_path(cfg)
+    train_rows, eval_rows, sources = load_prompts(cfg.data)  # validates every row before anything starts
+    baseline = cfg.reward_baseline
+    has_refs = all(r.get("reference") for r in train_rows + eval_rows)
+    if cfg.reward == "rule":
+        baseline = "none"
+    elif baseline == "auto":
+        baseline = "reference" if has_refs else "none"
+    elif baseline == "reference" and not has_refs:
+        missing = sum(1 for r in train_rows + eval_rows if not r.get("reference"))
+        raise ConfigError(f"reward_baseline=reference: {missing} prompt row(s) in {sources['train']} have no "
+                          f"`reference`; add them or pass --reward-baseline none")
+    from rlhf_overlay.runtime import preflight   # upstream/trlx, MODEL, RM (kind, --arch, weights), OUTPUT
+    checked = preflight.trlx(cfg.run_kind, cfg, True, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch),
+                                                       ("RM", cfg.rm, (preflight.TRLX_RM,), "")])
+    if "RM" in checked and checked["RM"].local is not None:
+        cfg.rm = str(checked["RM"].local)   # a run folder of make rm-* -> its reward_model/
+    check_trlx()  # after the data checks: a bad row is reported even where trlx is not set up yet
+    if cfg.data:  # prompts longer than seq_length - max_new_tokens are cut from the left by trlx: say so, per file
+        from rlhf_overlay.data.preference_data import prompt_overlong_warnings
+
+        for warning in prompt_overlong_warnings(cfg.data, policy_path, cfg.seq_length - cfg.max_new_tokens):
+            print(warning, flush=True)
+    if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
+        raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
+                          f"value_head.safetensors); pass <rm run>/reward_model")
+    plan_launch(cfg, Path("<run folder>"), cuda, gpu_count)  # launch settings refused before anything is created
+    try:
+        run_dir = (prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
+                   if resume_dir is None else open_resume_dir(resume_dir))
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
+    cmd, launch = plan_launch(cfg, run_dir, cuda, gpu_count)
+    machine_configs = launch.pop("machine_configs", None)
+    if machine_configs:
+        from rlhf_overlay.runtime.hostfile import write_yaml
+
+        for machine, config in zip(launch["machines"], machine_configs):
+            write_yaml(Path(machine["config"]), config, f"# accelerate config of machine {machine['machine_rank']} "
+                       f"({machine['host']}), generated from {cfg.hostfile}\n")
+
+    rm_path = str(Path(cfg.rm).expanduser().resolve()) if cfg.rm else None
+    resume_from = None
+    if resume_dir is not None:  # the run's reward model (a tiny one it trained is not trained again)
+        rm_path = json.loads((run_dir / "config.json").read_text()).get("rm_path")
+        resume_from = resolve_resume(run_dir)
+    if cfg.reward == "model" and rm_path is None:
+        if cfg.rm_untrained:
+            rm_path = "untrained"
+        else:  # tiny default without RM: train a tiny reward model first, into this run folder
+            from rlhf_overlay.trlx_jobs.reward_model import RewardModelConfig
+            from rlhf_overlay.trlx_jobs.reward_model import run as run_rm
+
+            print("no RM given: training a tiny reward model on the embedded preference data first "
+                  f"(into {run_dir / 'rm'}; pass RM=<reward_model folder> to skip)", flush=True)
+            rc = run_rm(RewardModelConfig(arch=cfg.arch, output=str(run_dir / "rm"), seed=cfg.seed),
+                        ["--arch", cfg.arch, "--output", str(run_dir / "rm")])
+            if rc != 0:
+                return rc, run_dir
+            rm_path = str(run_dir / "rm" / "reward_model")
+    resolved = {"ppo": dataclasses.asdict(cfg), "policy_path": policy_path, "rm_path": rm_path,
+                "reward_baseline": baseline, "data_arg": cfg.data, "data": sources,
+                "train_prompts": len(train_rows), "eval_prompts": min(len(eval_rows), cfg.eval_prompts),
+                "launch": launch, "tty": sys.stdout.isatty(), "optimizer_steps": cfg.steps * cfg.optimizer_steps_per_round}
+    invocation = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]
+    if resume_from is None:
+        record_invocation(run_dir, invocation, resolved)
+    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
+        resolved["resume_from"] = str(resume_from)
+        write_json(run_dir / "config.json", resolved)
+        append_command(run_dir, invocation)
+        print(f"resuming {run_dir} from {resume_from.name}", flush=True)
+    reward_desc = {"rule": "learnable rule (rlhf_overlay.data.synthetic.rule_reward)",
+                   "model": f"reward model {rm_path}" + (" minus the reference's score" if baseline == "reference" else "")}[cfg.reward]
+    print(f"policy ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {policy_path}\n"
+          f"reward: {reward_desc}\n"
+          f"prompts: {len(train_rows)} train / {resolved['eval_prompts']} eval ({sources['train']})\n"
+          f"PPO: {cfg.steps} steps x {cfg.rollouts} rollouts, {cfg.optimizer_steps_per_round} updates per step; "
+          f"{launch['num_processes']} process(es), ZeRO {launch['zero_stage']}, precision {launch['precision']}\n"
+          f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
+    for machine in launch.get("machines", [])[1:]:
+        print(f"machine {machine['machine_rank']} ({machine['host']}) joins with: make ppo-join RUN={run_dir} "
+              f"MACHINE_RANK={machine['machine_rank']}", flush=True)
+    env = trlx_env(cpu=not cuda)
+    env["RLHF_OVERLAY_WORKER"] = "1"
+    config_text = Path(launch["accelerate_config"]).read_text() if launch.get("accelerate_config") else ""
+    if launch["zero_stage"] or "DEEPSPEED" in config_text:
+        from rlhf_overlay.runtime.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
+    status.start(run_dir, cfg.run_kind, module, cfg.steps, resumed=resume_dir is not None)
+    t0 = time.time()
+    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
+        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)  # worker: seed_launch
+    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
+    if rc != 0:
+        print(f"error: PPO {st['state']} ({status.describe_exit(rc)[0]}); see {run_dir / 'training.log'}", file=sys.stderr)
+        if st.get("checkpoint"):
+            print(f"resume with: {st['resume_command']}", file=sys.stderr)
+        return rc, run_dir
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(run_dir / "metrics.json", m)
+    return 0, run_dir
+
+
+def print_summary(run_dir: Path) -> dict:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    print(f"policy: {m['policy']}  (AutoModelForCausalLM.from_pretrained loads it)\n"
+          f"timings: rollout {m['rollout_seconds_mean']:.2f} s/step, PPO update {m['ppo_step_seconds_mean'] * 1000:.0f} "
+          f"ms each, wall {m.get('wall_seconds', float('nan')):.0f} s\n"
+          f"mean reward: {m['reward_first']:.3f} -> {m['reward_last']:.3f}", flush=True)
+    return m
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.worker:
+        from rlhf_overlay.runtime.dist_exit import end_process_group
+        return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
+    if ns.join:
+        if ns.machine_rank is None or ns.machine_rank < 1:
+            print("error: --join needs --machine-rank N (N >= 1: this host's line in the hostfile, counting from 0)",
+                  file=sys.stderr)
+            return 2
+        try:
+            return join(Path(ns.join), ns.machine_rank)
+        except user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            from rlhf_overlay.errors import interrupted
+            return interrupted()
+    try:
+        rc, run_dir = run(config_from_args(ns), argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        from rlhf_overlay.errors import interrupted
+        return interrupted()
+    if rc == 0:
+        m = print_summary(run_dir)
+        from rlhf_overlay.trlx_jobs.smoke_test import health
+
+        h = health(m["steps"], m["summary_window"])
+        print(f"fluency: base {h['fluency_base']:.2f} -> end {h['fluency_end']:.2f}; KL per answer token at the end: "
+              f"{h['kl_per_token_end']:.3f} nats", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

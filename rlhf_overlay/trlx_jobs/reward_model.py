@@ -1,0 +1,793 @@
+"""Value-head reward model for any causal LM trunk (BLOOM, GPT-J, LLaMA, ...): `make rm-bloom`, `make rm-gptj`.
+
+One scalar per text, read from a linear value head on the trunk's hidden state at the last non-pad token; trained
+with the pairwise loss -log sigmoid(r_chosen - r_rejected) on preference JSONL rows {prompt, chosen, rejected}
+(the seed's misspelt `choosen` is accepted with a warning). HF Trainer; DeepSpeed optional. Tokenizer, pad and eos
+come from the model folder (pad falls back to eos; eos is appended to every text, so the score is read on it).
+
+CPU, embedded tiny models (no download, ~1 min):
+    make rm-bloom                                   # tiny BLOOM + embedded preference data -> runs/rm-bloom-<time>/
+    make rm-gptj OUTPUT=runs/my-rm OVERWRITE=1
+    python -m rlhf_overlay.trlx_jobs.reward_model --arch bloom --max-steps 20
+Own model and data (one GPU; ZeRO-2 by default on GPU, the seed recipe's 30% top layers trained):
+    make rm-bloom MODEL=/models/bloom-1b1-sft DATA=/data/ranking      # folder with train.jsonl [+ eval.jsonl]
+    python -m rlhf_overlay.trlx_jobs.reward_model --model /models/gpt-j-sft --data pairs.jsonl --eval-data val.jsonl
+Several GPUs / nodes (torchrun on one node; the DeepSpeed launcher with a hostfile of `host slots=N` lines):
+    make rm-bloom MODEL=/models/bloom-7b1-sft DATA=/data/ranking NUM_GPUS=8
+    make rm-gptj MODEL=/models/gpt-j-sft DATA=/data/ranking HOSTFILE=/etc/hostfile ZERO_STAGE=2
+
+Output folder: reward_model/ (trunk in HF format + tokenizer + value_head.safetensors + reward_model.json; load it
+with `load_reward_model`), metrics.json (eval accuracy before/after, chance 0.5), tensorboard/ (rm/loss, rm/acc,
+rm/eval_loss; the HF Trainer's own scalars under tensorboard/hf), training.log, command.txt, config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rlhf_overlay.trlx_jobs.common import ConfigError, user_errors, write_json
+
+ARCHES = ("bloom", "gptj", "llama")
+TINY_MODEL_DIRS = {"bloom": "tiny-bloom", "gptj": "tiny-gptj", "llama": "tiny-llama"}
+RM_FORMAT = "rlhf-overlay/value-head-reward-model/1"
+VALUE_HEAD_FILE = "value_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+@dataclass
+class RewardModelConfig:
+    arch: str = field(default="bloom", metadata={"help": "bloom | gptj | llama: picks the embedded tiny default model and the run name"})
+    model: str = field(default="", metadata={"help": "base/SFT model folder or hub id (MODEL); empty = the embedded tiny model of --arch"})
+    data: str = field(default="", metadata={"help": "preference JSONL file, or folder with train.jsonl [+ eval.jsonl] (DATA); empty = embedded data"})
+    eval_data: str = field(default="", metadata={"help": "eval JSONL; default: DATA/eval.jsonl, else the last --eval-fraction of the training rows"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of a single DATA file held out for eval when there is no eval file"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT); empty = a new runs/rm-<arch>-<time>"})
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
+    separator: str = field(default="\n", metadata={"help": "text put between prompt and response (the seed's '\\n')"})
+    max_length: int = field(default=0, metadata={"help": "tokens per prompt+response+eos, truncated on the left; 0 = 128 tiny / 550 (seed) own model"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training pairs; 0 = 1 tiny / 2 (seed) own model"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1 = run the epochs)"})
+    batch_size: int = field(default=0, metadata={"help": "pairs per process per step; 0 = 16 tiny / 4 own model"})
+    grad_accum: int = field(default=0, metadata={"help": "gradient accumulation steps; 0 = 1 tiny / 4 (seed) own model"})
+    lr: float = field(default=0.0, metadata={"help": "learning rate; 0 = 1e-3 tiny / 1e-5 (seed) own model"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=-1, metadata={"help": "linear warm-up steps; -1 = 0 tiny / 100 (seed) own model"})
+    unfrozen_fraction: float = field(default=0.0, metadata={"help": "share of the top decoder layers trained (rest frozen); 0 = 1.0 tiny / 0.3 (seed) own model"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps; 0 = 50 tiny / once per epoch own model"})
+    logging_steps: int = field(default=0, metadata={"help": "log the training loss every N steps (0 = 5 tiny / 10 own model)"})
+    eval_before: str = field(default="auto", metadata={"help": "auto | yes | no: also measure eval accuracy before training (auto = tiny default only)"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU if supported else fp16; CPU never fp16)"})
+    zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE); -1 = none on CPU, 2 on GPU; ignored with --deepspeed"})
+    offload: bool = field(default=False, metadata={"help": "DeepSpeed: offload optimizer states to CPU (the seed recipe for 7B)"})
+    deepspeed: str = field(default="", metadata={"help": "your own DeepSpeed JSON config (overrides --zero-stage); needs a launcher, which we start"})
+    num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, value-head init)"})
+    allow_arch: bool = field(default=False, metadata={"help": "train a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
+    checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N optimizer steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 100 tiny / 0 own model"})
+    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn on NaN/inf in the loss or gradient norm (ON_UNHEALTHY; rlhf_overlay.runtime.health); auto = warn tiny / stop own model"})
+
+    @property
+    def tiny(self) -> bool:
+        return not self.model
+
+    def resolve(self) -> "RewardModelConfig":
+        """Fill every `auto`/0 default (tiny default vs. the seed recipe for own models), then validate."""
+        c = dataclasses.replace(self)
+        t = c.tiny
+        c.max_length = c.max_length or (128 if t else 550)
+        c.epochs = c.epochs or (1.0 if t else 2.0)
+        c.batch_size = c.batch_size or (16 if t else 4)
+        c.grad_accum = c.grad_accum or (1 if t else 4)
+        c.lr = c.lr or (1e-3 if t else 1e-5)
+        c.warmup_steps = (0 if t else 100) if c.warmup_steps < 0 else c.warmup_steps
+        c.unfrozen_fraction = c.unfrozen_fraction or (1.0 if t else 0.3)
+        c.logging_steps = c.logging_steps or (5 if t else 10)
+        c.eval_steps = c.eval_steps or (50 if t else 0)
+        if c.eval_before == "auto":
+            c.eval_before = "yes" if t else "no"
+        c.checkpoint_every = (100 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
+        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
+        if c.on_unhealthy == "auto":
+            c.on_unhealthy = "warn" if t else "stop"
+        if c.on_unhealthy not in ("stop", "warn"):
+            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
+        from rlhf_overlay.runtime.checkpoints import validate_schedule
+        validate_schedule(c.checkpoint_every, c.checkpoint_minutes, c.keep_checkpoints)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def bad(name, value, why):
+            raise ConfigError(f"{name}={value!r}: {why}")
+
+        if self.arch not in ARCHES:
+            bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
+        if self.max_length < 8:
+            bad("max_length", self.max_length, "must be >= 8 tokens")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            bad("epochs", self.epochs, "must be > 0 (or set max_steps)")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", self.max_steps, "must be >= 1, or -1 for the epochs")
+        if not self.lr > 0:
+            bad("lr", self.lr, "must be > 0")
+        if not 0 < self.unfrozen_fraction <= 1:
+            bad("unfrozen_fraction", self.unfrozen_fraction, "must be in (0, 1]")
+        if not 0 < self.eval_fraction < 1:
+            bad("eval_fraction", self.eval_fraction, "must be in (0, 1)")
+        if self.eval_before not in ("yes", "no", "auto"):
+            bad("eval_before", self.eval_before, "must be auto, yes or no")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            bad("precision", self.precision, "must be auto, fp32, bf16 or fp16")
+        if self.zero_stage not in (-1, 0, 1, 2):
+            bad("zero_stage (ZERO_STAGE)", self.zero_stage, "must be 0, 1 or 2 (or empty for the default); ZeRO-3 "
+                "partitions the weights and the reward-model export does not gather them")
+        if self.num_processes < 0:
+            bad("num_processes (NUM_GPUS)", self.num_processes, "must be >= 1 (or empty for the default)")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            bad("deepspeed", self.deepspeed, "file does not exist")
+        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
+            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
+        for name in ("data", "eval_data"):
+            v = getattr(self, name)
+            if v and not Path(v).expanduser().exists():
+                bad(f"{name} (DATA)" if name == "data" else name, v, "no such file or folder — pass a .json/.jsonl "
+                    "file or a folder with train.jsonl (a relative path is taken from the current folder)")
+        if self.hostfile and not Path(self.hostfile).is_file():
+            bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
+
+
+# Settings a resume (RESUME=<run>) may change; everything else must be the run's.
+RM_MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_steps",
+                 "logging_steps", "on_unhealthy"}
+
+
+def _looks_local(name: str) -> bool:
+    p = Path(name).expanduser()
+    return p.is_absolute() or name.startswith(".") or p.exists() or name.count("/") != 1
+
+
+# ---------------------------------------------------------------------------------------------- data
+def resolve_model_path(cfg: RewardModelConfig) -> str:
+    if cfg.model:
+        return str(Path(cfg.model).expanduser().resolve()) if _looks_local(cfg.model) else cfg.model
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+
+    return str(ensure_tiny_assets() / "models" / TINY_MODEL_DIRS[cfg.arch])
+
+
+def resolve_data_files(data: str, eval_data: str) -> tuple[Path, Path | None]:
+    """(train file, eval file or None = hold out a share of train); a folder holds train.jsonl|.json [+ eval]."""
+    if data:
+        p = Path(data).expanduser().resolve()
+    else:
+        from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+
+        p = ensure_tiny_assets() / "data" / "preference"
+    from rlhf_overlay.data.preference_data import resolve_data_file
+
+    ev = resolve_data_file(Path(eval_data).expanduser().resolve()) if eval_data else None
+    if p.is_dir():
+        if ev is None and any((p / f"eval{suffix}").is_file() for suffix in (".jsonl", ".json")):
+            ev = resolve_data_file(p, "eval")
+        return resolve_data_file(p, "train"), ev
+    return resolve_data_file(p), ev
+
+
+def load_pairs(path: Path, split: str) -> list[tuple[str, str, str]]:
+    """Validated (prompt, chosen, rejected) rows; errors name file:line (rlhf_overlay.data.preference_data)."""
+    from rlhf_overlay.data.preference_data import load_preference_rows
+
+    rows = load_preference_rows(path, split=split)
+    out = []
+    for r in rows:
+        get = r.get if isinstance(r, dict) else (lambda k, _r=r: getattr(_r, k))
+        out.append((get("prompt"), get("chosen"), get("rejected")))
+    return out
+
+
+def load_train_eval(cfg: RewardModelConfig) -> tuple[list, list, dict]:
+    train_file, eval_file = resolve_data_files(cfg.data, cfg.eval_data)
+    train = load_pairs(train_file, "train")
+    if eval_file is not None:
+        ev = load_pairs(eval_file, "eval")
+        src = {"train": str(train_file), "eval": str(eval_file)}
+    else:  # one file: a held-out share, the same rows for every run and rank (rlhf_overlay.data.preference_data)
+        from rlhf_overlay.data.preference_data import split_held_out
+
+        train, ev = split_held_out(train, cfg.eval_fraction, file=train_file)
+        src = {"train": str(train_file), "eval": f"{train_file} ({len(ev)} of its rows held out, not trained on)"}
+    return train, ev, src
+
+
+# ---------------------------------------------------------------------------------------------- model
+def join_prompt_response(prompt: str, response: str, separator: str = "\n") -> str:
+    """The one text layout used to train and to score (PPO scores `prompt + separator + generated`)."""
+    if not prompt:
+        return response
+    if prompt.endswith(separator) or response.startswith(separator):
+        return prompt + response
+    return prompt + separator + response
+
+
+def prepare_tokenizer(tokenizer):
+    """pad falls back to eos (GPT-J/LLaMA tokenizers have none); right padding, left truncation."""
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"tokenizer of {tokenizer.name_or_path} has no eos token; the score is read on the eos "
+                          f"appended to each text, so give the tokenizer an eos_token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids ending with eos, at most max_length long (the start of a too-long text is cut)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
+        if not ids or ids[-1] != eos:
+            ids = ids + [eos]
+        if len(ids) > max_length:
+            ids = ids[-max_length:]
+        out.append(ids)
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _decoder_layers(trunk):
+    for attr in ("h", "layers", "blocks"):
+        layers = getattr(trunk, attr, None)
+        if layers is not None and hasattr(layers, "__len__"):
+            return layers
+    dec = getattr(trunk, "decoder", None)
+    if dec is not None and hasattr(dec, "layers"):
+        return dec.layers
+    return None
+
+
+def build_reward_model_class():
+    import torch
+    from torch import nn
+
+    class ValueHeadRewardModel(nn.Module):
+        """A causal-LM trunk (AutoModel) + a bias-free linear value head; score = value at the last non-pad token."""
+
+        def __init__(self, trunk, pad_token_id: int):
+            super().__init__()
+            self.trunk = trunk
+            self.config = trunk.config
+            hidden = getattr(trunk.config, "hidden_size", None) or getattr(trunk.config, "n_embd")
+            self.v_head = nn.Linear(hidden, 1, bias=False)
+            self.pad_token_id = pad_token_id
+
+        def score(self, input_ids, attention_mask):
+            out = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out[0]
+            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (positions * attention_mask).argmax(-1)  # last non-pad token, left or right padding
+            return values[torch.arange(values.shape[0], device=values.device), last].float()
+
+        def forward(self, chosen_input_ids, chosen_attention_mask, rejected_input_ids, rejected_attention_mask,
+                    **_unused):
+            n = chosen_input_ids.shape[0]
+            width = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
+
+            def widen(t, value):
+                return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+            ids = torch.cat([widen(chosen_input_ids, self.pad_token_id), widen(rejected_input_ids, self.pad_token_id)])
+            mask = torch.cat([widen(chosen_attention_mask, 0), widen(rejected_attention_mask, 0)])
+            scores = self.score(ids, mask)
+            chosen, rejected = scores[:n], scores[n:]
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+            return {"loss": loss, "chosen_scores": chosen, "rejected_scores": rejected}
+
+    return ValueHeadRewardModel
+
+
+def new_reward_model(model_path: str, torch_dtype=None, seed: int = 0):
+    """Trunk from `model_path` (AutoModel: lm head dropped) + a fresh value head (seeded), and its tokenizer."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_path))
+    trunk = AutoModel.from_pretrained(model_path, torch_dtype=torch_dtype)
+    cls = build_reward_model_class()
+    torch.manual_seed(seed)
+    model = cls(trunk, tokenizer.pad_token_id)
+    if torch_dtype is not None:
+        model.v_head.to(torch_dtype)
+    return model, tokenizer
+
+
+def save_reward_model(model, tokenizer, out_dir: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.trunk.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    save_file({"weight": model.v_head.weight.detach().float().cpu().contiguous()}, str(out_dir / VALUE_HEAD_FILE))
+    write_json(out_dir / META_FILE, {"format": RM_FORMAT, "value_head": VALUE_HEAD_FILE, **meta})
+
+
+def is_reward_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file() and (Path(path) / VALUE_HEAD_FILE).is_file()
+
+
+def load_reward_model(path: str | os.PathLike, device="cpu", torch_dtype=None):
+    """(model, tokenizer, meta) of a reward model saved by this module; model in eval mode on `device`."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(path)
+    if not is_reward_model_dir(path):
+        raise ConfigError(f"RM={path} is not a reward model folder saved by rlhf_overlay.trlx_jobs.reward_model (it "
+                          f"needs {META_FILE} and {VALUE_HEAD_FILE}); train one with `make rm-bloom` / `make rm-gptj` "
+                          f"and pass its reward_model/ folder")
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != RM_FORMAT:
+        raise ConfigError(f"RM={path}: unknown reward model format {meta.get('format')!r} (expected {RM_FORMAT})")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    trunk = AutoModel.from_pretrained(path, torch_dtype=torch_dtype)
+    model = build_reward_model_class()(trunk, tokenizer.pad_token_id)
+    model.v_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"].to(model.v_head.weight.dtype))
+    model.to(device).eval()
+    return model, tokenizer, meta
+
+
+class RewardScorer:
+    """Scores texts with a value-head reward model, in batches, without gradients."""
+
+    def __init__(self, model, tokenizer, max_length: int, separator: str = "\n", batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.separator, self.batch_size = max_length, separator, batch_size
+
+    @property
+    def device(self):
+        return self.model.v_head.weight.device
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        import torch
+
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            seqs = encode_texts(self.tokenizer, texts[i: i + self.batch_size], self.max_length)
+            ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)
+            with torch.no_grad():
+                out += self.model.score(ids.to(self.device), mask.to(self.device)).tolist()
+        return out
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return self.score_texts([join_prompt_response(p, r, self.separator) for p, r in zip(prompts, responses)])
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _pair_dataset(pairs, tokenizer, cfg: RewardModelConfig):
+    from torch.utils.data import Dataset
+
+    chosen = encode_texts(tokenizer, [join_prompt_response(p, c, cfg.separator) for p, c, _ in pairs], cfg.max_length)
+    rejected = encode_texts(tokenizer, [join_prompt_response(p, r, cfg.separator) for p, _, r in pairs], cfg.max_length)
+    keep = [i for i in range(len(pairs)) if chosen[i] != rejected[i]]  # identical after truncation: no signal
+
+    class PairDataset(Dataset):
+        def __len__(self):
+            return len(keep)
+
+        def __getitem__(self, i):
+            return {"chosen": chosen[keep[i]], "rejected": rejected[keep[i]]}
+
+    return PairDataset(), len(pairs) - len(keep)
+
+
+def warn_overlong(cfg: RewardModelConfig, tokenizer) -> None:
+    """Print one warning per data file whose prompt + answer + eos is longer than max_length (cut on the left)."""
+    from rlhf_overlay.data.preference_data import overlong_warning, preference_rows_with_lines
+
+    def texts(r):
+        return [(f"prompt + {k}", join_prompt_response(r["prompt"], r[k], cfg.separator)) for k in ("chosen", "rejected")]
+
+    for file in dict.fromkeys(f for f in resolve_data_files(cfg.data, cfg.eval_data) if f is not None):
+        w = overlong_warning(file, preference_rows_with_lines(file), texts,
+                             lambda ts: [len(ids) for ids in encode_texts(tokenizer, ts, 10 ** 9)], cfg.max_length,
+                             "left")
+        if w:
+            print(w, flush=True)
+
+
+def _collator(pad_id: int):
+    def collate(items):
+        c_ids, c_mask = pad_batch([it["chosen"] for it in items], pad_id)
+        r_ids, r_mask = pad_batch([it["rejected"] for it in items], pad_id)
+        return {"chosen_input_ids": c_ids, "chosen_attention_mask": c_mask,
+                "rejected_input_ids": r_ids, "rejected_attention_mask": r_mask}
+
+    return collate
+
+
+def deepspeed_config(cfg: RewardModelConfig, precision: str) -> dict | None:
+    """The DeepSpeed JSON for this run (None = no DeepSpeed): the user's file, or ZeRO-`zero_stage` with HF 'auto'
+    values (fp16/bf16 follow --precision; optimizer offload with --offload, as the seed's ds_config_bloom.json)."""
+    if cfg.deepspeed:
+        return json.loads(Path(cfg.deepspeed).read_text())
+    if cfg.zero_stage <= 0:
+        return None
+    zero: dict = {"stage": cfg.zero_stage, "allgather_partitions": True, "allgather_bucket_size": 5e8,
+                  "reduce_scatter": True, "reduce_bucket_size": 5e8, "overlap_comm": False, "contiguous_gradients": True}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+    }
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision='fp16' needs a GPU: fp16 training is not supported on CPU (use fp32 or bf16)")
+    return precision
+
+
+def worker_main(run_dir: Path) -> int:
+    """Runs inside each training process (started by `main` through a launcher)."""
+    import torch
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from rlhf_overlay.trlx_jobs.common import CommonScalars
+
+    run_dir = Path(run_dir)
+    resolved = json.loads((run_dir / "config.json").read_text())
+    cfg = RewardModelConfig(**resolved["reward_model"])
+    from rlhf_overlay.runtime import checkpoints as ck
+    from rlhf_overlay.runtime import hf_checkpoints
+    from rlhf_overlay.runtime import status
+    stop = ck.StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next optimizer step, then stop
+    resume_from = resolved.get("resume_from")
+    model_path, precision = resolved["model_path"], resolved["precision"]
+    ds_config = resolved.get("deepspeed_config")
+    cuda = torch.cuda.is_available()
+    main_proc = int(os.environ.get("RANK", "0")) == 0
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from rlhf_overlay.runtime.waits import dist_timeout, roll_call
+
+    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
+    if distributed:
+        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
+    transformers.set_seed(cfg.seed)
+    transformers.logging.set_verbosity_error()
+
+    train_pairs, eval_pairs, _ = load_train_eval(cfg)
+    model, tokenizer = new_reward_model(model_path, seed=cfg.seed)
+    if cfg.unfrozen_fraction < 1:
+        layers = _decoder_layers(model.trunk)
+        if layers is None:
+            raise ConfigError(f"unfrozen_fraction={cfg.unfrozen_fraction}: cannot find the decoder layers of "
+                              f"{type(model.trunk).__name__} to freeze; pass --unfrozen-fraction 1")
+        n_train = max(1, int(cfg.unfrozen_fraction * len(layers)))
+        for layer in layers[: len(layers) - n_train]:
+            layer.requires_grad_(False)
+    if main_proc:
+        warn_overlong(cfg, tokenizer)   # once per file: which line, how many tokens are cut, from which side
+    train_ds, dropped_train = _pair_dataset(train_pairs, tokenizer, cfg)
+    eval_ds, dropped_eval = _pair_dataset(eval_pairs, tokenizer, cfg)
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        raise ConfigError(f"no usable pairs (train {len(train_ds)}, eval {len(eval_ds)}): chosen and rejected are "
+                          f"identical after tokenization/truncation to max_length={cfg.max_length}")
+    if main_proc and (dropped_train or dropped_eval):
+        print(f"note: skipped {dropped_train} train / {dropped_eval} eval pair(s) whose chosen and rejected texts "
+              f"are identical after truncation to {cfg.max_length} tokens", flush=True)
+
+    args = TrainingArguments(
+        output_dir=hf_checkpoints.output_dir(run_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        logging_steps=cfg.logging_steps,
+        logging_dir=str(run_dir / "tensorboard" / "hf"),
+        report_to=["tensorboard"],
+        eval_strategy="steps" if cfg.eval_steps else "epoch",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="no",             # checkpoints: rlhf_overlay.runtime.hf_checkpoints decides when, and names them
+        save_safetensors=False,          # the trunk's tied embeddings are shared tensors, which safetensors refuses
+        remove_unused_columns=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        deepspeed=ds_config,
+        # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
+        ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
+        use_cpu=not cuda and ds_config is None,
+        ddp_timeout=timeout,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not main_proc,
+        label_names=[],
+    )
+
+    scalars = CommonScalars(run_dir, enabled=main_proc)
+    from rlhf_overlay.runtime.rank_report import RankReport
+
+    rank_report = RankReport("rm")  # RANK_REPORT=1: the pairs this rank trained on and its optimizer state
+
+    checkpoints = hf_checkpoints.callback(run_dir, ck.Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes,
+                                                               cfg.keep_checkpoints),
+                                          stop, bool(resume_from), scalars, lambda: trainer)
+    from rlhf_overlay.runtime.health import hf_callback
+    health = hf_callback(cfg.on_unhealthy == "stop", scalars)   # NaN/inf in loss / gradient norm
+
+    class CommonNames(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            scalars.log({"rm/loss": logs.get("loss"), "rm/acc": logs.get("eval_accuracy"),
+                         "rm/eval_loss": logs.get("eval_loss")}, state.global_step)
+
+    class RewardTrainer(Trainer):
+        def _load_rng_state(self, checkpoint):
+            # transformers 4.44 reads the RNG file with torch.load's default, which torch >= 2.6 makes weights_only:
+            # the numpy RNG state inside (arrays) is then refused; allow exactly those types
+            import numpy as np
+            with torch.serialization.safe_globals([np.core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                                   type(np.dtype(np.uint32))]):
+                return super()._load_rng_state(checkpoint)
+
+        def _save_checkpoint(self, model, trial, metrics=None):
+            super()._save_checkpoint(model, trial, metrics=metrics)   # into checkpoints/.hf-writing/checkpoint-N
+            hf_checkpoints.commit(self, run_dir, cfg.keep_checkpoints)  # ... renamed to checkpoints/step-N
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            if model.training:
+                rank_report.add_samples(inputs["chosen_input_ids"], tokenizer.pad_token_id)
+            out = model(**inputs)
+            return (out["loss"], out) if return_outputs else out["loss"]
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                out = model(**inputs)
+            scores = torch.stack([out["chosen_scores"], out["rejected_scores"]], dim=-1).detach()
+            labels = torch.zeros(scores.shape[0], device=scores.device)
+            return out["loss"].detach(), scores, labels
+
+    def compute_metrics(p):
+        import numpy as np
+
+        s = np.asarray(p.predictions).reshape(-1, 2)
+        return {"accuracy": float((s[:, 0] > s[:, 1]).mean()), "margin": float((s[:, 0] - s[:, 1]).mean())}
+
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            data_collator=_collator(tokenizer.pad_token_id), compute_metrics=compute_metrics,
+                            callbacks=[CommonNames(), checkpoints, health])
+    before = None
+    if cfg.eval_before == "yes" and not resume_from:  # a resumed run measured it when it started
+        before = trainer.evaluate(metric_key_prefix="eval")
+        scalars.log({"rm/acc": before["eval_accuracy"], "rm/eval_loss": before["eval_loss"]}, 0)
+        if main_proc:
+            print(f"eval accuracy before training: {before['eval_accuracy']:.3f} on {len(eval_ds)} pairs", flush=True)
+    t0 = time.time()
+    if resume_from and main_proc:
+        print(f"resumed from step {ck.read_state(Path(resume_from))['global_step']} ({resume_from})", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if health.reason is not None:  # ON_UNHEALTHY=stop: checkpoint written, no reward model exported
+        if main_proc:
+            st = status.write_status(run_dir, state="failed", reason=health.reason)
+            print(f"stopped: {health.reason} (ON_UNHEALTHY=stop); newest checkpoint {st.get('checkpoint')}", flush=True)
+        scalars.close()
+        return 3
+    if checkpoints.stopped_at is not None:  # SIGINT / SIGTERM: the checkpoint is written, stop in every rank
+        if main_proc:
+            st = status.write_status(run_dir, state="interrupted", reason=f"stopped by {stop.signal or 'a signal on another rank'} "
+                                     f"after step {checkpoints.stopped_at}")
+            print(f"interrupted after step {checkpoints.stopped_at}; checkpoint {st.get('checkpoint')}\n"
+                  f"resume with: {st.get('resume_command')}", flush=True)
+        scalars.close()
+        return stop.exit_code() if stop.signal else 143
+    train_seconds = time.time() - t0
+    engine = trainer.model_wrapped if hasattr(trainer.model_wrapped, "zero_optimization_stage") else trainer.optimizer
+    rank_report.add_optimizer("rm", engine, model=model)
+    rank_report.write()
+    after = trainer.evaluate(metric_key_prefix="eval")
+    if main_proc:
+        out_dir = run_dir / "reward_model"
+        with status.final_folder(out_dir) as partial:  # reward_model/ appears only when complete
+            save_reward_model(model, tokenizer, partial, {
+                "base_model": model_path, "arch": cfg.arch, "max_length": cfg.max_length, "separator": cfg.separator,
+                "eval_accuracy": after["eval_accuracy"], "score_position": "last non-pad token (eos appended)",
+            })
+        steps = max(1, result.global_step)
+        metrics = {
+            "eval_accuracy": after["eval_accuracy"], "eval_margin": after["eval_margin"],
+            "eval_loss": after["eval_loss"], "eval_accuracy_before": before["eval_accuracy"] if before else None,
+            "chance_accuracy": 0.5, "train_loss": result.training_loss, "train_pairs": len(train_ds),
+            "eval_pairs": len(eval_ds), "steps": result.global_step, "train_seconds": round(train_seconds, 2),
+            "seconds_per_step": round(train_seconds / steps, 4),
+            "pairs_per_step": cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")),
+            "reward_model": str(out_dir),
+        }
+        write_json(run_dir / "metrics.json", metrics)
+    scalars.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser(arch_default: str = "bloom") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlhf_overlay.trlx_jobs.reward_model",
+        description="Train a value-head reward model (pairwise loss) on preference JSONL. " + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    defaults = RewardModelConfig(arch=arch_default)
+    for f in dataclasses.fields(RewardModelConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f.metadata["help"] + f" (default: {default!r})")
+    p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RewardModelConfig:
+    return RewardModelConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(RewardModelConfig)})
+
+
+def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
+    ns = build_parser(arch_default).parse_args(argv)
+    if ns.worker:
+        from rlhf_overlay.runtime.dist_exit import end_process_group
+        return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
+    try:
+        return run(config_from_args(ns), argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        from rlhf_overlay.errors import interrupted
+        return interrupted()
+
+
+def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) -> int:
+    """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
+    (rlhf_overlay.tools.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already)."""
+    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
+    from rlhf_overlay.trlx_jobs.common import trainer_command
+
+    from rlhf_overlay.runtime import status
+    from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
+
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], RewardModelConfig,
+                                                 key="reward_model", what="a reward-model run (make rm-bloom / rm-gptj)",
+                                                 may_change=RM_MAY_CHANGE)
+        if changed:
+            print(f"resume: changed settings {', '.join(changed)}", flush=True)
+    cfg = cfg.resolve()
+    if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
+        raise ConfigError("started under a distributed launcher: run `python -m rlhf_overlay.trlx_jobs.reward_model` (or "
+                          "`make rm-bloom`) directly; it starts its own launcher (NUM_GPUS / HOSTFILE)")
+    cuda = has_cuda()
+    precision = resolve_precision(cfg.precision, cuda)
+    if cfg.zero_stage < 0:
+        cfg.zero_stage = 2 if cuda else 0
+    ds = deepspeed_config(cfg, precision)
+    if ds is not None and not cuda:
+        from rlhf_overlay.trlx_jobs.common import deepspeed_cpu_problem
+
+        problem = deepspeed_cpu_problem(ds, f"deepspeed={cfg.deepspeed}" if cfg.deepspeed else "zero_stage")
+        if problem:
+            raise ConfigError(problem)
+    from rlhf_overlay.runtime.runs import rank_count_problem
+
+    problem = rank_count_problem(cfg.num_processes or None, cuda, what="num_processes (NUM_GPUS)")
+    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
+        from rlhf_overlay.runtime.hostfile import local_slots_problem
+
+        problem = local_slots_problem(cfg.hostfile, cuda)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.num_processes == 0:
+        if cuda:
+            import torch
+
+            cfg.num_processes = max(1, torch.cuda.device_count())
+        else:
+            cfg.num_processes = 1
+    if cfg.hostfile:
+        from rlhf_overlay.runtime.hostfile import deepspeed_launcher_flags
+
+        deepspeed_launcher_flags(cfg.hostfile)  # format and reachability, before anything is created
+    from rlhf_overlay.runtime import preflight   # MODEL (kind, --arch, weights), DATA, OUTPUT: before anything is created
+    preflight.trlx(f"rm-{cfg.arch}", cfg, False, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch)])
+    model_path = resolve_model_path(cfg)
+    # Validate every data row here, before any process starts: a bad row fails with file:line.
+    train, ev, sources = load_train_eval(cfg)
+    try:
+        run_dir = (prepare_run_dir(f"rm-{cfg.arch}", output=cfg.output or None, overwrite=cfg.overwrite)
+                   if resume_dir is None else open_resume_dir(resume_dir))
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
+    resolved = {"reward_model": dataclasses.asdict(cfg), "model_path": model_path, "precision": precision,
+                "deepspeed_config": ds, "data": sources, "train_pairs": len(train), "eval_pairs": len(ev)}
+    invocation = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", *(argv if argv is not None else sys.argv[1:])]
+    if resume_dir is None:
+        record_invocation(run_dir, invocation, resolved)
+    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
+        resolved["resume_from"] = str(resolve_resume(run_dir))
+        write_json(run_dir / "config.json", resolved)
+        append_command(run_dir, invocation)
+        print(f"resuming {run_dir} from {Path(resolved['resume_from']).name}", flush=True)
+    print(f"reward model ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {model_path}\n"
+          f"data: {len(train)} train / {len(ev)} eval pairs (train: {sources['train']}; eval: {sources['eval']})\n"
+          f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
+    cmd = trainer_command("rlhf_overlay.trlx_jobs.reward_model", ["--worker", str(run_dir)],
+                          num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
+    env = runtime_env(cpu=not cuda)
+    env["RLHF_OVERLAY_WORKER"] = "1"
+    if ds is not None:
+        from rlhf_overlay.runtime.waits import check_torch_extensions
+        check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
+    env.setdefault("WANDB_DISABLED", "true")
+    if cfg.hostfile:
+        from rlhf_overlay.runtime.hostfile import remote_env
+
+        env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
+    status.start(run_dir, f"rm-{cfg.arch}", "rlhf_overlay.trlx_jobs.reward_model", None, resumed=resume_dir is not None)
+    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
+        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)
+    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
+    if rc != 0:
+        print(f"error: reward model training {st['state']} ({status.describe_exit(rc)[0]}); see "
+              f"{run_dir / 'training.log'}", file=sys.stderr)
+        if st.get("checkpoint"):
+            print(f"resume with: {st['resume_command']}", file=sys.stderr)
+        return rc
+    m = json.loads((run_dir / "metrics.json").read_text())
+    before = f"{m['eval_accuracy_before']:.3f} -> " if m.get("eval_accuracy_before") is not None else ""
+    print(f"eval accuracy: {before}{m['eval_accuracy']:.3f} on {m['eval_pairs']} pairs (chance 0.500); "
+          f"{m['steps']} steps, {m['seconds_per_step']:.3f} s/step\nreward model: {m['reward_model']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
