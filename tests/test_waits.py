@@ -330,7 +330,7 @@ def test_setup_engine_waits_for_a_live_engine_then_gives_up_with_its_name(tmp_pa
     monkeypatch.setattr(paths, "UPSTREAM_DIR", tmp_path)
     held = setup_engine.engine_lock()
     try:
-        script = ("import sys; from rlhf_overlay import paths, setup_engine; from pathlib import Path; "
+        script = ("import sys; from rlhf_overlay import paths; from rlhf_overlay.engine import setup_engine; from pathlib import Path; "
                   f"paths.UPSTREAM_DIR = Path({str(tmp_path)!r}); sys.exit(setup_engine.main(['verify']))")
         r = subprocess.run([PY, "-c", script], env=env_with(RLHF_LOCK_TIMEOUT=1), capture_output=True, text=True,
                            timeout=120)
