@@ -1,0 +1,271 @@
+"""One dataclass -> command line for every entry module: a settings file, then flags (nanoGPT's configurator, strict).
+
+A job's settings are one dataclass; each field is one flag, its help in the field's metadata:
+
+    @dataclass
+    class Config:
+        model: str = field(default="", metadata={"help": "model folder or hub id (MODEL)"})
+        steps: int | None = field(default=None, metadata={"help": "PPO steps (empty = the recipe's)"})
+        precision: str = field(default="auto", metadata={"help": "mixed precision", "choices": ("auto", "no", "bf16")})
+        overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT"})
+        extra: list[str] = field(default_factory=list, metadata={"help": "after --: main.py's", "rest": True})
+
+    parser = settings.build_parser(Config, prog="python -m rlhf_overlay.x", description="...")
+    cfg = settings.config_from_args(Config, parser.parse_args(argv))
+
+Flags are `--field-name`; types come from the annotations (int, float, str, Path, `X | None`; bool gets a flag pair
+--x / --no-x; list[str] takes several values; `"rest": True` = the positional arguments after `--`); the default is
+shown in the help. `--config FILE.yaml|.json` (keys = field names, `_` or `-`) sets values under the flags: lowest
+first, the field defaults, the file, the flags. A key that is no field, or a value of the wrong type, is refused
+with the key and the file (errors.UsageError -> `error: ...`, exit 2). parse_args() returns every field filled in,
+plus `settings_given` (the fields set by a flag or the file) and `settings_file`.
+
+`--dry-run` (a `dry_run: bool` field) is each job's: it prints the resolved settings and the exact launch command
+with print_dry_run(), runs nothing and creates nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import shlex
+import types
+import typing
+from pathlib import Path
+
+from rlhf_overlay.errors import ArgumentParser, UsageError
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+# ---------------------------------------------------------------------------------------------- field types
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a field's annotation means on the command line: base type, may be None, list of base type."""
+    base: type
+    optional: bool = False
+    is_list: bool = False
+
+
+def field_kind(tp) -> Kind:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1 or len(rest) == len(args):
+            raise TypeError(f"settings: unsupported union {tp} (only `X | None`)")
+        return dataclasses.replace(field_kind(rest[0]), optional=True)
+    if origin is list:
+        (item,) = args or (str,)
+        return Kind(field_kind(item).base, is_list=True)
+    if tp in (bool, int, float, str, Path):
+        return Kind(tp)
+    raise TypeError(f"settings: unsupported field type {tp}")
+
+
+def setting_fields(cls) -> list[tuple[dataclasses.Field, Kind]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, field_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+class SettingsParser(ArgumentParser):
+    """An ArgumentParser for one settings dataclass; more (non-setting) arguments may be added as usual."""
+
+    def __init__(self, cls, defaults: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.settings_cls, self.settings_defaults = cls, defaults
+        self.settings = setting_fields(cls)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        given = {f.name for f, _ in self.settings if hasattr(ns, f.name)}
+        file = getattr(ns, "config", None)
+        from_file = load_settings_file(file, self.settings_cls) if file else {}
+        for f, _ in self.settings:
+            if f.name not in given:
+                setattr(ns, f.name, from_file[f.name] if f.name in from_file else self.settings_defaults[f.name])
+        ns.settings_given = sorted(given | set(from_file))
+        ns.settings_file = file or ""
+        return ns, rest
+
+
+def build_parser(cls, prog: str, description: str | None = None, epilog: str | None = None,
+                 defaults=None, config_flag: bool = True, raw: bool = True) -> SettingsParser:
+    """One flag per field of dataclass `cls` (help from metadata["help"], choices from metadata["choices"]), and
+    --config FILE. `defaults` (an instance of `cls` or a dict of some fields) replaces field defaults, e.g. a
+    per-arch default of a shared config."""
+    base = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+    if dataclasses.is_dataclass(defaults):
+        defaults = dataclasses.asdict(defaults)
+    base.update(defaults or {})
+    p = SettingsParser(cls, base, prog=prog, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+    for f, kind in p.settings:
+        if f.name == "config":
+            raise TypeError(f"{cls.__name__}: a setting may not be called 'config' (that is --config FILE)")
+        help_text = f.metadata.get("help")
+        if help_text is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no help; declare it with field(metadata={{'help': ...}})")
+        default = base[f.name]
+        if f.metadata.get("rest"):
+            p.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if "default" not in help_text and default is not dataclasses.MISSING:
+            help_text += f" (default: {_shown(default)})"
+        kw: dict = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind.base is bool and not kind.is_list:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind.base
+            if kind.is_list:
+                kw["nargs"] = "*"
+            if f.metadata.get("choices"):
+                kw["choices"] = tuple(f.metadata["choices"])
+            if f.metadata.get("metavar"):
+                kw["metavar"] = f.metadata["metavar"]
+        p.add_argument(flag_of(f.name), **kw)
+    if config_flag:
+        p.add_argument("--config", metavar="FILE", default="",
+                       help="settings file (.yaml or .json, keys = the settings above); flags given too win")
+    return p
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    """The dataclass from a namespace of SettingsParser.parse_args()."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def parse(cls, argv=None, **build_kwargs):
+    """build_parser(cls, ...) + parse_args(argv) + config_from_args: the config (for entry modules without
+    further arguments)."""
+    return config_from_args(cls, build_parser(cls, **build_kwargs).parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------- settings files
+def load_settings_file(path: str | Path, cls) -> dict:
+    """The values of a .yaml/.json settings file for dataclass `cls`, checked: every key a field (`-` or `_`),
+    every value of the field's type and among its choices. Raises UsageError naming the file and the key."""
+    p = Path(path).expanduser()
+    name = str(path)
+    if p.suffix.lower() not in CONFIG_SUFFIXES:
+        raise UsageError(f"--config {name}: a settings file is .yaml, .yml or .json")
+    if not p.is_file():
+        raise UsageError(f"--config {name}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except ValueError as e:   # json.JSONDecodeError
+        raise UsageError(f"{name}: not valid JSON ({e})") from None
+    except Exception as e:    # yaml.YAMLError
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{name}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{name}: a settings file holds `key: value` lines (a mapping), not a "
+                         f"{type(data).__name__}")
+    known = dict(setting_fields(cls))
+    by_name = {f.name: (f, kind) for f, kind in known.items()}
+    out = {}
+    for key, value in data.items():
+        field_name = str(key).replace("-", "_")
+        if field_name not in by_name:
+            close = difflib.get_close_matches(field_name, list(by_name), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{name}: unknown key '{key}'{hint} — known keys: {', '.join(by_name)}")
+        f, kind = by_name[field_name]
+        out[field_name] = check_value(value, kind, f, f"{name}: key '{key}'")
+    return out
+
+
+def check_value(value, kind: Kind, f: dataclasses.Field, where: str):
+    """`value` (from a settings file) as the field's type; UsageError saying what was expected."""
+    if value is None:
+        if kind.optional:
+            return None
+        raise UsageError(f"{where}: empty value; give a {_type_name(kind)} or leave the key out")
+    if kind.is_list:
+        if not isinstance(value, list):
+            raise UsageError(f"{where}: must be a list of {_type_name(Kind(kind.base))}, got {value!r}")
+        return [check_value(v, Kind(kind.base), f, where) for v in value]
+    base = kind.base
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, str))
+    if not ok:
+        hint = " (quote it to make it text)" if base in (str, Path) else ""
+        raise UsageError(f"{where}: must be {_type_name(kind)}, got {value!r}{hint}")
+    value = float(value) if base is float else Path(value) if base is Path else value
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _type_name(kind: Kind) -> str:
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "text", Path: "a path"}[kind.base]
+    return name + (" or empty" if kind.optional else "")
+
+
+# ---------------------------------------------------------------------------------------------- the way back
+def to_argv(cfg) -> list[str]:
+    """Flags that reproduce dataclass `cfg` (every field that differs from its default); the `rest` field goes
+    after `--`. parse_args(to_argv(cfg)) gives cfg back."""
+    argv: list[str] = []
+    rest: list[str] = []
+    for f, kind in setting_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("rest"):
+            rest = list(value or [])
+            continue
+        if value == field_default(f) or value is None:
+            continue
+        flag = flag_of(f.name)
+        if kind.base is bool and not kind.is_list:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif kind.is_list:
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv + (["--", *rest] if rest else [])
+
+
+def print_dry_run(kind: str, resolved: dict, command: list[str], cwd: str | Path | None = None) -> None:
+    """What --dry-run prints: the resolved settings (YAML) and the launch command (last line, copy-paste ready)."""
+    import yaml
+
+    shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in resolved.items()
+             if k not in ("launch_command", "launch_cwd")}
+    print(f"# {kind} dry run: nothing was run or created\n# resolved settings")
+    print(yaml.safe_dump(json.loads(json.dumps(shown, default=str)), sort_keys=False, width=1000).rstrip())
+    print(f"# launch command{f' (in {cwd})' if cwd else ''}")
+    print(shlex.join([str(c) for c in command]), flush=True)
