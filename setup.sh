@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
 # setup.sh — one environment for DeepSpeed-Chat and trlx at their pinned commits, with our overlays.
-#
-#   bash setup.sh                   # venv + pinned deps + upstream checkouts + overlays + editable installs
-#   bash setup.sh --upstream-only   # only git + overlays (no pip): for clusters with a prepared environment
-#   bash setup.sh --for-tests       # like setup, but an upstream with no reachable source is skipped (its
-#                                   # tests then report why) instead of failing
-#   UPSTREAM_MIRROR=/srv/mirrors bash setup.sh   # air-gapped: DeepSpeedExamples(.git) and trlx(.git) there
-#   FORCE=1 bash setup.sh           # move edits found inside upstream/ to upstream/.backup/ instead of refusing
-#
-# Environment knobs: VENV (default .venv), PYTHON (interpreter that creates the venv, default python3),
-# TORCH_SPEC (default torch==2.13.0; e.g. a CUDA build on GPU nodes), PIP_EXTRA_ARGS, RLHF_LOCK_TIMEOUT (seconds to
-# wait for a DeepSpeed op build another process runs, default 1800).
-# Everything is idempotent: stamps in the venv skip pip when nothing changed, and the overlay engine does
-# nothing when the work trees already are pin + overlays.
+# `bash setup.sh --help` (the text of usage() below) says how to call it. Everything is idempotent: stamps in the
+# venv skip pip when nothing changed, and the overlay engine does nothing when the work trees already are pin + overlays.
 set -euo pipefail
+
+usage() {
+    cat <<'HELP'
+usage: bash setup.sh [--upstream-only | --for-tests] [--force]   (make setup / make upstream / make test)
+
+  bash setup.sh                   venv + pinned deps + upstream checkouts + overlays + editable installs
+  bash setup.sh --upstream-only   only git + overlays (no pip): for clusters with a prepared environment
+  bash setup.sh --for-tests       like setup, but an upstream with no reachable source is skipped (its tests then
+                                  report why) instead of failing
+  bash setup.sh --force           (or FORCE=1) move edits found inside upstream/ to upstream/.backup/ instead of
+                                  refusing
+
+Environment:
+  BASE_PYTHON      the interpreter that creates the venv (default python3; Python 3.10+)
+  PYTHON           the interpreter that runs the project's modules, as everywhere in the project: here the venv's
+                   ($VENV/bin/python), so leave it unset; with --upstream-only, a prepared environment's python.
+                   (Before, setup read PYTHON as BASE_PYTHON: a PYTHON that is not the venv's still is, with a note.)
+  VENV             the venv folder (default .venv)
+  UPSTREAM_MIRROR  folder with DeepSpeedExamples(.git) and trlx(.git) for air-gapped machines
+  TORCH_SPEC       what pip installs as torch (default torch==2.13.0; e.g. a CUDA build on GPU nodes, with its
+                   --index-url)
+  PIP_EXTRA_ARGS   more pip options for every install
+  RLHF_LOCK_TIMEOUT  seconds to wait for a DeepSpeed op build another process runs (default 1800)
+HELP
+}
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
@@ -24,25 +38,38 @@ for arg in "$@"; do
         --upstream-only) mode=upstream ;;
         --for-tests) mode=tests ;;
         --force) export FORCE=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-        *) echo "setup.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "error: setup.sh: unknown argument '$arg' — see bash setup.sh --help" >&2; exit 2 ;;
     esac
 done
 
 VENV="${VENV:-.venv}"
-PYTHON="${PYTHON:-python3}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # the CPU build lies on local disk here; GPU nodes may pass a CUDA build
 py="$VENV/bin/python"
+BASE_PYTHON="${BASE_PYTHON:-}"
+if [[ -n "${PYTHON:-}" && "$mode" != upstream && "$(realpath -ms "$PYTHON")" != "$(realpath -ms "$py")" ]]; then
+    if [[ -z "$BASE_PYTHON" ]]; then
+        BASE_PYTHON="$PYTHON"
+        echo "note: PYTHON=$PYTHON is taken as BASE_PYTHON, the interpreter that creates $VENV; PYTHON names the" \
+             "interpreter that runs the project's modules (here $py) — pass BASE_PYTHON= instead" >&2
+    else
+        echo "note: PYTHON=$PYTHON is ignored: setup runs the project's modules with $py (BASE_PYTHON=$BASE_PYTHON" \
+             "creates it)" >&2
+    fi
+fi
+BASE_PYTHON="${BASE_PYTHON:-python3}"
+read -r -a pip_extra <<< "${PIP_EXTRA_ARGS:-}"   # word lists: split on spaces, never globbed
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # the CPU build lies on local disk here; GPU nodes may pass a CUDA build
 say() { printf '[setup] %s\n' "$*"; }
 
 ensure_venv() {
     if [[ ! -x "$py" ]]; then
-        if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-            echo "setup.sh: $PYTHON is missing or older than 3.10; install Python 3.10+ or pass PYTHON=/path/to/python3.11" >&2
+        if ! "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            echo "error: setup.sh: BASE_PYTHON=$BASE_PYTHON is missing or older than 3.10 — install Python 3.10+ or pass" \
+                 "BASE_PYTHON=/path/to/python3.11" >&2
             exit 2
         fi
-        say "creating $VENV with $("$PYTHON" --version 2>&1)"
-        "$PYTHON" -m venv "$VENV"
+        say "creating $VENV with $("$BASE_PYTHON" --version 2>&1)"
+        "$BASE_PYTHON" -m venv "$VENV"
     fi
     local stamp_file="$VENV/.rlhf-overlay-deps" want
     want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-64) $TORCH_SPEC"
@@ -51,13 +78,13 @@ ensure_venv() {
     fi
     say "installing pinned dependencies into $VENV (first time: a few minutes)"
     # torch first and on its own, so nothing later resolves `torch` to a multi-GB CUDA build.
-    # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options, e.g. --index-url
-    "$py" -m pip install ${PIP_EXTRA_ARGS:-} $TORCH_SPEC
-    "$py" -m pip install ${PIP_EXTRA_ARGS:-} wheel setuptools
+    local torch_spec; read -r -a torch_spec <<< "$TORCH_SPEC"   # may carry pip options, e.g. --index-url
+    "$py" -m pip install "${pip_extra[@]}" "${torch_spec[@]}"
+    "$py" -m pip install "${pip_extra[@]}" wheel setuptools
     # DS_BUILD_OPS=0: DeepSpeed JIT-builds the ops it needs at first use (cached in TORCH_EXTENSIONS_DIR);
     # --no-build-isolation: deepspeed's setup.py imports the torch installed above.
-    DS_BUILD_OPS=0 "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-build-isolation -r requirements.txt
-    "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --no-build-isolation -e .
+    DS_BUILD_OPS=0 "$py" -m pip install "${pip_extra[@]}" --no-build-isolation -r requirements.txt
+    "$py" -m pip install "${pip_extra[@]}" --no-deps --no-build-isolation -e .
     echo "$want" > "$stamp_file"
 }
 
@@ -78,7 +105,7 @@ EOF
         local stamp="$VENV/.rlhf-overlay-editable-${name}-${path//\//_}"
         [[ -f "$stamp" && "$(cat "$stamp")" == "$commit" ]] && continue
         say "pip install -e upstream/$name/$path"
-        "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --no-build-isolation --use-pep517 \
+        "$py" -m pip install "${pip_extra[@]}" --no-deps --no-build-isolation --use-pep517 \
             --config-settings editable_mode=compat -e "upstream/$name/$path" >/dev/null
         echo "$commit" > "$stamp"
     done
@@ -118,8 +145,7 @@ install_upstream_test_deps() {
     [[ -f "$target/.rlhf-overlay-stamp" && "$(cat "$target/.rlhf-overlay-stamp")" == "$want" ]] && return 0
     say "installing the upstream test suites' dependencies into $target"
     rm -rf "$target.tmp"
-    # shellcheck disable=SC2086
-    "$py" -m pip install ${PIP_EXTRA_ARGS:-} --no-deps --target "$target.tmp" -r requirements-upstream-tests.txt \
+    "$py" -m pip install "${pip_extra[@]}" --no-deps --target "$target.tmp" -r requirements-upstream-tests.txt \
         >/dev/null || return 1
     echo "$want" > "$target.tmp/.rlhf-overlay-stamp"
     rm -rf "$target" && mv "$target.tmp" "$target"
@@ -129,8 +155,9 @@ sync_args=()
 [[ "$mode" == tests ]] && sync_args+=(--best-effort)
 
 if [[ "$mode" == upstream ]]; then
-    # No pip here: use the venv if it exists (gitpython), else the system python with gitpython installed.
-    runner="$py"; [[ -x "$runner" ]] || runner="$PYTHON"
+    # No pip here: PYTHON (a prepared environment's python) when given, else the venv if it exists (gitpython), else
+    # BASE_PYTHON with gitpython installed.
+    runner="${PYTHON:-$py}"; [[ -n "${PYTHON:-}" || -x "$runner" ]] || runner="$BASE_PYTHON"
     exec "$runner" -m rlhf_overlay.engine.setup_engine sync "${sync_args[@]}"
 fi
 

@@ -4,12 +4,6 @@
 # logits; empty MEGATRON_SFT = the pre-trained tiny LLaMA as a TP=2 PP=2 Megatron checkpoint:
 # python -m rlhf_overlay.tools.pipeline --help
 set -euo pipefail
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-args=(--family llama2)
-[[ -n "${MEGATRON_SFT:-}" ]] && args+=(--megatron-sft "$MEGATRON_SFT")
-[[ -n "${TOKENIZER:-}" ]]    && args+=(--tokenizer "$TOKENIZER")
-[[ -n "${DATA:-}" ]]         && args+=(--data "$DATA")
-[[ -n "${OUTPUT:-}" ]]       && args+=(--output "$OUTPUT")
-[[ -n "${RESUME:-}" ]]       && args+=(--resume "$RESUME")
-[[ -n "${NUM_GPUS:-}" ]]     && args+=(--num-gpus "$NUM_GPUS")
-exec "$py" -m rlhf_overlay.tools.pipeline run "${args[@]}" "$@"
+run_pipeline llama2 "$@"

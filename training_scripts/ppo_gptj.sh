@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # make ppo-gptj [MODEL=...] [RM=...] [DATA=...] [OUTPUT=...] [OVERWRITE=1] [NUM_GPUS=N] [HOSTFILE=...] [ZERO_STAGE=...]
-# trlx PPO on GPTJ (embedded tiny GPTJ by default; without RM a tiny reward model is trained first):
+# trlx PPO on GPT-J (embedded tiny GPT-J by default; without RM a tiny reward model is trained first):
 # python -m rlhf_overlay.trlx_jobs.ppo --help
 set -euo pipefail
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-resumable=1   # RESUME, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS (README: Long runs)
-common_flags --num-processes
-[[ -n "${ON_UNHEALTHY:-}" ]] && args+=(--on-unhealthy "$ON_UNHEALTHY")   # health guards: stop | warn
-[[ -n "${RM:-}" ]] && args+=(--rm "$RM")
-exec "$py" -m rlhf_overlay.trlx_jobs.ppo --arch gptj "${args[@]}" "$@"
+opt RM --rm
+run_trlx ppo --arch gptj "$@"

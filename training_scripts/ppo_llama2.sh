@@ -6,14 +6,12 @@
 #   More flags after the script name go to the entry module, e.g.
 #   bash training_scripts/ppo_llama2.sh --max-steps 20 -- --print_answers
 set -euo pipefail
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ -n "${MODEL:-}" ]]; then
     echo "error: make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2 output>, not MODEL=${MODEL} — pass ACTOR= and CRITIC= instead" >&2
     exit 2
 fi
-common_flags --num-gpus
-[[ -n "${ACTOR:-}" ]] && args+=(--actor "$ACTOR")
-[[ -n "${CRITIC:-}" ]] && args+=(--critic "$CRITIC")
-[[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
-cd "$root"
-exec "$py" -m rlhf_overlay.dschat_jobs.ppo "${args[@]}" "$@"
+opt ACTOR --actor
+opt CRITIC --critic
+run_dschat ppo "$@"

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # make rm-gptj [MODEL=...] [DATA=...] [OUTPUT=...] [OVERWRITE=1] [NUM_GPUS=N] [HOSTFILE=...] [ZERO_STAGE=...]
-# Value-head reward model on GPTJ (embedded tiny GPTJ by default): python -m rlhf_overlay.trlx_jobs.reward_model --help
+# Value-head reward model on GPT-J (embedded tiny GPT-J by default): python -m rlhf_overlay.trlx_jobs.reward_model --help
 set -euo pipefail
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-resumable=1   # RESUME, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS (README: Long runs)
-common_flags --num-processes
-[[ -n "${ON_UNHEALTHY:-}" ]] && args+=(--on-unhealthy "$ON_UNHEALTHY")   # health guard: stop | warn
-exec "$py" -m rlhf_overlay.trlx_jobs.reward_model --arch gptj "${args[@]}" "$@"
+run_trlx reward_model --arch gptj "$@"

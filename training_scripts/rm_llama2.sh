@@ -5,8 +5,6 @@
 #   ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE. More flags after the script name go to the entry module, e.g.
 #   bash training_scripts/rm_llama2.sh --dtype fp32 -- --eval_interval 5
 set -euo pipefail
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-common_flags --num-gpus
-[[ -n "${LORA_DIM:-}" ]] && args+=(--lora-dim "$LORA_DIM")
-cd "$root"
-exec "$py" -m rlhf_overlay.dschat_jobs.reward_model "${args[@]}" "$@"
+run_dschat reward_model "$@"

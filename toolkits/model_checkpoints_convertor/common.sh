@@ -1,29 +1,26 @@
-# Sourced by the model_convertor wrappers: finds the repo's python and turns the seed's positional arguments
-# into flags for `python -m toolkits.megatron_hf.convert`. Not meant to be run on its own.
+#!/usr/bin/env bash
+# Sourced by the model_convertor wrappers: the project's python (`py`, from training_scripts/lib.sh: PYTHON, else
+# the venv's, else python3; the project on PYTHONPATH, so the wrappers work from any folder) and the seed's
+# positional arguments turned into flags for `python -m toolkits.megatron_hf.convert`. Not meant to be run on its own.
+# shellcheck source=../../training_scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../training_scripts/lib.sh"
 
-# The repo root relative to this file, so the wrappers work from any folder.
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ -x "$repo_root/.venv/bin/python" ]]; then
-    python="$repo_root/.venv/bin/python"
-else
-    python="python3"
-fi
-export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
-
-# convert_command FAMILY MEGATRON_PATH TP PP MG2HF -> sets the array `direction_flags`
-convert_command() {
-    local family=$1 megatron_path=$2 tp=$3 pp=$4 mg2hf=$5
+# run_convert FAMILY MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]: runs the converter (exec)
+run_convert() {
+    local family=$1 megatron_path=$2 source=$3 target=$4 tp=$5 pp=$6 mg2hf=$7 direction
+    shift 7
     if [[ -n "$megatron_path" ]]; then
         echo "note: MEGATRON_PATH ($megatron_path) is ignored: this converter needs only torch and safetensors" >&2
     fi
     case "$mg2hf" in
         true)
             echo "note: Megatron -> HF reads TP/PP from the checkpoint (TP=$tp PP=$pp given, not used)" >&2
-            direction_flags=(mg2hf --model "$family") ;;
+            direction=(mg2hf --model "$family") ;;
         false)
-            direction_flags=(hf2mg --model "$family" --tp "$tp" --pp "$pp") ;;
+            direction=(hf2mg --model "$family" --tp "$tp" --pp "$pp") ;;
         *)
             echo "error: MG2HF must be true or false, got '$mg2hf'" >&2
-            return 2 ;;
+            exit 2 ;;
     esac
+    exec "$py" -m toolkits.megatron_hf.convert "${direction[@]}" --source "$source" --target "$target" "$@"
 }

@@ -14,9 +14,6 @@ if [[ $# -lt 6 ]]; then
     echo "usage: $0 MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]" >&2
     exit 2
 fi
-megatron_path=$1 source=$2 target=$3 tp=$4 pp=$5 mg2hf=$6
-shift 6
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-convert_command bloom "$megatron_path" "$tp" "$pp" "$mg2hf" || exit 2
-exec "$python" -m toolkits.megatron_hf.convert "${direction_flags[@]}" --source "$source" --target "$target" "$@"
+run_convert bloom "$@"   # same order: MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]

@@ -15,10 +15,6 @@ if [[ $# -lt 8 ]]; then
     echo "usage: $0 MEGATRON_PATH SOURCE TARGET TP PP MODEL_NAME EXTRA_VOCAB_SIZE MG2HF [convert flags...]" >&2
     exit 2
 fi
-megatron_path=$1 source=$2 target=$3 tp=$4 pp=$5 model_name=$6 extra_vocab_size=$7 mg2hf=$8
-shift 8
 # shellcheck source=../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-convert_command llama2 "$megatron_path" "$tp" "$pp" "$mg2hf" || exit 2
-exec "$python" -m toolkits.megatron_hf.convert "${direction_flags[@]}" --source "$source" --target "$target" \
-    --model-name "$model_name" --extra-vocab-size "$extra_vocab_size" "$@"
+run_convert llama2 "$1" "$2" "$3" "$4" "$5" "$8" --model-name "$6" --extra-vocab-size "$7" "${@:9}"
