@@ -81,12 +81,10 @@ def field_default(f: dataclasses.Field):
 
 
 def _shown(value) -> str:
-    if value is None:
-        return "unset"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list):
-        return " ".join(map(str, value)) or "none"
+        return " ".join(map(str, value))
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -133,8 +131,8 @@ def build_parser(cls, prog: str, description: str | None = None, epilog: str | N
         if f.metadata.get("rest"):
             p.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
             continue
-        if "default" not in help_text and default is not dataclasses.MISSING:
-            help_text += f" (default: {_shown(default)})"
+        if "default" not in help_text and default not in (dataclasses.MISSING, None, "", []):
+            help_text += f" (default: {_shown(default)})"   # an empty default: the help says what empty means
         kw: dict = {"default": argparse.SUPPRESS, "help": help_text}
         if kind.base is bool and not kind.is_list:
             kw["action"] = argparse.BooleanOptionalAction

@@ -56,7 +56,8 @@ def test_help_from_metadata_with_defaults_and_choices(capsys):
     assert "learning rate (default: 0.0003)" in out
     assert "ZeRO stage (default: the recipe's)" in out           # a help that names its default keeps it
     assert "--overwrite, --no-overwrite" in out and "(default: off)" in out
-    assert "{auto,no,bf16}" in out
+    assert "{auto,no,bf16}" in out and "mixed precision (default: 'auto')" in out
+    assert "model folder or hub id --steps" in out                 # an empty default adds nothing
     assert "--config FILE" in out
 
 

@@ -40,10 +40,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_overlay.dschat_jobs import launch as dschat_launch
-from rlhf_overlay.dschat_jobs.launch import (ConfigError, build_config_parser, check_common, check_model_folder,
-                                        cli_main, config_to_argv, cpu_adjust, launch,
+from rlhf_overlay import settings
+from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_model_folder, cpu_adjust, launch,
                                         local_data_files, looks_local, plan_run, tiny_paths, validate_local_data)
+from rlhf_overlay.errors import main_guard
 
 KIND = "dpo-llama2"
 MODULE = "rlhf_overlay.dschat_jobs.dpo"
@@ -52,35 +52,56 @@ STEP_FOLDER = "training/step2_dpo_finetuning"
 
 @dataclass
 class DPOConfig:
-    model: str = ""                   # SFT model folder or hub id, policy start and reference (empty = tiny LLaMA)
-    data: str = ""                    # preference data: dataset name, .json/.jsonl file or folder (empty = recipe's)
-    output: str = ""                  # run folder (empty = new runs/dpo-llama2-<time>)
-    overwrite: bool = False           # allow writing into a non-empty output folder
-    recipe: str = ""                  # tiny | llama2-7b (empty = tiny without model, llama2-7b with one)
-    zero_stage: int | None = None     # ZeRO stage (empty = 0 on CPU, the recipe's on GPU)
-    lora_dim: int | None = None       # LoRA rank, 0 = full fine-tuning (empty = the recipe's: 0)
-    only_optimize_lora: bool | None = None  # with LoRA, train only the adapters (empty = recipe's: tiny yes, 7B no)
-    num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
-    hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
-    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
-    data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
-    epochs: int | None = None         # training epochs (empty = the recipe's)
-    max_steps: int | None = None      # stop after N optimizer steps, 0 = all epochs (empty = the recipe's)
-    batch_size: int | None = None     # per-device train batch size in pairs (empty = the recipe's)
-    max_seq_len: int | None = None    # prompt + answer tokens (empty = the recipe's)
-    learning_rate: float | None = None  # learning rate of the model's weights (empty = the recipe's)
-    lora_learning_rate: float | None = None  # learning rate of the LoRA adapters (empty = the recipe's)
-    beta: float | None = None         # DPO temperature: strength of the pull towards the reference (empty = 0.1)
-    eval_interval: int | None = None  # evaluate every N steps, 0 = before/after each epoch only (empty = recipe's)
-    seed: int = 1234                  # training seed
-    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
-    master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
-    dry_run: bool = False             # print the launch command and exit
-    extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
+    model: str = field(default="", metadata={"help": "SFT model folder or hub id: the policy's start and the frozen "
+                                                     "reference (MODEL; empty: the embedded tiny LLaMA)"})
+    data: str = field(default="", metadata={"help": "preference data: dataset name, .json/.jsonl file or folder with "
+                                                    "train/eval files (DATA; empty: the recipe's)"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/dpo-llama2-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
+    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --model, llama2-7b "
+                                                      "with one)"})
+    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage (ZERO_STAGE; default: 0 on CPU, the "
+                                                                   "recipe's on GPU; 2 and 3 run on CPU too)"})
+    lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank, 0 = full fine-tuning (LORA_DIM; default: "
+                                                                 "the recipe's, 0)"})
+    only_optimize_lora: bool | None = field(default=None, metadata={"help": "with LoRA, train only the adapters "
+                                                                            "(default: tiny yes, llama2-7b no as "
+                                                                            "upstream)"})
+    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
+                                                                 "1 on CPU, all GPUs on GPU)"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
+                                                        "(HOSTFILE)"})
+    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
+                                                     "upstream)"})
+    data_split: str = field(default="", metadata={"help": "phase shares a,b,c (default: 0,1,0 for local files, the "
+                                                          "recipe's otherwise)"})
+    epochs: int | None = field(default=None, metadata={"help": "training epochs (default: the recipe's)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps, 0 = all epochs "
+                                                                  "(default: the recipe's)"})
+    batch_size: int | None = field(default=None, metadata={"help": "per-device train batch size in pairs (default: "
+                                                                   "the recipe's)"})
+    max_seq_len: int | None = field(default=None, metadata={"help": "prompt + answer tokens (default: the recipe's)"})
+    learning_rate: float | None = field(default=None, metadata={"help": "learning rate of the model's weights "
+                                                                        "(default: the recipe's)"})
+    lora_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of the LoRA adapters "
+                                                                             "(default: the recipe's)"})
+    beta: float | None = field(default=None, metadata={"help": "DPO temperature: strength of the pull towards the "
+                                                               "reference (default: 0.1)"})
+    eval_interval: int | None = field(default=None, metadata={"help": "evaluate every N steps, 0 = before training "
+                                                                      "and per epoch only (default: the recipe's)"})
+    seed: int = field(default=1234, metadata={"help": "training seed"})
+    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
+                                                              "(ALLOW_ARCH=1)"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
+                                                                    "node, 29500 on several)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command; run "
+                                                           "nothing, create nothing"})
+    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
+                                                                     "unchanged", "rest": True})
 
     def to_argv(self) -> list[str]:
         """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
-        return config_to_argv(self)
+        return settings.to_argv(self)
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
@@ -92,27 +113,6 @@ class DPOConfig:
             check_model_folder(self.model, "model")
         if self.data:
             local_data_files(self.data)   # the path exists; rows are validated in run(), once
-
-
-HELPS = {"model": "SFT model folder or hub id: the policy's start and the frozen reference (empty: tiny LLaMA)",
-         "data": "dataset name, .json/.jsonl file or folder with train/eval files (empty: the recipe's)",
-         "output": "run folder (empty: a new folder under runs/)",
-         "overwrite": "allow writing into a non-empty --output",
-         "recipe": "tiny | llama2-7b (default: tiny without --model, llama2-7b with one)",
-         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 2 and 3 run on CPU too)",
-         "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's, 0)",
-         "only_optimize_lora": "with LoRA, train only the adapters (default: tiny yes, llama2-7b no as upstream)",
-         "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
-         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
-         "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
-         "epochs": "training epochs", "max_steps": "stop after N optimizer steps (0: all epochs)",
-         "batch_size": "per-device batch size (pairs)", "max_seq_len": "max tokens of prompt + answer",
-         "learning_rate": "learning rate of the model weights", "lora_learning_rate": "learning rate of LoRA adapters",
-         "beta": "DPO temperature (default 0.1)",
-         "eval_interval": "evaluate every N steps (0: before training and per epoch only)",
-         "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
-         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
-         "dry_run": "print the launch command and exit"}
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -179,12 +179,12 @@ def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: s
 
 
 def build_parser():
-    return build_config_parser(DPOConfig, HELPS, prog=f"python -m {MODULE}",
-                               description="DeepSpeed-Chat DPO on LLaMA2 (make dpo-llama2).", epilog=__doc__)
+    return settings.build_parser(DPOConfig, prog=f"python -m {MODULE}",
+                                 description="DeepSpeed-Chat DPO on LLaMA2 (make dpo-llama2).", epilog=__doc__)
 
 
 def config_from_args(ns) -> DPOConfig:
-    return dschat_launch.config_from_args(DPOConfig, ns)
+    return settings.config_from_args(DPOConfig, ns)
 
 
 def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
@@ -232,8 +232,10 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None) -> int:
     return rc
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(build_parser(), DPOConfig, run, MODULE, argv)
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

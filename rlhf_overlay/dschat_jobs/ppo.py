@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from rlhf_overlay.dschat_jobs import launch as dschat_launch
-
 from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
-from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_model_folder, cli_main, cpu_adjust,
+from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_model_folder, cpu_adjust,
                                         launch, local_data_files, looks_local, plan_run, tiny_paths,
                                         validate_local_data)
 from rlhf_overlay.dschat_jobs.reward_model import RewardModelConfig
+from rlhf_overlay import settings
+from rlhf_overlay.errors import main_guard
 
 KIND = "ppo-llama2"
 MODULE = "rlhf_overlay.dschat_jobs.ppo"
@@ -50,29 +50,47 @@ STEP_FOLDER = "training/step3_rlhf_finetuning"
 
 @dataclass
 class PPOConfig:
-    actor: str = ""                   # SFT actor folder or hub id (empty = embedded tiny LLaMA, recipe tiny)
-    critic: str = ""                  # step-2 reward model: run folder or its model/ (empty = train the tiny one)
-    data: str = ""                    # prompts: dataset name, .json/.jsonl file or folder (empty = the recipe's)
-    output: str = ""                  # run folder (empty = new runs/ppo-llama2-<time>)
-    overwrite: bool = False           # allow writing into a non-empty output folder
-    recipe: str = ""                  # tiny | llama2-7b (empty = tiny without actor, llama2-7b with one)
-    zero_stage: int | None = None     # ZeRO stage of actor and critic (empty = 0 on CPU, the recipe's on GPU)
-    lora_dim: int | None = None       # LoRA rank of actor and critic (empty = the recipe's: 8 tiny, 64 7B)
-    num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
-    hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
-    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
-    data_split: str = ""              # phase shares a,b,c (empty = 0,0,1 for local files, the recipe's otherwise)
-    epochs: int | None = None         # passes over the prompts (empty = the recipe's)
-    batch_size: int | None = None     # per-device generation and training batch size (empty = the recipe's)
-    max_prompt_len: int | None = None  # prompt tokens (empty = the recipe's)
-    max_answer_len: int | None = None  # generated tokens (empty = the recipe's)
-    max_steps: int | None = None      # stop after N PPO steps, 0 = all prompts (empty = the recipe's)
-    hybrid_engine: bool | None = None  # DeepSpeed hybrid engine (GPU only; empty = the recipe's on GPU)
-    seed: int = 1234                  # training seed
-    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
-    master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
-    dry_run: bool = False             # print the launch command(s) and exit
-    extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
+    actor: str = field(default="", metadata={"help": "SFT actor folder or hub id (ACTOR; empty: the embedded tiny "
+                                                     "LLaMA, recipe tiny)"})
+    critic: str = field(default="", metadata={"help": "reward model of make rm-llama2: its run folder or model/ "
+                                                      "(CRITIC; empty: train the tiny one first)"})
+    data: str = field(default="", metadata={"help": "prompts: dataset name, .json/.jsonl file or folder with "
+                                                    "train/eval files (DATA; empty: the recipe's)"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/ppo-llama2-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
+    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --actor, llama2-7b "
+                                                      "with one)"})
+    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of actor and critic (ZERO_STAGE; "
+                                                                   "default: 0 on CPU, the recipe's on GPU; 2 and 3 "
+                                                                   "run on CPU too)"})
+    lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank of actor and critic, 0 = full fine-tuning "
+                                                                 "(default: the recipe's, 8 tiny, 64 7B)"})
+    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
+                                                                 "1 on CPU, all GPUs on GPU)"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
+                                                        "(HOSTFILE)"})
+    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
+                                                     "upstream)"})
+    data_split: str = field(default="", metadata={"help": "phase shares a,b,c (default: 0,0,1 for local files, the "
+                                                          "recipe's otherwise)"})
+    epochs: int | None = field(default=None, metadata={"help": "passes over the prompts (default: the recipe's)"})
+    batch_size: int | None = field(default=None, metadata={"help": "per-device generation and training batch size "
+                                                                   "(default: the recipe's)"})
+    max_prompt_len: int | None = field(default=None, metadata={"help": "prompt tokens (default: the recipe's)"})
+    max_answer_len: int | None = field(default=None, metadata={"help": "generated tokens (default: the recipe's)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after N PPO steps, 0 = all prompts (default: "
+                                                                  "the recipe's)"})
+    hybrid_engine: bool | None = field(default=None, metadata={"help": "DeepSpeed hybrid engine, GPU only (default: "
+                                                                       "the recipe's on GPU)"})
+    seed: int = field(default=1234, metadata={"help": "training seed"})
+    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
+                                                              "(ALLOW_ARCH=1)"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
+                                                                    "node, 29500 on several)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command(s); "
+                                                           "run nothing, create nothing"})
+    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
+                                                                     "unchanged", "rest": True})
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
@@ -186,33 +204,13 @@ def main_py_args(r: dict, actor: str, critic: str, data: str, output_dir: Path, 
     return args
 
 
-HELPS = {"actor": "SFT actor folder or hub id (empty: embedded tiny LLaMA)",
-         "critic": "reward model from make rm-llama2: run folder or its model/ (empty: train the tiny one first)",
-         "data": "prompts: dataset name, .json/.jsonl file or folder with train/eval files (empty: the recipe's)",
-         "output": "run folder (empty: a new folder under runs/)",
-         "overwrite": "allow writing into a non-empty --output",
-         "recipe": "tiny | llama2-7b (default: tiny without --actor, llama2-7b with one)",
-         "zero_stage": "ZeRO stage of actor and critic (default: 0 on CPU, the recipe's on GPU; 2, 3 run on CPU)",
-         "lora_dim": "LoRA rank of actor and critic, 0 = full fine-tuning (default: the recipe's)",
-         "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
-         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
-         "data_split": "phase shares a,b,c (default: 0,0,1 for local files, the recipe's otherwise)",
-         "epochs": "passes over the prompts", "batch_size": "per-device generation/training batch size",
-         "max_prompt_len": "prompt tokens", "max_answer_len": "generated tokens",
-         "max_steps": "stop after N PPO steps (0: all prompts)",
-         "hybrid_engine": "use the DeepSpeed hybrid engine (GPU only)",
-         "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
-         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
-         "dry_run": "print the launch command and exit"}
-
-
 def build_parser():
-    return dschat_launch.build_config_parser(
-        PPOConfig, HELPS, prog=f"python -m {MODULE}",
-        description="DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (make ppo-llama2).", epilog=__doc__)
+    return settings.build_parser(PPOConfig, prog=f"python -m {MODULE}",
+                                 description="DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (make ppo-llama2).",
+                                 epilog=__doc__)
 
 
-config_from_args = partial(dschat_launch.config_from_args, PPOConfig)
+config_from_args = partial(settings.config_from_args, PPOConfig)
 
 
 def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
@@ -276,8 +274,10 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
     return rc
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(build_parser(), PPOConfig, run, MODULE, argv)
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from rlhf_overlay.dschat_jobs import launch as dschat_launch
 # Shared with the other DeepSpeed-Chat entry modules (ppo, dpo); re-exported here for callers and tests.
 from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, check_common, check_data_split,  # noqa: F401
-                                        check_model_folder, check_upstream, cli_main, config_to_argv, cpu_adjust,
+                                        check_model_folder, check_upstream, cpu_adjust,
                                         free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
+from rlhf_overlay import settings
+from rlhf_overlay.errors import main_guard
+from rlhf_overlay.settings import to_argv as config_to_argv
 
 KIND = "rm-llama2"
 MODULE = "rlhf_overlay.dschat_jobs.reward_model"
@@ -46,28 +48,44 @@ STEP_FOLDER = "training/step2_reward_model_finetuning"
 
 @dataclass
 class RewardModelConfig:
-    model: str = ""                   # base model folder or hub id (empty = embedded tiny LLaMA, recipe tiny)
-    data: str = ""                    # preference data: dataset name, .json/.jsonl file or folder (empty = recipe's)
-    output: str = ""                  # run folder (empty = new runs/rm-llama2-<time>)
-    overwrite: bool = False           # allow writing into a non-empty output folder
-    recipe: str = ""                  # tiny | llama2-7b (empty = tiny without model, llama2-7b with one)
-    zero_stage: int | None = None     # ZeRO stage (empty = 0 on CPU, the recipe's on GPU)
-    lora_dim: int | None = None       # LoRA rank, 0 = full fine-tuning (empty = the recipe's)
-    num_gpus: int | None = None       # ranks per node (CPU: processes; empty = 1 on CPU, all GPUs on GPU)
-    hostfile: str = ""                # DeepSpeed hostfile for several nodes (`host slots=N` lines)
-    dtype: str = ""                   # bf16 | fp32 | fp16 (empty = fp32 on CPU, fp16 on GPU as upstream)
-    data_split: str = ""              # phase shares a,b,c (empty = 0,1,0 for local files, the recipe's otherwise)
-    epochs: int | None = None         # training epochs (empty = the recipe's)
-    max_steps: int | None = None      # stop after N optimizer steps, 0 = all epochs (empty = the recipe's)
-    batch_size: int | None = None     # per-device train and eval batch size (empty = the recipe's)
-    max_seq_len: int | None = None    # prompt + answer tokens (empty = the recipe's)
-    learning_rate: float | None = None  # learning rate (empty = the recipe's)
-    eval_interval: int | None = None  # evaluate every N steps, 0 = only per epoch (empty = the recipe's)
-    seed: int = 1234                  # training seed
-    allow_arch: bool = False          # run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)
-    master_port: int | None = None    # rendezvous port (empty = a free port on one node, 29500 on several)
-    dry_run: bool = False             # print the launch command and exit
-    extra: list[str] = field(default_factory=list)  # more main.py arguments, passed unchanged
+    model: str = field(default="", metadata={"help": "base model folder or hub id (MODEL; empty: the embedded tiny LLaMA, "
+                                                     "recipe tiny)"})
+    data: str = field(default="", metadata={"help": "preference data: dataset name, .json/.jsonl file or folder with "
+                                                    "train/eval files (DATA; empty: the recipe's)"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/rm-llama2-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
+    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --model, llama2-7b "
+                                                      "with one)"})
+    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage (ZERO_STAGE; default: 0 on CPU, the "
+                                                                   "recipe's on GPU; 2 and 3 run on CPU too)"})
+    lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank, 0 = full fine-tuning (LORA_DIM; default: "
+                                                                 "the recipe's)"})
+    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
+                                                                 "1 on CPU, all GPUs on GPU)"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
+                                                        "(HOSTFILE)"})
+    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
+                                                     "upstream)"})
+    data_split: str = field(default="", metadata={"help": "phase shares a,b,c (default: 0,1,0 for local files, the "
+                                                          "recipe's otherwise)"})
+    epochs: int | None = field(default=None, metadata={"help": "training epochs (default: the recipe's)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after N optimizer steps, 0 = all epochs "
+                                                                  "(default: the recipe's)"})
+    batch_size: int | None = field(default=None, metadata={"help": "per-device train and eval batch size (default: "
+                                                                   "the recipe's)"})
+    max_seq_len: int | None = field(default=None, metadata={"help": "prompt + answer tokens (default: the recipe's)"})
+    learning_rate: float | None = field(default=None, metadata={"help": "learning rate (default: the recipe's)"})
+    eval_interval: int | None = field(default=None, metadata={"help": "evaluate every N steps, 0 = only per epoch "
+                                                                      "(default: the recipe's)"})
+    seed: int = field(default=1234, metadata={"help": "training seed"})
+    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
+                                                              "(ALLOW_ARCH=1)"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
+                                                                    "node, 29500 on several)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command; run "
+                                                           "nothing, create nothing"})
+    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
+                                                                     "unchanged", "rest": True})
 
     def to_argv(self) -> list[str]:
         """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
@@ -138,31 +156,13 @@ def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: s
     return args
 
 
-HELPS = {"model": "base model folder or hub id (empty: embedded tiny LLaMA)",
-         "data": "dataset name, .json/.jsonl file or folder with train/eval files (empty: the recipe's)",
-         "output": "run folder (empty: a new folder under runs/)",
-         "overwrite": "allow writing into a non-empty --output",
-         "recipe": "tiny | llama2-7b (default: tiny without --model, llama2-7b with one)",
-         "zero_stage": "ZeRO stage (default: 0 on CPU, the recipe's on GPU; 2 and 3 run on CPU too)",
-         "lora_dim": "LoRA rank, 0 = full fine-tuning (default: the recipe's)",
-         "num_gpus": "ranks per node (CPU: processes)", "hostfile": "DeepSpeed hostfile for several nodes",
-         "dtype": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU)",
-         "data_split": "phase shares a,b,c (default: 0,1,0 for local files, the recipe's otherwise)",
-         "epochs": "training epochs", "max_steps": "stop after N optimizer steps (0: all epochs)",
-         "batch_size": "per-device batch size", "max_seq_len": "max tokens",
-         "learning_rate": "learning rate", "eval_interval": "evaluate every N steps (0: per epoch only)",
-         "seed": "training seed", "master_port": "rendezvous port (default: a free port)",
-         "allow_arch": "run a model that is not LLaMA-family anyway (ALLOW_ARCH=1)",
-         "dry_run": "print the launch command and exit"}
-
-
 def build_parser():
-    return dschat_launch.build_config_parser(
-        RewardModelConfig, HELPS, prog=f"python -m {MODULE}",
-        description="DeepSpeed-Chat step 2: LLaMA2 reward model (make rm-llama2).", epilog=__doc__)
+    return settings.build_parser(RewardModelConfig, prog=f"python -m {MODULE}",
+                                 description="DeepSpeed-Chat step 2: LLaMA2 reward model (make rm-llama2).",
+                                 epilog=__doc__)
 
 
-config_from_args = partial(dschat_launch.config_from_args, RewardModelConfig)
+config_from_args = partial(settings.config_from_args, RewardModelConfig)
 
 
 def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int:
@@ -201,8 +201,10 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     return rc
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(build_parser(), RewardModelConfig, run, MODULE, argv)
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
