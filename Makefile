@@ -1,12 +1,17 @@
 # rlhf-overlay — every target is thin: it calls setup.sh, training_scripts/*.sh or `python -m rlhf_overlay...`.
-# `make` (or `make help`) lists the targets; the line after `##` above a target is its help text.
+# `make` (or `make help`) lists the targets: the text after `##` on a target's line is its help, and a `## vars:` line
+# right above it names the variables it takes (tests/test_make_quoting.py checks them against what reaches the program).
 # Variables use ?= so the environment and the command line override them, e.g. `make rm-llama2 MODEL=/path`.
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
 VENV       ?= .venv
+# the interpreter that runs the project's modules (every target; training_scripts/lib.sh and setup.sh read it alike):
+# the venv's once setup made it, else python3
 PYTHON     ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+# setup: the interpreter that creates the venv (empty = python3); `make setup PYTHON=...` still works, with a note
+BASE_PYTHON ?=
 UPSTREAM_MIRROR ?=
 # 1 = move user edits inside upstream/ to a backup folder instead of refusing
 FORCE      ?= 0
@@ -71,7 +76,7 @@ RESUME     ?=
 # variables (RUN, CONVERT_FLAGS, PYTEST_ARGS) are split by rlhf_overlay.runtime.make_args, not by the shell. make itself
 # expands `$` in command-line and environment values (`DATA='$(x)'` would arrive empty), so such values are
 # refused here, before anything runs.
-USER_VARS := PYTHON VENV UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
+USER_VARS := PYTHON VENV BASE_PYTHON UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
              NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
              EXTRA_VOCAB_SIZE CONVERT_FLAGS MEGATRON_SFT TOKENIZER RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS ON_UNHEALTHY
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
@@ -79,18 +84,24 @@ $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and 
   make would expand before any program sees it — give the value without '$$': let your shell expand it first, e.g. \
   $(v)="$$HOME/x"))))
 export $(USER_VARS)
-# setup.sh reads PYTHON as the interpreter that creates the venv: only a PYTHON the user gave goes to it
+# setup.sh runs the modules with the venv it makes, so the default PYTHON does not go to it; a PYTHON the user gave
+# does (setup.sh takes it as BASE_PYTHON, with a note, or with --upstream-only as the prepared environment's python)
 SETUP_SH = $(if $(filter file,$(origin PYTHON)),env -u PYTHON )bash setup.sh
 
 .PHONY: help
-help: ## List the targets with one line each
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+help: ## List the targets, each with the variables it takes: make TARGET VAR=value
+	@echo "Every target also takes PYTHON (the interpreter that runs the project's modules; default: the venv's) and VENV."
+	@awk 'BEGIN {FS = ":.*## "} /^## vars:/ {sub(/^## vars: */, ""); vars = $$0; next} \
+	     /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2; \
+	                              if (vars != "") printf "  %-22s \033[2mvars: %s\033[0m\n", "", vars; vars = ""}' $(MAKEFILE_LIST)
 
 # ---------------------------------------------------------------- foundation
 .PHONY: setup upstream verify lock assets test upstream-tests
-setup: ## Create .venv with pinned deps, clone upstreams at the pin, apply overlays (UPSTREAM_MIRROR=dir, FORCE=1)
+## vars: BASE_PYTHON UPSTREAM_MIRROR FORCE
+setup: ## Create .venv with pinned deps, clone upstreams at the pin, apply overlays
 	$(SETUP_SH)
 
+## vars: UPSTREAM_MIRROR FORCE
 upstream: ## Only the git + overlay part of setup (no pip): clone/verify pins and apply overlays
 	$(SETUP_SH) --upstream-only
 
@@ -103,6 +114,7 @@ lock: ## Recompute the digests and upstream bases of every overlay file and patc
 assets: ## Build the embedded tiny models, tokenizers and synthetic data into assets/ (deterministic, offline)
 	"$$PYTHON" -m rlhf_overlay.data.tiny_assets
 
+## vars: PYTEST_ARGS BASE_PYTHON UPSTREAM_MIRROR
 test: ## Run the test suite (sets up the env; upstream tests run when a mirror or the setup cache is present)
 	$(SETUP_SH) --for-tests
 	@# the tests' own `make` calls use the venv setup just made: PYTHON was fixed when this make started (and
@@ -110,38 +122,51 @@ test: ## Run the test suite (sets up the env; upstream tests run when a mirror o
 	PYTHON="$$(cd "$$VENV" && pwd)/bin/python" "$$VENV/bin/python" -m rlhf_overlay.runtime.make_args --append PYTEST_ARGS -- \
 	    "$$VENV/bin/python" -m pytest
 
-upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit (OUTPUT)
+## vars: OUTPUT
+upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit
 	"$$PYTHON" -m rlhf_overlay.engine.upstream_tests
 
 # ---------------------------------------------------------------- training targets
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
 TRAINING_TARGETS := rm-llama2 ppo-llama2 rm-bloom rm-gptj ppo-bloom ppo-gptj ppo-smoke-test dpo-llama2 eval-rm chat
 .PHONY: $(TRAINING_TARGETS) ppo-join accelerate-config
-rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model (MODEL, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model
 	@bash training_scripts/run.sh rm_llama2
-ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA (ACTOR, CRITIC, DATA, OUTPUT, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE)
+## vars: ACTOR CRITIC DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA
 	@bash training_scripts/run.sh ppo_llama2
-rm-bloom: ## trlx recipe: BLOOM value-head reward model (MODEL, DATA, OUTPUT)
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+rm-bloom: ## trlx recipe: BLOOM value-head reward model
 	@bash training_scripts/run.sh rm_bloom
-rm-gptj: ## trlx recipe: GPT-J value-head reward model (MODEL, DATA, OUTPUT)
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+rm-gptj: ## trlx recipe: GPT-J value-head reward model
 	@bash training_scripts/run.sh rm_gptj
-ppo-bloom: ## trlx PPO on BLOOM with a trained reward model (MODEL, RM, DATA, OUTPUT)
+## vars: MODEL RM DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+ppo-bloom: ## trlx PPO on BLOOM with a trained reward model
 	@bash training_scripts/run.sh ppo_bloom
-ppo-gptj: ## trlx PPO on GPT-J with a trained reward model (MODEL, RM, DATA, OUTPUT)
+## vars: MODEL RM DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+ppo-gptj: ## trlx PPO on GPT-J with a trained reward model
 	@bash training_scripts/run.sh ppo_gptj
-ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the pre-trained tiny BLOOM; passes on reward rise, fluency, KL (MODEL, REWARD, OUTPUT)
+## vars: MODEL REWARD RM DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+ppo-smoke-test: ## PPO alone (no SFT, no RM training) on the pre-trained tiny BLOOM; passes on reward rise, fluency, KL
 	@bash training_scripts/run.sh ppo_smoke_test
-ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host (RUN, MACHINE_RANK)
+## vars: RUN MACHINE_RANK
+ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first host
 	$(if $(RUN),,$(error ppo-join needs RUN=<the run folder printed on the first host>))$(if $(MACHINE_RANK),,$(error ppo-join needs MACHINE_RANK=<this host's line in HOSTFILE, from 0>))
 	"$$PYTHON" -m rlhf_overlay.trlx_jobs.ppo --join "$$RUN" --machine-rank "$$MACHINE_RANK"
+## vars: HOSTFILE BASE OUT
 accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
 	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
 	"$$PYTHON" -m rlhf_overlay.runtime.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
-dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2 (MODEL, DATA, OUTPUT, LORA_DIM)
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2
 	@bash training_scripts/run.sh dpo_llama2
-eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram (RM, DATA)
+## vars: RM DATA OUTPUT OVERWRITE
+eval-rm: ## Evaluate a reward model on preference data: accuracy, margin, histogram
 	@bash training_scripts/run.sh eval_rm
-chat: ## Chat with a trained actor; PROMPT="..." answers once and exits (MODEL)
+## vars: MODEL PROMPT
+chat: ## Chat with a trained actor; PROMPT="..." answers once and exits
 	@bash training_scripts/run.sh chat
 
 # two "nodes" on this machine for trying HOSTFILE runs by hand (root; rlhf_overlay/runtime/cluster.py, used by the tests)
@@ -153,14 +178,17 @@ cluster-down: ## Remove everything cluster-up made (namespace, veth, /etc/hosts 
 
 # ---------------------------------------------------------------- whole chain
 .PHONY: pipeline-llama2 pipeline-bloom
-pipeline-llama2: ## Megatron SFT -> HF -> rm-llama2 -> ppo-llama2 -> Megatron (input's TP/PP), logits checked (MEGATRON_SFT, TOKENIZER, DATA, OUTPUT, RESUME, NUM_GPUS)
+## vars: MEGATRON_SFT TOKENIZER DATA OUTPUT RESUME NUM_GPUS
+pipeline-llama2: ## Megatron SFT -> HF -> rm-llama2 -> ppo-llama2 -> Megatron (input's TP/PP), logits checked
 	@bash training_scripts/pipeline_llama2.sh
-pipeline-bloom: ## Megatron SFT -> HF -> rm-bloom -> ppo-bloom -> Megatron (input's TP/PP), logits checked (MEGATRON_SFT, TOKENIZER, DATA, OUTPUT, RESUME, NUM_GPUS)
+## vars: MEGATRON_SFT TOKENIZER DATA OUTPUT RESUME NUM_GPUS
+pipeline-bloom: ## Megatron SFT -> HF -> rm-bloom -> ppo-bloom -> Megatron (input's TP/PP), logits checked
 	@bash training_scripts/pipeline_bloom.sh
 
 # ---------------------------------------------------------------- reports
 .PHONY: report
-report: ## Curves (report.png) and summary.md for one or more run folders (RUN="runs/a runs/b")
+## vars: RUN
+report: ## Curves (report.png) and summary.md for one or more run folders
 	"$$PYTHON" -m rlhf_overlay.runtime.make_args --append RUN -- "$$PYTHON" -m rlhf_overlay.tools.report
 
 # ---------------------------------------------------------------- converters (toolkits/)
@@ -185,12 +213,16 @@ convert_common = $(if $(SOURCE),,$(error $@ needs SOURCE=<folder to convert>))$(
 llama_model_name = $(if $(MODEL_NAME),--model-name "$$MODEL_NAME")
 
 .PHONY: convert-llama2-mg2hf convert-llama2-hf2mg convert-bloom-mg2hf convert-bloom-hf2mg
-convert-llama2-mg2hf: ## Megatron -> HF, LLaMA family; legacy, Megatron-Core or torch_dist, detected (SOURCE, TARGET, MODEL_NAME, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+## vars: SOURCE TARGET MODEL_NAME EXTRA_VOCAB_SIZE OVERWRITE CONVERT_FLAGS
+convert-llama2-mg2hf: ## Megatron -> HF, LLaMA family; legacy, Megatron-Core or torch_dist, detected
 	$(convert_py) mg2hf --model llama2 $(llama_model_name) $(convert_common)
-convert-llama2-hf2mg: ## HF -> Megatron-Core torch_dist; CONVERT_FLAGS="--format torch|legacy": TP x PP rank files (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+## vars: SOURCE TARGET TP PP MODEL_NAME EXTRA_VOCAB_SIZE OVERWRITE CONVERT_FLAGS
+convert-llama2-hf2mg: ## HF -> Megatron-Core torch_dist; CONVERT_FLAGS="--format torch|legacy": TP x PP rank files
 	$(convert_py) hf2mg --model llama2 --tp "$$TP" --pp "$$PP" $(llama_model_name) $(convert_common)
-convert-bloom-mg2hf: ## Megatron -> HF BLOOM (SOURCE, TARGET, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+## vars: SOURCE TARGET EXTRA_VOCAB_SIZE OVERWRITE CONVERT_FLAGS
+convert-bloom-mg2hf: ## Megatron -> HF BLOOM
 	$(convert_py) mg2hf --model bloom $(convert_common)
-convert-bloom-hf2mg: ## HF -> Megatron BLOOM at TP x PP (SOURCE, TARGET, TP, PP, EXTRA_VOCAB_SIZE, OVERWRITE, CONVERT_FLAGS)
+## vars: SOURCE TARGET TP PP EXTRA_VOCAB_SIZE OVERWRITE CONVERT_FLAGS
+convert-bloom-hf2mg: ## HF -> Megatron BLOOM at TP x PP
 	$(convert_py) hf2mg --model bloom --tp "$$TP" --pp "$$PP" $(convert_common)
 # <<< converters

@@ -214,3 +214,42 @@ def test_list_variables_split_like_shell_words_without_expansion(tmp_path, stub)
     res = run_make(["report", "RUN=runs/a 'unclosed"], clean_env(PYTHON=str(stub), ARGV_LOG=str(log)))
     assert res.returncode != 0 and "error: RUN=\"runs/a 'unclosed\": No closing quotation — close the quote" in res.stderr
     assert not log.exists()
+
+
+# `make help` prints each target's `## vars:` line; here every one is checked against what reaches the program.
+DECLARED = {t: v.split() for v, t in re.findall(r"^## vars:(.*)\n([a-zA-Z0-9_-]+):", MAKEFILE, flags=re.M)}
+SWITCHES = {"OVERWRITE": "--overwrite", "ALLOW_ARCH": "--allow-arch"}   # VAR=1 -> the flag
+RESUMABLE = {"RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES", "KEEP_CHECKPOINTS"}
+REFUSED = {"rm-llama2": RESUMABLE, "dpo-llama2": RESUMABLE, "ppo-llama2": RESUMABLE | {"MODEL"}}   # error: when set
+# read from the environment by the program, not passed as an argument
+FROM_ENV = {"RANK_REPORT": "rlhf_overlay/runtime/runs.py prepare_run_dir", "OUTPUT": "upstream_tests --out default"}
+# these run setup.sh for real: their variables are setup.sh's (bash setup.sh --help), checked there by name only
+RUNS_SETUP = {"help", "setup", "upstream", "test"}
+
+
+def test_every_declared_variable_is_a_make_variable():
+    assert set(DECLARED) <= set(TARGETS)
+    for target, names in DECLARED.items():
+        assert names and set(names) <= set(USER_VARS) - {"PYTHON", "VENV"}, (target, names)
+    help_text = run_make(["help"], clean_env()).stdout
+    assert "PYTHON" in help_text.splitlines()[0]
+    for target, names in DECLARED.items():
+        assert re.search(rf"{re.escape(target)}\W.*\n +\S*vars: {' '.join(names)}\b", help_text), target
+
+
+@pytest.mark.parametrize("target", sorted(set(TARGETS) - RUNS_SETUP))
+def test_make_help_names_exactly_the_variables_a_target_passes(tmp_path, stub, target):
+    """Every variable set at once (but those the target refuses): the ones whose value reaches the program are the
+    target's `## vars:` line, and nothing that line names is lost on the way."""
+    log = tmp_path / "argv.log"
+    values = {v: "1" if v in SWITCHES or v == "RANK_REPORT" else f"<{v}>" for v in USER_VARS
+              if v not in ("PYTHON", "VENV") and v not in REFUSED.get(target, set())}
+    res = run_make([target, *(f"{k}={v}" for k, v in values.items())], clean_env(PYTHON=str(stub), ARGV_LOG=str(log)))
+    assert res.returncode == 0, res.stderr
+    argv = [a for line in log.read_text().splitlines() for a in json.loads(line)]
+    passed = {v for v, value in values.items() if value != "1" and any(value in a for a in argv)}
+    passed |= {v for v, flag in SWITCHES.items() if flag in argv}
+    declared = set(DECLARED.get(target, []))
+    assert passed <= declared, f"{target} passes {sorted(passed - declared)}: add them to its `## vars:` line"
+    lost = declared - passed - set(FROM_ENV)
+    assert not lost, f"{target}: its `## vars:` line names {sorted(lost)}, which never reach the program"
