@@ -253,3 +253,28 @@ def test_make_help_names_exactly_the_variables_a_target_passes(tmp_path, stub, t
     assert passed <= declared, f"{target} passes {sorted(passed - declared)}: add them to its `## vars:` line"
     lost = declared - passed - set(FROM_ENV)
     assert not lost, f"{target}: its `## vars:` line names {sorted(lost)}, which never reach the program"
+
+
+def test_setup_sh_help_prints_only_its_help():
+    res = subprocess.run(["bash", "setup.sh", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert res.stdout.startswith("usage: bash setup.sh") and "#" not in res.stdout and "set -e" not in res.stdout
+    assert "BASE_PYTHON" in res.stdout and "PYTHON " in res.stdout
+
+
+def test_setup_sh_reads_a_given_python_as_base_python_with_a_note(tmp_path):
+    """PYTHON names the interpreter that runs the modules; setup makes the venv with BASE_PYTHON. A PYTHON that is not
+    the venv's (the old `make setup PYTHON=/path/python3.11`) still chooses the venv's interpreter, and says so."""
+    (tmp_path / "setup.sh").write_text((PROJECT_ROOT / "setup.sh").read_text())   # a copy: nothing here is set up
+    missing = tmp_path / "no" / "python3.11"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "BASE_PYTHON", "VENV")}
+    res = subprocess.run(["bash", "setup.sh"], cwd=tmp_path, env=dict(env, PYTHON=str(missing)), capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    note, error = res.stderr.splitlines()
+    assert note.startswith(f"note: PYTHON={missing} is taken as BASE_PYTHON") and "pass BASE_PYTHON=" in note
+    assert error.startswith(f"error: setup.sh: BASE_PYTHON={missing} is missing or older than 3.10")
+    res = subprocess.run(["bash", "setup.sh"], cwd=tmp_path, env=dict(env, BASE_PYTHON=str(missing)), capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2 and res.stderr.startswith(f"error: setup.sh: BASE_PYTHON={missing}"), res.stderr
+    assert not (tmp_path / ".venv").exists()
