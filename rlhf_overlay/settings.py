@@ -90,47 +90,37 @@ def _shown(value) -> str:
 
 # ---------------------------------------------------------------------------------------------- the parser
 class SettingsParser(ArgumentParser):
-    """An ArgumentParser for one settings dataclass; more (non-setting) arguments may be added as usual."""
+    """An ArgumentParser with the flags of one settings dataclass (add_settings); more arguments may be added as
+    usual. Subparsers (add_subparsers().add_parser) are SettingsParsers too: each may add_settings its own class."""
 
-    def __init__(self, cls, defaults: dict, **kwargs):
-        super().__init__(**kwargs)
-        self.settings_cls, self.settings_defaults = cls, defaults
-        self.settings = setting_fields(cls)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings_cls, self.settings_defaults, self.settings = None, {}, []
 
-    def parse_known_args(self, args=None, namespace=None):
-        ns, rest = super().parse_known_args(args, namespace)
-        given = {f.name for f, _ in self.settings if hasattr(ns, f.name)}
-        file = getattr(ns, "config", None)
-        from_file = load_settings_file(file, self.settings_cls) if file else {}
-        for f, _ in self.settings:
-            if f.name not in given:
-                setattr(ns, f.name, from_file[f.name] if f.name in from_file else self.settings_defaults[f.name])
-        ns.settings_given = sorted(given | set(from_file))
-        ns.settings_file = file or ""
-        return ns, rest
+    def add_settings(self, cls, defaults=None, config_flag: bool = True) -> None:
+        """One flag per field of dataclass `cls` (help from metadata["help"], choices from metadata["choices"]),
+        and --config FILE. `defaults` (an instance of `cls` or a dict of some fields) replaces field defaults, e.g.
+        a per-arch default of a shared config; dataclasses.MISSING there makes a flag required."""
+        base = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+        if dataclasses.is_dataclass(defaults):
+            defaults = dataclasses.asdict(defaults)
+        base.update(defaults or {})
+        self.settings_cls, self.settings_defaults, self.settings = cls, base, setting_fields(cls)
+        for f, kind in self.settings:
+            self._add_setting(cls, f, kind, base[f.name])
+        if config_flag:
+            self.add_argument("--config", metavar="FILE", default="",
+                              help="settings file (.yaml or .json, keys = the settings above); flags given too win")
 
-
-def build_parser(cls, prog: str, description: str | None = None, epilog: str | None = None,
-                 defaults=None, config_flag: bool = True, raw: bool = True) -> SettingsParser:
-    """One flag per field of dataclass `cls` (help from metadata["help"], choices from metadata["choices"]), and
-    --config FILE. `defaults` (an instance of `cls` or a dict of some fields) replaces field defaults, e.g. a
-    per-arch default of a shared config."""
-    base = {f.name: field_default(f) for f in dataclasses.fields(cls)}
-    if dataclasses.is_dataclass(defaults):
-        defaults = dataclasses.asdict(defaults)
-    base.update(defaults or {})
-    p = SettingsParser(cls, base, prog=prog, description=description, epilog=epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
-    for f, kind in p.settings:
+    def _add_setting(self, cls, f: dataclasses.Field, kind: Kind, default) -> None:
         if f.name == "config":
             raise TypeError(f"{cls.__name__}: a setting may not be called 'config' (that is --config FILE)")
         help_text = f.metadata.get("help")
         if help_text is None:
             raise TypeError(f"{cls.__name__}.{f.name}: no help; declare it with field(metadata={{'help': ...}})")
-        default = base[f.name]
         if f.metadata.get("rest"):
-            p.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
-            continue
+            self.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
+            return
         if "default" not in help_text and default not in (dataclasses.MISSING, None, "", []):
             help_text += f" (default: {_shown(default)})"   # an empty default: the help says what empty means
         kw: dict = {"default": argparse.SUPPRESS, "help": help_text}
@@ -144,10 +134,32 @@ def build_parser(cls, prog: str, description: str | None = None, epilog: str | N
                 kw["choices"] = tuple(f.metadata["choices"])
             if f.metadata.get("metavar"):
                 kw["metavar"] = f.metadata["metavar"]
-        p.add_argument(flag_of(f.name), **kw)
-    if config_flag:
-        p.add_argument("--config", metavar="FILE", default="",
-                       help="settings file (.yaml or .json, keys = the settings above); flags given too win")
+        self.add_argument(flag_of(f.name), **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if self.settings_cls is None:
+            return ns, rest
+        given = {f.name for f, _ in self.settings if hasattr(ns, f.name)}
+        file = getattr(ns, "config", None)
+        from_file = load_settings_file(file, self.settings_cls) if file else {}
+        for f, _ in self.settings:
+            if f.name not in given:
+                value = from_file[f.name] if f.name in from_file else self.settings_defaults[f.name]
+                if value is dataclasses.MISSING:   # a field without a default: its flag (or key) is required
+                    self.error(f"the following arguments are required: {flag_of(f.name)}")
+                setattr(ns, f.name, value)
+        ns.settings_given = sorted(given | set(from_file))
+        ns.settings_file = file or ""
+        return ns, rest
+
+
+def build_parser(cls, prog: str, description: str | None = None, epilog: str | None = None,
+                 defaults=None, config_flag: bool = True, raw: bool = True) -> SettingsParser:
+    """A parser with the flags of dataclass `cls` and --config FILE (see SettingsParser.add_settings)."""
+    p = SettingsParser(prog=prog, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+    p.add_settings(cls, defaults, config_flag)
     return p
 
 
@@ -257,13 +269,16 @@ def to_argv(cfg) -> list[str]:
     return argv + (["--", *rest] if rest else [])
 
 
-def print_dry_run(kind: str, resolved: dict, command: list[str], cwd: str | Path | None = None) -> None:
-    """What --dry-run prints: the resolved settings (YAML) and the launch command (last line, copy-paste ready)."""
+def print_dry_run(kind: str, resolved: dict, command: list[str] | dict[str, list[str]],
+                  cwd: str | Path | None = None) -> None:
+    """What --dry-run prints: the resolved settings (YAML) and the launch command (last line, copy-paste ready);
+    several commands as {label: command}, each under a `# label` line."""
     import yaml
 
-    shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in resolved.items()
-             if k not in ("launch_command", "launch_cwd")}
+    shown = {k: v for k, v in resolved.items() if k not in ("launch_command", "launch_cwd")}
     print(f"# {kind} dry run: nothing was run or created\n# resolved settings")
     print(yaml.safe_dump(json.loads(json.dumps(shown, default=str)), sort_keys=False, width=1000).rstrip())
-    print(f"# launch command{f' (in {cwd})' if cwd else ''}")
-    print(shlex.join([str(c) for c in command]), flush=True)
+    where = f" (in {cwd})" if cwd else ""
+    for label, cmd in (command.items() if isinstance(command, dict) else [("launch command", command)]):
+        print(f"# {label}{where}")
+        print(shlex.join([str(c) for c in cmd]), flush=True)

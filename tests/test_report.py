@@ -74,8 +74,12 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(report.ReportError, match="no scalars yet"):
         report.write_report([tmp_path / "started"])
     assert report.main([str(tmp_path / "empty")]) == 2
-    assert "report: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no tensorboard event files" in err and err.count("\n") == 1
     assert report.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert report.main(["--max-panels", "many", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: argument --max-panels: invalid int value: 'many'")
 
 
 def test_run_in_progress_can_be_reported(tmp_path):

@@ -198,3 +198,37 @@ def test_print_dry_run(capsys):
     assert lines[-2] == "# launch command (in /step2)"
     shown = yaml.safe_load("\n".join(lines[:-2]))
     assert shown == {"recipe": "tiny", "batch_size": 8, "run_dir": "/r", "cpu_notes": []}
+
+
+@dataclass
+class Needs:
+    model: str = field(metadata={"help": "required: no default"})
+    steps: int = field(default=1, metadata={"help": "steps"})
+
+
+def test_a_field_without_default_is_a_required_flag_or_key(tmp_path):
+    p = settings.build_parser(Needs, prog="needs")
+    with pytest.raises(UsageError, match="the following arguments are required: --model"):
+        p.parse_args([])
+    assert settings.config_from_args(Needs, p.parse_args(["--model", "m"])) == Needs(model="m")
+    assert settings.config_from_args(Needs, p.parse_args(["--config", write(tmp_path, "n.yaml", "model: f\n")])
+                                     ).model == "f"
+    required_steps = settings.build_parser(Needs, prog="needs", defaults={"steps": settings.dataclasses.MISSING})
+    with pytest.raises(UsageError, match="required: --steps"):
+        required_steps.parse_args(["--model", "m"])
+
+
+def test_subcommands_each_with_their_settings(tmp_path):
+    p = settings.SettingsParser(prog="tool")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run").add_settings(Demo)
+    other = sub.add_parser("other")
+    other.add_argument("path")
+    ns = p.parse_args(["run", "--steps", "3", "--config", write(tmp_path, "s.yaml", "model: x\n")])
+    assert ns.command == "run" and settings.config_from_args(Demo, ns) == Demo(steps=3, model="x")
+    assert ns.settings_given == ["model", "steps"]
+    assert p.parse_args(["other", "a"]).path == "a"
+    with pytest.raises(UsageError, match="invalid choice: 'walk'"):
+        p.parse_args(["walk"])
+    with pytest.raises(UsageError, match="unknown key 'nope'"):
+        p.parse_args(["run", "--config", write(tmp_path, "bad.yaml", "nope: 1\n")])

@@ -9,11 +9,11 @@ Interactive commands: `clear` forgets the history, `quit`/`exit` or Ctrl-D leave
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from rlhf_overlay.errors import UserError, interrupted
+from dataclasses import dataclass, field
+
+from rlhf_overlay import settings
+from rlhf_overlay.errors import UserError, main_guard
 
 
 class ChatError(UserError, RuntimeError):
@@ -22,13 +22,15 @@ class ChatError(UserError, RuntimeError):
 
 @dataclass
 class ChatConfig:
-    model: str                    # HF model folder (config.json + weights + tokenizer) or hub id
-    prompt: str | None = None     # answer this once and exit (non-interactive)
-    max_new_tokens: int = 64      # length of each answer
-    temperature: float = 0.0      # 0 = greedy (deterministic); > 0 samples
-    top_p: float = 0.9            # nucleus sampling when temperature > 0
-    seed: int = 0                 # sampling seed
-    device: str = "auto"          # auto | cpu | cuda[:N]
+    model: str = field(metadata={"help": "HF model folder (config.json + weights + tokenizer), a run folder with "
+                                         "policy/ or actor/, or a hub id (MODEL)"})
+    prompt: str | None = field(default=None, metadata={"help": "answer this once and exit (PROMPT; default: "
+                                                               "interactive)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "length of each answer"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (deterministic); > 0 samples"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling when temperature > 0"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,18 +47,9 @@ class ChatConfig:
             self.model = str(r.local)   # a run folder -> its policy/ or actor/
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.tools.chat", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    d = ChatConfig(model="")
-    p.add_argument("--model", required=True, help="HF model folder (config.json + weights + tokenizer) or hub id")
-    p.add_argument("--prompt", default=None, help="answer this once and exit")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of each answer")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling when temperature > 0")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
-    return p
+def build_parser() -> settings.SettingsParser:
+    return settings.build_parser(ChatConfig, prog="python -m rlhf_overlay.tools.chat",
+                                 description=__doc__.split("\n\n")[0], epilog=__doc__)
 
 
 class Chatbot:
@@ -91,26 +84,16 @@ class Chatbot:
         return reply
 
 
+@main_guard
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = ChatConfig(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
+    cfg = settings.config_from_args(ChatConfig, build_parser().parse_args(argv))
+    cfg.validate()   # MODEL: a causal LM folder (a run folder's policy/ or actor/) or hub id; weights complete
     try:
-        cfg.validate()   # MODEL: a causal LM folder (a run folder's policy/ or actor/) or hub id; weights complete
         bot = Chatbot(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except (OSError, ValueError) as exc:   # what transformers says about a folder it cannot load
-        print(f"error: MODEL={cfg.model} cannot be loaded: {str(exc).splitlines()[0]} — pass the folder of a "
-              f"trained policy/actor (config.json, weights and tokenizer files)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted()
-    try:
-        return _talk(bot, cfg)
-    except KeyboardInterrupt:
-        return interrupted()
+        raise ChatError(f"MODEL={cfg.model} cannot be loaded: {str(exc).splitlines()[0]} — pass the folder of a "
+                        f"trained policy/actor (config.json, weights and tokenizer files)") from None
+    return _talk(bot, cfg)
 
 
 def _talk(bot: Chatbot, cfg: ChatConfig) -> int:

@@ -22,11 +22,13 @@ unfinished one from scratch (its folder is removed first).
     make pipeline-bloom
     make pipeline-llama2 RESUME=runs/pipeline-llama2-20261129-120000
     make pipeline-llama2 MEGATRON_SFT=/ckpt/llama2-7b-sft TOKENIZER=/models/Llama-2-7b-hf DATA=/data/prefs NUM_GPUS=8
-    python -m rlhf_overlay.tools.pipeline --help
+    python -m rlhf_overlay.tools.pipeline run --family bloom --dry-run    # settings + every stage's command
+    python -m rlhf_overlay.tools.pipeline run --help
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -34,11 +36,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.errors import UserError
+from rlhf_overlay import settings
+from rlhf_overlay.errors import UserError, main_guard
 
 FAMILIES = ("llama2", "bloom")
 TINY_LAYOUT = {"llama2": (2, 2), "bloom": (2, 1)}   # (TP, PP) of the tiny default's Megatron checkpoint
@@ -54,13 +57,20 @@ class PipelineError(UserError, RuntimeError):
 
 @dataclass
 class PipelineConfig:
-    family: str = "llama2"
-    megatron_sft: str = ""    # Megatron SFT checkpoint (root, iter_*/ or release/); empty = the tiny stand-in
-    tokenizer: str = ""       # tokenizer folder for mg2hf (empty = the tiny model's in the tiny default)
-    data: str = ""            # preference data for the RM (and prompts for PPO); empty = embedded
-    output: str = ""          # pipeline folder (empty = runs/pipeline-<family>-<time>)
-    resume: str = ""          # an earlier pipeline folder: skip its done stages
-    num_gpus: int = 0         # ranks per node for the training stages (0 = their default)
+    family: str = field(default="llama2", metadata={"help": "llama2 (DeepSpeed-Chat stages) | bloom (trlx stages)",
+                                                    "choices": FAMILIES})
+    megatron_sft: str = field(default="", metadata={"help": "Megatron SFT checkpoint: its root, an iter_*/ or "
+                                                            "release/ folder (MEGATRON_SFT; empty: the tiny stand-in)"})
+    tokenizer: str = field(default="", metadata={"help": "HF tokenizer folder for mg2hf (TOKENIZER; empty: the tiny "
+                                                         "model's in the tiny default, else the checkpoint's)"})
+    data: str = field(default="", metadata={"help": "preference data for the reward model and, its prompts, for PPO "
+                                                    "(DATA; empty: the embedded data)"})
+    output: str = field(default="", metadata={"help": "pipeline folder (OUTPUT; empty: runs/pipeline-<family>-<time>)"})
+    resume: str = field(default="", metadata={"help": "an earlier pipeline folder: skip its done stages (RESUME)"})
+    num_gpus: int = field(default=0, metadata={"help": "ranks per node for the training stages (NUM_GPUS; 0: their "
+                                                       "default)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and every stage's command; "
+                                                           "run nothing, create nothing"})
 
     @property
     def tiny(self) -> bool:
@@ -197,7 +207,6 @@ def _mean(xs):
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: Path):
         self.cfg, self.run = cfg, run_dir
-        self.state = json.loads((run_dir / "pipeline.json").read_text())
 
     def folder(self, stage: str) -> Path:
         return self.run / stage
@@ -225,36 +234,43 @@ class Pipeline:
         return result
 
     # 0 ------------------------------------------------------------------------------------------
-    def megatron_sft(self, folder: Path) -> dict:
+    def megatron_sft_command(self, folder: Path) -> list[str]:
         from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
 
         fam = self.cfg.family
         tp, pp = TINY_LAYOUT[fam]
         base = ensure_tiny_assets() / "models" / TINY_MODEL[fam]
-        target = folder / "checkpoint"
-        run_stage_command(_python() + ["toolkits.megatron_hf.convert", "hf2mg", "--model", fam, "--source", str(base),
-                                       "--target", str(target), "--tp", str(tp), "--pp", str(pp), "--no-progress"]
-                          + hf2mg_format_flags("legacy"), folder, "0-megatron-sft")
-        return {"checkpoint": str(target), "from_hf": str(base), "tp": tp, "pp": pp,
-                "note": "the pre-trained tiny base (make assets), standing in for a Megatron SFT run"}
+        return _python() + ["toolkits.megatron_hf.convert", "hf2mg", "--model", fam, "--source", str(base),
+                            "--target", str(folder / "checkpoint"), "--tp", str(tp), "--pp", str(pp),
+                            "--no-progress"] + hf2mg_format_flags("legacy")
+
+    def megatron_sft(self, folder: Path) -> dict:
+        cmd = self.megatron_sft_command(folder)
+        run_stage_command(cmd, folder, "0-megatron-sft")
+        tp, pp = TINY_LAYOUT[self.cfg.family]
+        return {"checkpoint": str(folder / "checkpoint"), "from_hf": cmd[cmd.index("--source") + 1], "tp": tp,
+                "pp": pp, "note": "the pre-trained tiny base (make assets), standing in for a Megatron SFT run"}
 
     # 1 ------------------------------------------------------------------------------------------
-    def sft_hf(self, folder: Path, source: Path) -> dict:
+    def sft_hf_command(self, folder: Path, source: Path) -> list[str]:
         fam = self.cfg.family
-        target = folder / "model"
         cmd = _python() + ["toolkits.megatron_hf.convert", "mg2hf", "--model", fam, "--source", str(source),
-                           "--target", str(target), "--no-progress"]
+                           "--target", str(folder / "model"), "--no-progress"]
         tokenizer = self.cfg.tokenizer
         if not tokenizer and self.cfg.tiny:
             from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
             tokenizer = str(ensure_tiny_assets() / "models" / TINY_MODEL[fam])
         if tokenizer:
             cmd += ["--tokenizer", str(Path(tokenizer).expanduser().resolve())]
-        run_stage_command(cmd, folder, "1-sft-hf")
-        return {"model": str(target), "source": str(source), "layout": checkpoint_layout(source)}
+        return cmd
+
+    def sft_hf(self, folder: Path, source: Path) -> dict:
+        run_stage_command(self.sft_hf_command(folder, source), folder, "1-sft-hf")
+        return {"model": str(folder / "model"), "source": str(source), "layout": checkpoint_layout(source)}
 
     # 2 ------------------------------------------------------------------------------------------
-    def reward_model(self, folder: Path, model: Path) -> dict:
+    def reward_model_command(self, folder: Path, model: Path, probe: Path | None = None) -> list[str]:
+        """`probe`: a model that exists now, to work out the tiny flags before `model` is written (--dry-run)."""
         out = folder / "run"
         if self.cfg.family == "llama2":
             cmd = _python() + ["rlhf_overlay.dschat_jobs.reward_model", "--model", str(model), "--output", str(out)]
@@ -268,12 +284,16 @@ class Pipeline:
             cmd = _python() + ["rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--model", str(model),
                                "--output", str(out)]
             if self.cfg.tiny:
-                cmd += tiny_flags(RewardModelConfig, "bloom", model)
+                cmd += tiny_flags(RewardModelConfig, "bloom", probe or model)
             if self.cfg.num_gpus:
                 cmd += ["--num-processes", str(self.cfg.num_gpus)]
         if self.cfg.data:
             cmd += ["--data", str(Path(self.cfg.data).expanduser().resolve())]
-        run_stage_command(cmd, folder, "2-reward-model")
+        return cmd
+
+    def reward_model(self, folder: Path, model: Path) -> dict:
+        out = folder / "run"
+        run_stage_command(self.reward_model_command(folder, model), folder, "2-reward-model")
         write_report(out, folder, "2-reward-model")
         if self.cfg.family == "llama2":
             r = json.loads((out / "model" / "eval_results.json").read_text())
@@ -284,10 +304,12 @@ class Pipeline:
                 "eval_accuracy_before": m.get("eval_accuracy_before"), "report": str(out / "summary.md")}
 
     # 3 ------------------------------------------------------------------------------------------
-    def ppo(self, folder: Path, model: Path, rm: dict) -> dict:
+    def ppo_command(self, folder: Path, model: Path, rm: str, probe: Path | None = None) -> list[str]:
+        """`rm`: the reward model folder of stage 2 (DeepSpeed-Chat critic / trlx value-head RM); `probe` as in
+        reward_model_command."""
         out = folder / "run"
         if self.cfg.family == "llama2":
-            cmd = _python() + ["rlhf_overlay.dschat_jobs.ppo", "--actor", str(model), "--critic", rm["critic"],
+            cmd = _python() + ["rlhf_overlay.dschat_jobs.ppo", "--actor", str(model), "--critic", rm,
                                "--output", str(out)]
             if self.cfg.tiny:
                 cmd += ["--recipe", "tiny"]
@@ -297,14 +319,19 @@ class Pipeline:
             from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
 
             cmd = _python() + ["rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--model", str(model),
-                               "--rm", rm["reward_model"], "--output", str(out)]
+                               "--rm", rm, "--output", str(out)]
             if self.cfg.tiny:
-                cmd += tiny_flags(PPORunConfig, "bloom", model, rm=rm["reward_model"])
+                cmd += tiny_flags(PPORunConfig, "bloom", probe or model, rm=str(probe) if probe else rm)
             if self.cfg.num_gpus:
                 cmd += ["--num-processes", str(self.cfg.num_gpus)]
         if self.cfg.data:
             cmd += ["--data", str(Path(self.cfg.data).expanduser().resolve())]
-        run_stage_command(cmd, folder, "3-ppo")
+        return cmd
+
+    def ppo(self, folder: Path, model: Path, rm: dict) -> dict:
+        out = folder / "run"
+        rm_folder = rm["critic"] if self.cfg.family == "llama2" else rm["reward_model"]
+        run_stage_command(self.ppo_command(folder, model, rm_folder), folder, "3-ppo")
         write_report(out, folder, "3-ppo")
         if self.cfg.family == "llama2":
             s = _scalars(out / "tensorboard")
@@ -326,12 +353,15 @@ class Pipeline:
                 "fluency_end": h["fluency_end"], "report": str(out / "summary.md")}
 
     # 4 ------------------------------------------------------------------------------------------
+    def megatron_policy_command(self, folder: Path, policy: Path, layout: dict) -> list[str]:
+        return _python() + ["toolkits.megatron_hf.convert", "hf2mg", "--model", self.cfg.family,
+                            "--source", str(policy), "--target", str(folder / "checkpoint"), "--tp", str(layout["tp"]),
+                            "--pp", str(layout["pp"]), "--no-progress"] + hf2mg_format_flags(layout.get("format",
+                                                                                                      "legacy"))
+
     def megatron_policy(self, folder: Path, policy: Path, layout: dict) -> dict:
         target = folder / "checkpoint"
-        run_stage_command(_python() + ["toolkits.megatron_hf.convert", "hf2mg", "--model", self.cfg.family,
-                                       "--source", str(policy), "--target", str(target), "--tp", str(layout["tp"]),
-                                       "--pp", str(layout["pp"]), "--no-progress"]
-                          + hf2mg_format_flags(layout.get("format", "legacy")), folder, "4-megatron-policy")
+        run_stage_command(self.megatron_policy_command(folder, policy, layout), folder, "4-megatron-policy")
         got = checkpoint_layout(target)
         if (got["tp"], got["pp"]) != (layout["tp"], layout["pp"]):
             raise StageFailed(f"{target}: written with TP={got['tp']} PP={got['pp']}, the input had "
@@ -339,17 +369,22 @@ class Pipeline:
         return {"checkpoint": str(target), **got}
 
     # 5 ------------------------------------------------------------------------------------------
+    def check_commands(self, folder: Path, checkpoint: Path, policy: Path, vocab) -> list[list[str]]:
+        back = folder / "policy-from-megatron"
+        return [_python() + ["toolkits.megatron_hf.convert", "mg2hf", "--model", self.cfg.family,
+                             "--source", str(checkpoint), "--target", str(back), "--tokenizer", str(policy),
+                             "--vocab-size", str(vocab), "--no-progress"],
+                _python() + ["rlhf_overlay.tools.pipeline", "compare-logits", str(policy), str(back),
+                             "--out", str(folder / "logits.json")]]
+
     def check(self, folder: Path, checkpoint: Path, policy: Path) -> dict:
         from transformers import AutoConfig
 
         back = folder / "policy-from-megatron"
         # the policy's own vocabulary size (its tokenizer folder may list a token more than the model has rows)
         vocab = AutoConfig.from_pretrained(policy).vocab_size
-        run_stage_command(_python() + ["toolkits.megatron_hf.convert", "mg2hf", "--model", self.cfg.family,
-                                       "--source", str(checkpoint), "--target", str(back), "--tokenizer", str(policy),
-                                       "--vocab-size", str(vocab), "--no-progress"], folder, "5-check")
-        run_stage_command(_python() + ["rlhf_overlay.tools.pipeline", "compare-logits", str(policy), str(back),
-                                       "--out", str(folder / "logits.json")], folder, "5-check")
+        for cmd in self.check_commands(folder, checkpoint, policy, vocab):
+            run_stage_command(cmd, folder, "5-check")
         r = json.loads((folder / "logits.json").read_text())
         r["model"], r["report"] = str(back), str(folder / "logits.json")
         if not r["same"]:
@@ -358,6 +393,33 @@ class Pipeline:
         return r
 
     # ------------------------------------------------------------------------------------------
+    def plan(self) -> dict[str, list[str]]:
+        """Every stage's command(s) as a fresh run would start them (--dry-run); paths are where each stage
+        writes. Only the PPO policy's vocabulary size (stage 5) is known after stage 3."""
+        fam, f = self.cfg.family, self.folder
+        cmds, probe = {}, None
+        if self.cfg.tiny:
+            from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+            probe = ensure_tiny_assets() / "models" / TINY_MODEL[fam]   # what stage 1's model is converted from
+            cmds["0-megatron-sft"] = self.megatron_sft_command(f("0-megatron-sft"))
+            sft = f("0-megatron-sft") / "checkpoint"
+            layout = {"tp": TINY_LAYOUT[fam][0], "pp": TINY_LAYOUT[fam][1], "format": "legacy"}
+        else:
+            sft = Path(self.cfg.megatron_sft).expanduser().resolve()
+            layout = checkpoint_layout(sft)
+        hf = f("1-sft-hf") / "model"
+        rm = f("2-reward-model") / "run" / ("model" if fam == "llama2" else "reward_model")
+        policy = f("3-ppo") / "run" / ("actor" if fam == "llama2" else "policy")
+        cmds["1-sft-hf"] = self.sft_hf_command(f("1-sft-hf"), sft)
+        cmds["2-reward-model"] = self.reward_model_command(f("2-reward-model"), hf, probe)
+        cmds["3-ppo"] = self.ppo_command(f("3-ppo"), hf, str(rm), probe)
+        cmds["4-megatron-policy"] = self.megatron_policy_command(f("4-megatron-policy"), policy, layout)
+        convert, compare = self.check_commands(f("5-check"), f("4-megatron-policy") / "checkpoint", policy,
+                                               "POLICY_VOCAB_SIZE")
+        cmds["5-check: back to HF (POLICY_VOCAB_SIZE = vocab_size in the PPO policy's config.json)"] = convert
+        cmds["5-check: logits"] = compare
+        return cmds
+
     def run_all(self) -> dict:
         if self.cfg.tiny:
             sft = Path(self.stage("0-megatron-sft", self.megatron_sft)["checkpoint"])
@@ -446,18 +508,13 @@ def compare_logits(a: Path, b: Path, out: Path, n_prompts: int = 8) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.tools.pipeline", description=__doc__,
+def build_parser() -> settings.SettingsParser:
+    p = settings.SettingsParser(prog="python -m rlhf_overlay.tools.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the chain (make pipeline-llama2 / pipeline-bloom)")
-    r.add_argument("--family", choices=FAMILIES, required=True)
-    r.add_argument("--megatron-sft", default="", help="Megatron SFT checkpoint (MEGATRON_SFT; empty = tiny stand-in)")
-    r.add_argument("--tokenizer", default="", help="HF tokenizer folder for mg2hf (TOKENIZER)")
-    r.add_argument("--data", default="", help="preference data for the reward model and prompts for PPO (DATA)")
-    r.add_argument("--output", default="", help="pipeline folder (OUTPUT; empty = runs/pipeline-<family>-<time>)")
-    r.add_argument("--resume", default="", help="an earlier pipeline folder: skip its done stages (RESUME)")
-    r.add_argument("--num-gpus", type=int, default=0, help="ranks per node for the training stages (NUM_GPUS)")
+    r = sub.add_parser("run", help="run the chain (make pipeline-llama2 / pipeline-bloom)",
+                       description="Run the chain Megatron SFT -> HF -> RM -> PPO -> Megatron (make pipeline-<family>).")
+    r.add_settings(PipelineConfig, defaults={"family": dataclasses.MISSING})   # --family is required here
     c = sub.add_parser("compare-logits", help="max |logits(A) - logits(B)| of two HF models (stage 5)")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -465,20 +522,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resumed_config(cfg: PipelineConfig) -> PipelineConfig:
+    """RESUME=<pipeline folder>: its own settings (NUM_GPUS and --dry-run may differ; the inputs may not)."""
+    earlier = json.loads((Path(cfg.resume).expanduser() / "pipeline.json").read_text())["config"]
+    for key in ("megatron_sft", "tokenizer", "data"):
+        if getattr(cfg, key) and getattr(cfg, key) != earlier[key]:
+            raise PipelineError(f"RESUME={cfg.resume} ran with {key}={earlier[key]!r}, not "
+                                f"{getattr(cfg, key)!r}; start a new pipeline folder instead")
+    return PipelineConfig(**{**earlier, "resume": cfg.resume, "num_gpus": cfg.num_gpus, "dry_run": cfg.dry_run})
+
+
+def dry_run(cfg: PipelineConfig) -> int:
+    """--dry-run: the resolved settings and every stage's command; nothing is run, no folder is made."""
+    from rlhf_overlay.paths import RUNS_DIR
+
+    if cfg.resume:
+        run_dir = Path(cfg.resume).expanduser().resolve()
+    elif cfg.output:
+        run_dir = Path(cfg.output).expanduser().resolve()
+    else:
+        run_dir = RUNS_DIR / f"pipeline-{cfg.family}-<time>"
+    pipe = Pipeline(cfg, run_dir)
+    done = [s for s in STAGES if cfg.resume and pipe.done(s) is not None]
+    commands = {stage: cmd for stage, cmd in pipe.plan().items() if stage.split(":")[0] not in done}
+    settings.print_dry_run(f"pipeline-{cfg.family}", dict(asdict(cfg), run_dir=str(run_dir), tiny=cfg.tiny,
+                                                          stages_done=done), commands, cwd=_root())
+    return 0
+
+
 def run(cfg: PipelineConfig) -> tuple[int, Path | None]:
     from rlhf_overlay.runtime.runs import RunDirError, prepare_run_dir
 
     cfg.validate()
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg), None
     # The pipeline writes its own summary.md; training_scripts/run.sh must not put a report over it.
     os.environ.pop("RLHF_OVERLAY_RUN_DIRS_FILE", None)
     if cfg.resume:
         run_dir = Path(cfg.resume).expanduser().resolve()
-        earlier = json.loads((run_dir / "pipeline.json").read_text())["config"]
-        for key in ("megatron_sft", "tokenizer", "data"):
-            if getattr(cfg, key) and getattr(cfg, key) != earlier[key]:
-                raise PipelineError(f"RESUME={cfg.resume} ran with {key}={earlier[key]!r}, not "
-                                    f"{getattr(cfg, key)!r}; start a new pipeline folder instead")
-        cfg = PipelineConfig(**{**earlier, "resume": cfg.resume, "num_gpus": cfg.num_gpus})
         print(f"[pipeline] resuming {run_dir}", flush=True)
     else:
         try:
@@ -504,6 +587,7 @@ def run(cfg: PipelineConfig) -> tuple[int, Path | None]:
     return 0, run_dir
 
 
+@main_guard
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "compare-logits":
@@ -511,13 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"max |logits difference| {r['max_abs_diff']:.3e} over {r['tokens']} tokens: "
               f"{'same' if r['same'] else 'DIFFERENT'}", flush=True)
         return 0
-    cfg = PipelineConfig(family=ns.family, megatron_sft=ns.megatron_sft, tokenizer=ns.tokenizer, data=ns.data,
-                         output=ns.output, resume=ns.resume, num_gpus=ns.num_gpus)
-    try:
-        rc, _ = run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rc, _ = run(settings.config_from_args(PipelineConfig, ns))
     return rc
 
 

@@ -10,7 +10,6 @@ run folder and all its subfolders; a run still in progress is reported as far as
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -18,7 +17,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from rlhf_overlay.errors import UserError
+from rlhf_overlay import settings
+from rlhf_overlay.errors import UserError, main_guard
 
 # The project's common scalar names, in panel order. `lower_is_better` decides what "best" means.
 COMMON_METRICS = ["rm/loss", "rm/acc", "ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
@@ -230,21 +230,24 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None, max_panels: 
     return png, md
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.tools.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="*", help="run folder(s); several are overlaid panel by panel")
-    p.add_argument("--out", help="output folder (default: the run folder for one run, runs/compare-<time> for several)")
-    p.add_argument("--max-panels", type=int, default=MAX_PANELS, help="most panels to draw (default %(default)s)")
-    return p
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list, metadata={"help": "run folder(s); several are overlaid panel by "
+                                                                    "panel (RUN)", "rest": True})
+    out: str = field(default="", metadata={"help": "output folder (default: the run folder for one run, "
+                                                   "runs/compare-<time> for several)"})
+    max_panels: int = field(default=MAX_PANELS, metadata={"help": "most panels to draw"})
 
 
+def build_parser() -> settings.SettingsParser:
+    return settings.build_parser(ReportConfig, prog="python -m rlhf_overlay.tools.report",
+                                 description=__doc__.split("\n\n")[0], raw=False)
+
+
+@main_guard
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        png, md = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.max_panels)
-    except ReportError as exc:
-        print(f"report: {exc}", file=sys.stderr)
-        return 2
+    args = settings.config_from_args(ReportConfig, build_parser().parse_args(argv))
+    png, md = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.max_panels)
     for r in args.runs:
         state = status_line(Path(r))
         if state:
