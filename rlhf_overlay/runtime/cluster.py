@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 NODES = ("node-a", "node-b")
 ADDRESS = {"node-a": "10.213.7.1", "node-b": "10.213.7.2"}
@@ -429,8 +429,9 @@ def leftovers() -> list[str]:
     return found
 
 
+@main_guard   # ClusterError and bad flags -> `error: ...`, exit 2
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.runtime.cluster", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m rlhf_overlay.runtime.cluster", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="make node-a/node-b (make cluster-up)")
     sub.add_parser("down", help="remove everything up made (make cluster-down)")
@@ -440,36 +441,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("node", choices=NODES)
     r.add_argument("cmd", nargs=argparse.REMAINDER)
     ns = p.parse_args(argv)
-    try:
-        if ns.command == "up":
-            up()
-            print(f"test cluster up: node-a = this machine ({ADDRESS['node-a']}), node-b = network namespace {NETNS} "
-                  f"({ADDRESS['node-b']}); `ssh node-b hostname` works. Try:\n"
-                  f"  printf 'node-a slots=1\\nnode-b slots=1\\n' > /var/tmp/hosts\n"
-                  f"  make rm-llama2 HOSTFILE=/var/tmp/hosts OUTPUT=/var/tmp/rm-two-nodes      # pdsh over ssh\n"
-                  f"  python -m rlhf_overlay.runtime.cluster run node-a -- make ppo-smoke-test HOSTFILE=/var/tmp/hosts "
-                  f"OUTPUT=/var/tmp/ppo-two-nodes\n"
-                  f"  python -m rlhf_overlay.runtime.cluster run node-b -- make ppo-join RUN=/var/tmp/ppo-two-nodes "
-                  f"MACHINE_RANK=1\n"
-                  f"(node-b has its own /tmp: keep OUTPUT and DATA elsewhere.) Remove it all with `make cluster-down`.")
-        elif ns.command == "down":
-            removed = down()
-            print("removed: " + ("; ".join(removed) if removed else "nothing (no test cluster was up)"))
-        elif ns.command == "install":
-            missing = missing_packages()
-            install_packages()
-            print(f"installed: {' '.join(missing)}" if missing else "pdsh and openssh-server are installed")
-        elif ns.command == "status":
-            found = leftovers()
-            print("test cluster: " + ("; ".join(found) if found else "none"))
-        else:
-            cmd = ns.cmd[1:] if ns.cmd[:1] == ["--"] else ns.cmd
-            if not cmd:
-                raise ClusterError("run needs a command after the node, e.g. run node-b -- hostname")
-            return subprocess.call(on_node(ns.node, cmd))
-    except ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if ns.command == "up":
+        up()
+        print(f"test cluster up: node-a = this machine ({ADDRESS['node-a']}), node-b = network namespace {NETNS} "
+              f"({ADDRESS['node-b']}); `ssh node-b hostname` works. Try:\n"
+              f"  printf 'node-a slots=1\\nnode-b slots=1\\n' > /var/tmp/hosts\n"
+              f"  make rm-llama2 HOSTFILE=/var/tmp/hosts OUTPUT=/var/tmp/rm-two-nodes      # pdsh over ssh\n"
+              f"  python -m rlhf_overlay.runtime.cluster run node-a -- make ppo-smoke-test HOSTFILE=/var/tmp/hosts "
+              f"OUTPUT=/var/tmp/ppo-two-nodes\n"
+              f"  python -m rlhf_overlay.runtime.cluster run node-b -- make ppo-join RUN=/var/tmp/ppo-two-nodes "
+              f"MACHINE_RANK=1\n"
+              f"(node-b has its own /tmp: keep OUTPUT and DATA elsewhere.) Remove it all with `make cluster-down`.")
+    elif ns.command == "down":
+        removed = down()
+        print("removed: " + ("; ".join(removed) if removed else "nothing (no test cluster was up)"))
+    elif ns.command == "install":
+        missing = missing_packages()
+        install_packages()
+        print(f"installed: {' '.join(missing)}" if missing else "pdsh and openssh-server are installed")
+    elif ns.command == "status":
+        found = leftovers()
+        print("test cluster: " + ("; ".join(found) if found else "none"))
+    else:
+        cmd = ns.cmd[1:] if ns.cmd[:1] == ["--"] else ns.cmd
+        if not cmd:
+            raise ClusterError("run needs a command after the node, e.g. run node-b -- hostname")
+        return subprocess.call(on_node(ns.node, cmd))
     return 0
 
 
