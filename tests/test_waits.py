@@ -191,6 +191,40 @@ def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
     assert "arrived: 0 (" in r.stderr
 
 
+LATER_GROUP = r"""
+import os, sys, time
+import torch.distributed as dist
+from rlhf_overlay.trlx_jobs.common import cpu_deepspeed_backend_fix
+cpu_deepspeed_backend_fix()             # roll call + the world group with RLHF_DIST_TIMEOUT
+group = dist.new_group([0, 1])          # how DeepSpeed makes its data-parallel groups: no timeout given
+if dist.get_rank() == 1:
+    time.sleep(600)                     # a peer that stops answering (hung, not dead: its sockets stay open)
+    sys.exit(0)
+try:
+    dist.barrier(group=group)
+except Exception as e:
+    print("later group gave up:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+    sys.exit(3)
+print("barrier passed", flush=True)
+"""
+
+
+def test_a_group_made_after_the_roll_call_is_bounded_too(tmp_path):
+    """DeepSpeed's own groups (new_group without a timeout) wait RLHF_DIST_TIMEOUT for a hung peer, not torch's
+    30-minute default: rank 0 gives up on its own while rank 1 is still asleep (the subprocess timeout would
+    catch a hang)."""
+    script = tmp_path / "worker.py"
+    script.write_text(LATER_GROUP)
+    from rlhf_overlay.trlx_jobs.common import free_port
+    cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(script)]
+    r = subprocess.run(cmd, env=env_with(RLHF_DIST_TIMEOUT=3, CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                       text=True, timeout=240)
+    assert "later group gave up:" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert "Timed out waiting 3000ms" in r.stdout, "the group's own timeout is RLHF_DIST_TIMEOUT (3 s)"
+    assert "barrier passed" not in r.stdout
+
+
 def test_rank_zero_that_never_comes_is_named(tmp_path):
     from rlhf_overlay.trlx_jobs.common import free_port
     env = env_with(RLHF_DIST_TIMEOUT=2, WORLD_SIZE=2, RANK=1, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1",

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 LOCK_TIMEOUT_ENV = "RLHF_LOCK_TIMEOUT"
 DIST_TIMEOUT_ENV = "RLHF_DIST_TIMEOUT"
@@ -307,7 +307,8 @@ def roll_call(timeout: float | None = None, prefix: str = "rlhf_overlay/roll_cal
     """Before a process group is made: every rank signs in at MASTER_ADDR:MASTER_PORT and waits until all have.
     A rank that has not arrived after the timeout is named (with who did arrive), instead of torch's anonymous
     "1/2 clients joined". Uses a TCPStore on the launcher's rendezvous port, without waiting for workers, so the
-    process group made afterwards (same port, multi-tenant) is unaffected. No-op for a single process."""
+    process group made afterwards (same port, multi-tenant) is unaffected; once all are there, every process group
+    made later gets the same timeout (bound_process_groups). No-op for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return
@@ -338,6 +339,7 @@ def roll_call(timeout: float | None = None, prefix: str = "rlhf_overlay/roll_cal
     while True:
         missing = {r for r in missing if not store.check([key(r)])}
         if not missing:
+            bound_process_groups(timeout)
             return
         if time.monotonic() - start > timeout:
             arrived = sorted(set(range(world)) - missing)
@@ -348,21 +350,37 @@ def roll_call(timeout: float | None = None, prefix: str = "rlhf_overlay/roll_cal
         time.sleep(0.2)
 
 
+def bound_process_groups(seconds: float) -> None:
+    """Every process group this process makes from now on gets `seconds` as its timeout, not only the world group.
+
+    torch gives the world group the timeout its creator passes (accelerate, HF Trainer's ddp_timeout, DeepSpeed's
+    DEEPSPEED_TIMEOUT), but `torch.distributed.new_group()` without a timeout — how DeepSpeed makes its data-,
+    expert- and sequence-parallel groups — falls back to the module default, 30 minutes for gloo and 10 for NCCL:
+    a collective on such a group whose peer died would hang that long. torch has no public setter for that
+    default; `new_group` reads the module globals `default_pg_timeout` / `default_pg_nccl_timeout` of
+    torch.distributed.distributed_c10d (torch 2.13, `_get_default_timeout`), so those are set here."""
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    bound = datetime.timedelta(seconds=float(seconds))
+    c10d.default_pg_timeout = bound
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = bound
+
+
 # ------------------------------------------------------------------------------- command line
+@main_guard   # LockError and bad flags -> `error: ...`, exit 2
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.runtime.waits", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rlhf_overlay.runtime.waits", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ext = sub.add_parser("extensions", help="clear stale torch extension locks, wait for builds in progress")
     ext.add_argument("root", nargs="?", default="", help="extension folder (default: TORCH_EXTENSIONS_DIR or "
                                                          "<cache>/rlhf-overlay/torch_extensions)")
     ext.add_argument("--timeout", type=float, default=None, help=f"seconds (default: {LOCK_TIMEOUT_ENV} or 1800)")
     a = p.parse_args(argv)
-    try:
-        check_torch_extensions(a.root or None, a.timeout)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_torch_extensions(a.root or None, a.timeout)
     return 0
 
 
