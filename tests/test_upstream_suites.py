@@ -71,7 +71,43 @@ def test_known_skips_give_reasons():
     for suite, table in upstream_tests_plugin.KNOWN_SKIPS.items():
         assert suite in upstream_tests.suites()
         for nodeid, reason in table.items():
-            assert nodeid.startswith("tests/") and len(reason) > 40, (nodeid, reason)
+            assert nodeid.startswith(("tests/", "test_training.py::")) and len(reason) > 40, (nodeid, reason)
+
+
+def test_dschat_matrix_skips_exactly_the_hybrid_engine_cells():
+    for suite in upstream_tests_plugin.DSCHAT_SUITES:
+        skipped = set(upstream_tests_plugin.KNOWN_SKIPS[suite])
+        cells = {f"test_training.py::test_ds_chat[{z}-{he}-{o}-{lo}]" for z in ("zero2", "zero3")
+                 for he in ("he", "") for o in ("offload", "") for lo in ("lora", "")}
+        assert skipped == {c for c in cells if "-he-" in c} and len(skipped) == 8
+        assert all("CUDA" in r and "NotImplementedBuilder" in r for r in upstream_tests_plugin.KNOWN_SKIPS[suite].values())
+
+
+def test_deepspeed_shim_rewrites_only_what_cpu_and_offline_need():
+    # the command run_single.sh builds for the LoRA + offload cell (abridged), as the `deepspeed` on PATH gets it
+    argv = ("--num_nodes=1 main.py --data_path Dahoas/rm-static --data_split 2,4,4 --actor_model_name_or_path "
+            "facebook/opt-125m --critic_model_name_or_path /c --num_padding_at_beginning 1 "
+            "--per_device_generation_batch_size 4 --max_answer_seq_len 256 --actor_zero_stage 3 --critic_zero_stage 3 "
+            "--output_dir z3_he_false_offload_true_lora_true --offload --actor_lora_dim 128 "
+            "--actor_lora_module_name decoder.layers. --enable_test_mode --test_stop_step 5").split()
+    env = {"RLHF_DSCHAT_DATA": "/tiny/prompts", "RLHF_DSCHAT_MODEL": "opt", "RLHF_DSCHAT_ACTOR": "/tiny/llama"}
+    cmd, notes = upstream_tests.shim_command(argv, env, 4242)
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    launcher, args = cmd[3:cmd.index("main.py")], cmd[cmd.index("main.py") + 1:]
+    assert launcher == ["--num_nodes=1", "--num_gpus", "2", "--master_port", "4242"]
+    expected = list(argv[argv.index("main.py") + 1:])
+    expected[expected.index("Dahoas/rm-static")] = "/tiny/prompts"
+    assert args == expected + ["--data_output_path", "z3_he_false_offload_true_lora_true/data_cache"]
+    assert len(notes) == 3 and any("Dahoas/rm-static -> /tiny/prompts" in n for n in notes)
+    # the LLaMA row: actor, LoRA module names and padding follow the tiny LLaMA; ZeRO/offload/LoRA rank stay
+    cmd, notes = upstream_tests.shim_command(argv, dict(env, RLHF_DSCHAT_MODEL="llama"), 4242)
+    args = cmd[cmd.index("main.py") + 1:]
+    value = {a: b for a, b in zip(args, args[1:])}
+    assert value["--actor_model_name_or_path"] == "/tiny/llama" and value["--actor_lora_module_name"] == "layers."
+    assert value["--num_padding_at_beginning"] == "0" and value["--actor_lora_dim"] == "128"
+    assert value["--actor_zero_stage"] == "3" and "--offload" in args and len(notes) == 6
+    with pytest.raises(upstream_tests.UpstreamTestsError, match="no main.py"):
+        upstream_tests.shim_command(["--num_gpus", "2", "train.py"], env, 1)
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):

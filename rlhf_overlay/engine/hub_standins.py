@@ -18,7 +18,6 @@ that is renamed into place.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -30,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 BUILDER_VERSION = 1
 LIBS = ("torch", "transformers", "tokenizers", "safetensors")
@@ -54,7 +53,9 @@ STANDINS: dict[str, Standin] = {
     "EleutherAI/pythia-160m": Standin("gpt_neox"),
     "EleutherAI/gpt-neox-20b": Standin("gpt_neox"),
     "EleutherAI/gpt-j-6B": Standin("gptj"),
-    "facebook/opt-125m": Standin("opt"),
+    # 2048 positions as the real one: DeepSpeed-Chat's tests/test_training.py runs step 3 with 256 prompt + 256
+    # answer tokens on it (prompts are padded to full length), beyond the other stand-ins' 256.
+    "facebook/opt-125m": Standin("opt", {"max_position_embeddings": 2048}),
     "facebook/opt-1.3b": Standin("opt"),
     "t5-small": Standin("t5"),
     "google/t5-efficient-tiny": Standin("t5"),
@@ -193,9 +194,10 @@ def _gptj(opts, texts):
 def _opt(opts, texts):
     from transformers import OPTConfig, OPTForCausalLM
     tok = _opt_tokenizer(texts)
+    opts.setdefault("max_position_embeddings", POSITIONS)
     cfg = OPTConfig(vocab_size=len(tok) + SPARE_ROWS["opt"], hidden_size=WIDTH, num_hidden_layers=LAYERS,
                     num_attention_heads=HEADS, init_std=INIT_STD,
-                    ffn_dim=4 * WIDTH, max_position_embeddings=POSITIONS, word_embed_proj_dim=WIDTH,
+                    ffn_dim=4 * WIDTH, word_embed_proj_dim=WIDTH,
                     do_layer_norm_before=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                     eos_token_id=tok.eos_token_id, **opts)   # tied, as OPT
     return tok, OPTForCausalLM, cfg
@@ -339,16 +341,17 @@ def suite_texts(test_files) -> list[str]:
     return sorted(texts)
 
 
+@main_guard   # UserError and bad flags -> `error: ...`, exit 2
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m rlhf_overlay.engine.hub_standins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf-home", help="HF_HOME to build into (default: <user cache>/upstream-tests/hf)")
     ap.add_argument("--texts-from", nargs="*", default=[], help="test files whose sentences the tokenizers learn")
     args = ap.parse_args(argv)
-    try:
-        print(ensure_standins(args.hf_home, suite_texts(args.texts_from)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    for f in args.texts_from:
+        if not Path(f).is_file():
+            raise StandinError(f"--texts-from {f}: no such file — pass the upstream test files whose sentences the "
+                               f"stand-in tokenizers learn")
+    print(ensure_standins(args.hf_home, suite_texts(args.texts_from)))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Run an upstream's own test suite against our patched work tree, offline: `make upstream-tests`.
 
-    python -m rlhf_overlay.engine.upstream_tests                       # trlx's tests/ -> runs/upstream-tests-<time>/
+    python -m rlhf_overlay.engine.upstream_tests                       # every suite -> runs/upstream-tests-<time>/
+    python -m rlhf_overlay.engine.upstream_tests --suite dschat -- -k "zero3 and offload"   # some matrix cells
     python -m rlhf_overlay.engine.upstream_tests --files test_models.py --out /tmp/ut   # one file, chosen folder
     python -m rlhf_overlay.engine.upstream_tests -- -k save_load       # extra pytest arguments after --
 
@@ -16,12 +17,25 @@ to it), with
 Writes, atomically, into the output folder: junit/<suite>-<file>.xml, logs/<suite>-<file>.log, results.json and
 table.md (per file: passed / failed / errors / skipped, then every skip reason and failure). Exit status 0 when
 nothing failed, 1 when a test failed or errored, 2 on bad input.
+
+Suites: `trlx` (its tests/), and DeepSpeed-Chat's tests/test_training.py twice: `dschat` as written (actor
+facebook/opt-125m = the OPT stand-in) and `dschat-llama` (actor = the embedded tiny LLaMA). That file runs step 3
+through training_scripts/opt/single_node/sweep/run_single.sh for each cell of ZeRO 2/3 x hybrid engine x offload x
+LoRA; it needs CRITIC_CKPT_DIR (a step-2 reward model: trained here once per stand-in with `make rm-llama2`'s
+module and cached) and starts `deepspeed` from PATH. Here that is a shim (`--as-deepspeed`, see deepspeed_shim)
+that starts DeepSpeed's own launcher with 2 CPU ranks and says, in the cell's log, each argument it changed: the
+hub dataset Dahoas/rm-static -> the tiny prompt data (same prompt format; offline), a free rendezvous port instead
+of the fixed 12346, a tokenized-data cache inside the cell's output folder, and for dschat-llama the actor and
+LoRA module name of the tiny LLaMA. ZeRO stage, offload, LoRA rank, batch and sequence shapes, learning rates and
+the 5 test steps are upstream's. The hybrid engine cells are skipped with the reason (upstream_tests_plugin).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,13 +60,17 @@ class Suite:
     root: Path              # cwd for pytest (the suite's tests use paths relative to it)
     tests: str              # folder of the test files, relative to root
     files: tuple[str, ...]  # in the order they run
+    model: str = ""         # DeepSpeed-Chat suites: which stand-in the matrix runs on (opt | llama)
 
 
 def suites() -> dict[str, Suite]:
+    dschat_tests = paths.dschat_dir() / "tests"   # test_training.py changes folder to ../training/step3_...
     return {
         "trlx": Suite("trlx", paths.trlx_dir(), "tests",
                       ("test_configs.py", "test_utils.py", "test_pipelines.py", "test_minibatch.py",
                        "test_models.py", "test_peft.py", "test_trainers.py")),
+        "dschat": Suite("dschat", dschat_tests, ".", ("test_training.py",), model="opt"),
+        "dschat-llama": Suite("dschat-llama", dschat_tests, ".", ("test_training.py",), model="llama"),
     }
 
 
@@ -85,6 +103,129 @@ def suite_env(hf_home: Path) -> dict:
                                         [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                          if p and p != str(PROJECT_ROOT)])
     return env
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed-Chat
+DSCHAT_RANKS = "2"
+DSCHAT_CRITIC_VERSION = 1   # bump when the critic recipe below changes (cached critics are keyed by it)
+OPT_HUB_ID = "facebook/opt-125m"   # the actor test_training.py names
+
+
+def _standin_snapshot(hf_home: Path, hub_id: str) -> Path:
+    repo = hf_home / "hub" / ("models--" + hub_id.replace("/", "--"))
+    return repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+
+
+def dschat_critic(model: Path, label: str) -> Path:
+    """CRITIC_CKPT_DIR for test_training.py: a step-2 reward model of `model` (same tokenizer), trained once with
+    rm-llama2's module (tiny recipe, 20 steps on the tiny preference data) and cached by the model's files."""
+    from rlhf_overlay.dschat_jobs.launch import tiny_paths
+    from rlhf_overlay.paths import cache_dir
+    from rlhf_overlay.runtime.runs import runtime_env
+
+    digest = hashlib.sha256(str(DSCHAT_CRITIC_VERSION).encode())
+    for f in sorted(p for p in model.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + f.read_bytes())
+    dest = cache_dir() / "upstream-tests" / "dschat-critics" / f"{label}-{digest.hexdigest()[:16]}"
+    if (dest / "model" / "pytorch_model.bin").is_file():
+        return dest / "model"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "rlhf_overlay.dschat_jobs.reward_model", "--model", str(model), "--allow-arch",
+           "--data", str(tiny_paths()["preference"]), "--max-steps", "20", "--output", str(tmp)]
+    print(f"[upstream-tests] training the step-2 critic test_training.py needs (CRITIC_CKPT_DIR) for {label}",
+          flush=True)
+    env = {k: v for k, v in runtime_env(cpu=True).items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    res = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0 or not (tmp / "model" / "pytorch_model.bin").is_file():
+        tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UpstreamTestsError(f"training the {label} critic failed (exit {res.returncode}): " + "\n".join(tail))
+    try:
+        os.replace(tmp, dest)
+    except OSError:   # another run cached it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "model"
+
+
+def dschat_env(suite: Suite, env: dict, hf_home: Path, out: Path) -> dict:
+    """The environment test_training.py runs in: CRITIC_CKPT_DIR, DeepSpeed-Chat importable, and the
+    `deepspeed` shim first on PATH."""
+    from rlhf_overlay.dschat_jobs.launch import tiny_paths
+
+    tiny = tiny_paths()
+    actor = _standin_snapshot(hf_home, OPT_HUB_ID) if suite.model == "opt" else tiny["model"]
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), str(paths.dschat_dir())])   # no test-only deps here
+    bin_dir = out / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "deepspeed"
+    shim.write_text("#!/bin/sh\n# rlhf-overlay: `deepspeed` for DeepSpeed-Chat's tests/test_training.py "
+                    "(rlhf_overlay.engine.upstream_tests.deepspeed_shim)\n"
+                    f'exec "{sys.executable}" -m rlhf_overlay.engine.upstream_tests --as-deepspeed "$@"\n')
+    shim.chmod(0o755)
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+               CRITIC_CKPT_DIR=str(dschat_critic(Path(actor), "opt-125m-standin" if suite.model == "opt"
+                                                 else "tiny-llama")),
+               RLHF_DSCHAT_MODEL=suite.model, RLHF_DSCHAT_ACTOR=str(actor), RLHF_DSCHAT_DATA=str(tiny["prompts"]),
+               RLHF_UPSTREAM_TESTS_ARTIFACTS=str(out / "artifacts" / suite.name))
+    return env
+
+
+def shim_command(argv: list[str], env: dict, port: int) -> tuple[list[str], list[str]]:
+    """`deepspeed [launcher args] main.py [args]` as run_single.sh calls it -> (DeepSpeed's launcher command with
+    DSCHAT_RANKS CPU ranks, one note per argument changed, with the reason)."""
+    if "main.py" not in argv:
+        raise UpstreamTestsError("deepspeed shim: no main.py in the command; it only runs DeepSpeed-Chat's step "
+                                 "scripts (for DeepSpeed-Chat's tests/test_training.py)")
+    i = argv.index("main.py")
+    launcher, args, notes = [], list(argv[i + 1:]), []
+    it = iter(argv[:i])
+    for a in it:
+        flag = a.split("=", 1)[0]
+        if flag in ("--master_port", "--num_gpus"):
+            value = a.split("=", 1)[1] if "=" in a else next(it, "")
+            notes.append(f"{flag} {value} dropped (a free port / {DSCHAT_RANKS} CPU ranks instead)")
+        else:
+            launcher.append(a)
+    launcher += ["--num_gpus", DSCHAT_RANKS, "--master_port", str(port)]
+    notes.append(f"{DSCHAT_RANKS} CPU ranks (DeepSpeed's CPU accelerator, gloo), rendezvous port {port}")
+
+    def replace(flag: str, old: str, new: str, why: str) -> None:
+        k = args.index(flag) + 1 if flag in args else len(args)
+        if k < len(args) and args[k] == old:
+            notes.append(f"{flag} {old} -> {new} ({why})")
+            args[k] = new
+
+    replace("--data_path", "Dahoas/rm-static", env["RLHF_DSCHAT_DATA"],
+            "the hub dataset, offline: the tiny synthetic prompts in the same `Human: ... Assistant:` format")
+    if "--data_output_path" not in args and "--output_dir" in args:
+        cache = os.path.join(args[args.index("--output_dir") + 1], "data_cache")
+        args += ["--data_output_path", cache]
+        notes.append(f"--data_output_path {cache} added (the default /tmp/data_files/ is shared by every run here)")
+    if env.get("RLHF_DSCHAT_MODEL") == "llama":
+        replace("--actor_model_name_or_path", OPT_HUB_ID, env["RLHF_DSCHAT_ACTOR"], "the tiny LLaMA row")
+        replace("--actor_lora_module_name", "decoder.layers.", "layers.",
+                "LLaMA's blocks are model.layers.N: decoder.layers. would match no module")
+        replace("--num_padding_at_beginning", "1", "0", "LLaMA has no padding token at the beginning; OPT has one")
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *launcher, "main.py", *args], notes
+
+
+def deepspeed_shim(argv: list[str]) -> int:
+    """The `deepspeed` the DeepSpeed-Chat suites find on PATH: prints its notes (into the cell's log), then
+    becomes DeepSpeed's launcher."""
+    from rlhf_overlay.dschat_jobs.launch import free_port
+    try:
+        cmd, notes = shim_command(argv, dict(os.environ), free_port())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"[rlhf-overlay deepspeed shim] {note}", flush=True)
+    print("[rlhf-overlay deepspeed shim] $ " + " ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+    return 0   # not reached
 
 
 def _nodeid(case: ET.Element) -> str:
@@ -196,12 +337,17 @@ def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra
     if not deps_dir().is_dir():
         raise UpstreamTestsError(f"the upstream suites' test dependencies are not installed ({deps_dir()} is "
                                  f"missing); run `make setup`, which installs {REQUIREMENTS.name} there")
-    texts = suite_texts([s.root / s.tests / f for s in chosen for f in s.files])
-    env = suite_env(ensure_standins(hf_home, texts))
+    # the tokenizers learn the sentences of every suite present (not only the chosen ones), so running one
+    # suite does not rebuild the stand-ins another one uses
+    files_seen = {s.root / s.tests / f for s in [*all_suites.values(), *chosen] for f in s.files}
+    texts = suite_texts(sorted(p for p in files_seen if p.is_file()))
+    hf_home = ensure_standins(hf_home, texts)
+    base_env = suite_env(hf_home)
     (out / "junit").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results = []
     for suite in chosen:
+        env = dschat_env(suite, base_env, hf_home, out) if suite.model else base_env
         before = _tree_status(suite.root)
         for name in (f for f in suite.files if not files or f in files):
             r = run_file(suite, name, out, env, list(extra or []))
@@ -217,7 +363,7 @@ def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--suite", action="append", help="suite to run (default: all; known: trlx)")
+    ap.add_argument("--suite", action="append", help="suite to run (default: all; known: trlx, dschat, dschat-llama)")
     ap.add_argument("--files", nargs="+", help="only these test files (names as in the suite's tests/)")
     ap.add_argument("--out", default=os.environ.get("OUTPUT") or None,
                     help="output folder (default: $OUTPUT or runs/upstream-tests-<time>)")
@@ -228,6 +374,9 @@ def main(argv=None) -> int:
                                    "e.g. a copy without our newest patches, to compare before/after). Its package "
                                    "is imported from there: pytest runs in it")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to every pytest run")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--as-deepspeed"]:   # the `deepspeed` on PATH of the DeepSpeed-Chat suites
+        return deepspeed_shim(argv[1:])
     args = ap.parse_args(argv)
     try:
         from rlhf_overlay.runtime.runs import prepare_run_dir
