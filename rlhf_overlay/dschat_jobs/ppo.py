@@ -41,6 +41,7 @@ from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_mo
                                         validate_local_data)
 from rlhf_overlay.dschat_jobs.reward_model import RewardModelConfig
 from rlhf_overlay import settings
+from rlhf_overlay.dschat_jobs import tiny_scale
 from rlhf_overlay.errors import main_guard
 
 KIND = "ppo-llama2"
@@ -60,6 +61,10 @@ class PPOConfig:
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
     recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --actor, llama2-7b "
                                                       "with one)"})
+    recipe_at_tiny_scale: bool = field(default=False, metadata={"help": "the llama2-7b recipe's DeepSpeed settings "
+                                                                       "(ZeRO, offload, gradient checkpointing, LoRA) on "
+                                                                       "the tiny LLaMA, 2 CPU ranks "
+                                                                       "(RECIPE_AT_TINY_SCALE=1; see tiny_scale.py)"})
     zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of actor and critic (ZERO_STAGE; "
                                                                    "default: 0 on CPU, the recipe's on GPU; 2 and 3 "
                                                                    "run on CPU too)"})
@@ -150,6 +155,8 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
     """The settings this run will use: the recipe, then the user's values, then CPU adjustments."""
     recipe = cfg.recipe or ("llama2-7b" if cfg.actor else "tiny")
     r = dict(LLAMA2_7B if recipe == "llama2-7b" else TINY)
+    if cfg.recipe_at_tiny_scale:
+        recipe, r = tiny_scale.start(KIND, cfg, LLAMA2_7B)
     r["recipe"] = recipe
     for name in ("data", "data_split", "zero_stage", "lora_dim", "epochs", "batch_size", "max_prompt_len",
                  "max_answer_len", "max_steps", "hybrid_engine"):
@@ -167,7 +174,8 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
             r.setdefault("cpu_notes", []).append("--offload_reference_model dropped: nothing to offload to on CPU")
         r["hybrid_engine"] = False
         r["offload_reference_model"] = False
-    return cpu_adjust(r, cfg, cuda)
+    r = cpu_adjust(r, cfg, cuda)
+    return tiny_scale.finish(KIND, r, cfg, cuda, LLAMA2_7B) if cfg.recipe_at_tiny_scale else r
 
 
 def main_py_args(r: dict, actor: str, critic: str, data: str, output_dir: Path, data_cache: str,

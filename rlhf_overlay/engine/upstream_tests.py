@@ -107,7 +107,7 @@ def suite_env(hf_home: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed-Chat
 DSCHAT_RANKS = "2"
-DSCHAT_CRITIC_VERSION = 1   # bump when the critic recipe below changes (cached critics are keyed by it)
+DSCHAT_CRITIC_VERSION = 2   # bump when the critic recipe below changes (cached critics are keyed by it)
 OPT_HUB_ID = "facebook/opt-125m"   # the actor test_training.py names
 
 
@@ -133,7 +133,7 @@ def dschat_critic(model: Path, label: str) -> Path:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "rlhf_overlay.dschat_jobs.reward_model", "--model", str(model), "--allow-arch",
-           "--data", str(tiny_paths()["preference"]), "--max-steps", "20", "--output", str(tmp)]
+           "--recipe", "tiny", "--data", str(tiny_paths()["preference"]), "--max-steps", "20", "--output", str(tmp)]
     print(f"[upstream-tests] training the step-2 critic test_training.py needs (CRITIC_CKPT_DIR) for {label}",
           flush=True)
     env = {k: v for k, v in runtime_env(cpu=True).items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
