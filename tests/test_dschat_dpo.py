@@ -21,20 +21,7 @@ from rlhf_overlay.dschat_jobs import dpo as dschat_dpo
 
 from rlhf_overlay.dschat_jobs import launch as dschat_launch
 from rlhf_overlay.dschat_jobs.launch import ConfigError
-
-GOOD = {"prompt": "Human: hi Assistant:", "chosen": "hello, how can I help?", "rejected": "go away"}
-
-
-def fake_model(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return folder
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+from helpers import GOOD, fake_model, tb_scalars, write_jsonl
 
 
 def flat(args: list[str]) -> str:
@@ -245,17 +232,6 @@ def answer_logps(model, tokenizer, rows: list[dict], batch_size: int = 64):
         sums += (token_logps * counted).sum(1).tolist()
     sums = torch.tensor(sums)
     return sums[0::2], sums[1::2]
-
-
-def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out: dict[str, list[tuple[int, float]]] = {}
-    for event_file in sorted(folder.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(event_file))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
 
 
 def failure_log(out: Path) -> str:

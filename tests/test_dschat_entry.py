@@ -2,7 +2,6 @@
 launch command. None of these needs the upstream work tree or trains anything."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,7 @@ from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
 
 from rlhf_overlay.dschat_jobs import reward_model as rm
 from rlhf_overlay.dschat_jobs.reward_model import ConfigError
-
-
-def fake_model(folder: Path, reward_model: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    if reward_model:
-        (folder / "pytorch_model.bin").write_bytes(b"not read by these tests")
-    return folder
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-GOOD = {"prompt": "Human: hi Assistant:", "chosen": "hello, how can I help?", "rejected": "go away"}
+from helpers import GOOD, fake_model, write_jsonl
 
 
 @pytest.mark.parametrize("module", ["rlhf_overlay.dschat_jobs.reward_model", "rlhf_overlay.dschat_jobs.ppo"])

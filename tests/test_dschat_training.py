@@ -15,19 +15,9 @@ import pytest
 
 from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
 from rlhf_overlay.runtime.runs import runtime_env
+from helpers import tb_scalars
 
 pytestmark = pytest.mark.upstream
-
-
-def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out: dict[str, list[tuple[int, float]]] = {}
-    for event_file in sorted(folder.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(event_file))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def test_tiny_reward_model_learns_the_preference(ppo_run):
 
 @pytest.mark.slow
 def test_reward_model_tensorboard_has_eval_acc_at_every_eval(ppo_run):
-    tb = scalars(ppo_run / "reward_model" / "tensorboard")
+    tb = tb_scalars(ppo_run / "reward_model" / "tensorboard")
     for tag in ("train/loss", "eval/acc", "eval/reward_score", "rm/loss", "rm/acc"):
         assert tb.get(tag), f"{tag} missing; have {sorted(tb)}"
     assert len(tb["eval/acc"]) >= 3                          # before training, every eval_interval, epoch end
@@ -61,7 +51,7 @@ def test_reward_model_tensorboard_has_eval_acc_at_every_eval(ppo_run):
 def test_ppo_ran_steps_with_lora_and_logged_common_scalars(ppo_run):
     results = json.loads((ppo_run / "ppo_results.json").read_text())
     assert results["ppo/steps"] >= 3
-    tb = scalars(ppo_run / "tensorboard")
+    tb = tb_scalars(ppo_run / "tensorboard")
     for tag in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length",
                 "reward", "actor_loss", "critic_loss"):
         assert len(tb.get(tag, [])) == results["ppo/steps"], f"{tag}: {tb.get(tag)}"

@@ -18,6 +18,7 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.runtime.health import CAUSES, HealthGuard, answer_shares, nonfinite_count
+from helpers import tb_scalars
 
 
 def _step(i, reward=0.5, std=0.1, kl=0.1, outputs=("it is good and kind.",) * 4, nonfinite=0):
@@ -95,10 +96,7 @@ def test_ppo_emitting_one_token_stops_itself(trlx_dir, tiny_assets, tmp_path):
     assert st["state"] == "failed" and st["reason"].startswith("unhealthy at step 2: degenerate = 1")
     assert st["checkpoint"].endswith("step-2") and (out / "checkpoints" / "step-2").is_dir()
     assert not (out / "policy").exists()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    assert [e.value for e in acc.Scalars("health/degenerate")][-1] == 1.0
+    assert tb_scalars(out / "tensorboard")["health/degenerate"][-1][1] == 1.0
 
 
 @pytest.mark.slow

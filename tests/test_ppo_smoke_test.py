@@ -21,6 +21,7 @@ import pytest
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs.smoke_test import (BASE_FLUENCY_MIN, END_FLUENCY_MIN, END_KL_PER_TOKEN_MAX, SMOKE_DEFAULTS,
                                          failures, health, verdict)
+from helpers import tb_scalars
 
 
 def test_help_is_instant_and_defaults_are_the_embedded_run():
@@ -117,19 +118,17 @@ def test_default_smoke_test_reward_rises(default_run):
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_default_smoke_test_leaves_a_reportable_run(default_run, tiny_assets):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     out, res, _ = default_run
     assert res.returncode == 0
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
+    tb = tb_scalars(out / "tensorboard")
     n_steps = SMOKE_DEFAULTS.resolve().steps
-    rewards = [e.value for e in acc.Scalars("ppo/reward_mean")]
+    rewards = [v for _, v in tb["ppo/reward_mean"]]
     assert len(rewards) == n_steps and sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5
-    fluency = [e.value for e in acc.Scalars("ppo/fluency")]
+    fluency = [v for _, v in tb["ppo/fluency"]]
     assert len(fluency) == n_steps and min(fluency) >= 0.8
-    assert len(acc.Scalars("ppo/kl_per_token")) == n_steps
+    assert len(tb["ppo/kl_per_token"]) == n_steps
     for f in ("command.txt", "config.json", "training.log"):
         assert (out / f).is_file()
     _, info = AutoModelForCausalLM.from_pretrained(out / "policy", output_loading_info=True)

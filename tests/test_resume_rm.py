@@ -18,15 +18,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
+from helpers import job_env as _env, start_job, tb_scalars, wait_for as _wait_for
 RUN = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--max-steps", "60"]
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "DATA", "OUTPUT", "OVERWRITE", "RESUME", "NUM_GPUS",
-                                                             "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES",
-                                                             "KEEP_CHECKPOINTS", "ZERO_STAGE")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _weights(folder: Path) -> dict:
@@ -44,16 +37,7 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 
 
 def _start(args, out: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(RUN + args + ["--output", str(out)], cwd=PROJECT_ROOT, env=_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(proc, what, timeout=600):
-    t0 = time.time()
-    while not what():
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the awaited point"
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
+    return start_job(RUN + args + ["--output", str(out)], log)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +69,7 @@ def test_sigkilled_reward_model_resumes_bit_identically(reference, tmp_path):
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    points = [(e.step, e.value) for e in acc.Scalars(tag)]
+    points = tb_scalars(run_dir / "tensorboard")[tag]
     assert len({s for s, _ in points}) == len(points), points
     return points
 

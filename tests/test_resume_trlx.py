@@ -15,37 +15,20 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.errors import ConfigError
+from helpers import job_env as _env, start_job, tb_scalars, wait_for as _wait_for
 
 STEPS = 5
 RUN = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(STEPS)]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "REWARD", "RM", "DATA", "OUTPUT", "OVERWRITE",
-                                                             "RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES",
-                                                             "KEEP_CHECKPOINTS", "NUM_GPUS", "ZERO_STAGE")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _start(args, out: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(RUN + args + ["--output", str(out)], cwd=PROJECT_ROOT, env=_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(proc, what, timeout=600):
-    t0 = time.time()
-    while not what():
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the awaited point"
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
+    return start_job(RUN + args + ["--output", str(out)], log)
 
 
 def _weights(folder: Path) -> dict:
@@ -60,10 +43,7 @@ def _max_abs_diff(a: Path, b: Path) -> float:
 
 
 def _scalar_steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return tb_scalars(run_dir / "tensorboard")[tag]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,73 @@
+"""Helpers several test files share (plain functions; the fixtures are in conftest.py):
+
+    write_jsonl, GOOD, fake_model   input files and folders for the entry modules' unit tests
+    tb_scalars                      every scalar point a run logged to tensorboard
+    job_env, start_job, wait_for    a training job as a subprocess that a test kills or signals at a chosen point
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from rlhf_overlay import PROJECT_ROOT
+
+# one preference row that every data reader accepts
+GOOD = {"prompt": "Human: hi Assistant:", "chosen": "hello, how can I help?", "rejected": "go away"}
+
+# the make variables a job reads from its environment: a test's own job must not inherit them from the caller
+JOB_VARIABLES = ("MODEL", "ACTOR", "CRITIC", "REWARD", "RM", "DATA", "OUTPUT", "OVERWRITE", "RESUME", "NUM_GPUS",
+                 "ZERO_STAGE", "HOSTFILE", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES", "KEEP_CHECKPOINTS")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """One JSON object per line (a row given as a string is written as it is: broken rows for the error tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def fake_model(folder: Path, reward_model: bool = False) -> Path:
+    """A folder that passes the entry modules' model checks (a LLaMA config.json) without weights to load; with
+    reward_model, the pytorch_model.bin a DeepSpeed-Chat critic has."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    if reward_model:
+        (folder / "pytorch_model.bin").write_bytes(b"not read by these tests")
+    return folder
+
+
+def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value), ...] of the tensorboard event files in folder (not its subfolders), every point (no
+    sampling), read as tensorboard reads a run folder (a restart's purge_step drops the points logged after it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the make variables, one thread per process (tiny models)."""
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def start_job(cmd: list[str], log: Path) -> subprocess.Popen:
+    """cmd from the project folder in its own process group (os.killpg reaches the launcher and its workers), its
+    output into log."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, what, timeout: float = 600) -> None:
+    """Poll until what() is true; fails if the job ends first or after timeout seconds."""
+    t0 = time.time()
+    while not what():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the awaited point"
+        assert time.time() - t0 < timeout, f"not reached within {timeout} s"
+        time.sleep(0.05)
