@@ -1,6 +1,7 @@
 """Helpers several test files share (plain functions; the fixtures are in conftest.py):
 
     write_jsonl, GOOD, fake_model   input files and folders for the entry modules' unit tests
+    module_help, heavy_imports      an entry module's --help, and what importing it loads
     tb_scalars                      every scalar point a run logged to tensorboard
     job_env, start_job, wait_for    a training job as a subprocess that a test kills or signals at a chosen point
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +39,24 @@ def fake_model(folder: Path, reward_model: bool = False) -> Path:
     if reward_model:
         (folder / "pytorch_model.bin").write_bytes(b"not read by these tests")
     return folder
+
+
+def module_help(module: str) -> str:
+    """The output of `python -m module --help` (which must succeed)."""
+    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=PROJECT_ROOT)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def heavy_imports(module: str, heavy=("torch", "deepspeed", "transformers")) -> list[str]:
+    """Which of `heavy` importing module loads, in a fresh interpreter (entry modules import them inside main(), so
+    --help and argument errors come at once)."""
+    res = subprocess.run([sys.executable, "-c", f"import json, sys, {module}; "
+                          f"print(json.dumps(sorted(m for m in {tuple(heavy)!r} if m in sys.modules)))"],
+                         capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
 
 
 def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -21,7 +21,7 @@ from rlhf_overlay.dschat_jobs import dpo as dschat_dpo
 
 from rlhf_overlay.dschat_jobs import launch as dschat_launch
 from rlhf_overlay.dschat_jobs.launch import ConfigError
-from helpers import GOOD, fake_model, tb_scalars, write_jsonl
+from helpers import GOOD, fake_model, heavy_imports, module_help, tb_scalars, write_jsonl
 
 
 def flat(args: list[str]) -> str:
@@ -30,16 +30,11 @@ def flat(args: list[str]) -> str:
 
 # ================================================================================================ unit tests
 def test_help_is_instant_and_shows_paste_able_commands():
-    out = subprocess.run([sys.executable, "-m", "rlhf_overlay.dschat_jobs.dpo", "--help"], capture_output=True, text=True,
-                         timeout=60, cwd=PROJECT_ROOT)
-    assert out.returncode == 0, out.stderr
+    out = module_help("rlhf_overlay.dschat_jobs.dpo")
     for text in ("make dpo-llama2", "LORA_DIM=", "HOSTFILE=", "MODEL=meta-llama/Llama-2-7b-hf", "--zero-stage",
                  "--beta", "--only-optimize-lora"):
-        assert text in out.stdout, text
-    probe = subprocess.run([sys.executable, "-c", "import sys, rlhf_overlay.dschat_jobs.dpo; "
-                            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"],
-                           capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
-    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+        assert text in out, text
+    assert heavy_imports("rlhf_overlay.dschat_jobs.dpo") == []
 
 
 @pytest.mark.parametrize("kwargs, match", [
