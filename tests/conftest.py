@@ -4,6 +4,8 @@ Markers (registered in pyproject.toml, --strict-markers):
   upstream — needs the real upstream work trees made by `make setup`; such tests are skipped, with the reason,
              when the work tree is absent (no mirror and no setup cache on this machine).
   slow     — trains or converts for more than a few seconds (CPU only; still part of `make test`).
+Plain helper functions several test files share (tensorboard reader, job subprocesses, entry-module inputs) are in
+tests/helpers.py.
 """
 from __future__ import annotations
 
@@ -34,12 +36,16 @@ def _upstream_problem(name: str, probe: str) -> str | None:
     return None
 
 
+def _ready(name: str, probe: str) -> None:
+    problem = _upstream_problem(name, probe)
+    if problem:
+        pytest.skip(problem)
+
+
 @pytest.fixture(scope="session")
 def dschat_dir() -> Path:
     """DeepSpeed-Chat folder of the set-up DeepSpeedExamples work tree (skips, with the reason, if absent)."""
-    problem = _upstream_problem("DeepSpeedExamples", "applications/DeepSpeed-Chat/dschat")
-    if problem:
-        pytest.skip(problem)
+    _ready("DeepSpeedExamples", "applications/DeepSpeed-Chat/dschat")
     from rlhf_overlay.paths import dschat_dir as _d
     return _d()
 
@@ -47,9 +53,7 @@ def dschat_dir() -> Path:
 @pytest.fixture(scope="session")
 def trlx_dir() -> Path:
     """The set-up trlx work tree (skips, with the reason, if absent)."""
-    problem = _upstream_problem("trlx", "trlx/__init__.py")
-    if problem:
-        pytest.skip(problem)
+    _ready("trlx", "trlx/__init__.py")
     from rlhf_overlay.paths import trlx_dir as _d
     return _d()
 
