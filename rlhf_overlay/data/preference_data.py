@@ -26,7 +26,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 DATA_SUFFIXES = (".jsonl", ".json")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -346,35 +346,29 @@ def prompt_overlong_warnings(data, tokenizer_path, max_tokens: int, side: str = 
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.data.preference_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rlhf_overlay.data.preference_data", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a .json/.jsonl file or a folder with train.jsonl [+ eval.jsonl], as DATA= takes it")
     p.add_argument("--prompts", action="store_true", help="validate as prompt rows (PPO) instead of preference rows")
     return p
 
 
+@main_guard   # PreferenceDataError and bad flags -> `error: ...`, exit 2
 def main(argv: Sequence[str] | None = None) -> int:
     """Validate DATA exactly as the training targets read it: a folder needs train.jsonl|.json (eval optional), a
     single file is split into train and a held-out eval share; exit 2 with `file:line: ...` at the first bad row."""
     args = build_parser().parse_args(argv)
     load = prompt_rows_with_lines if args.prompts else preference_rows_with_lines
     kind = "prompt" if args.prompts else "preference"
-    try:
-        train_file, eval_file = data_files(args.path)
-        train = load(train_file)
-        if eval_file is not None:
-            print(f"{train_file}: {len(train)} valid {kind} rows (train)")
-            print(f"{eval_file}: {len(load(eval_file))} valid {kind} rows (eval)")
-        else:
-            tr, ev = split_held_out(train, file=train_file)
-            print(f"{train_file}: {len(train)} valid {kind} rows: {len(tr)} train, {len(ev)} eval")
-            print(f"note: {held_out_note(train_file, len(train))}")
-    except PreferenceDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from rlhf_overlay.errors import interrupted
-        return interrupted()
+    train_file, eval_file = data_files(args.path)
+    train = load(train_file)
+    if eval_file is not None:
+        print(f"{train_file}: {len(train)} valid {kind} rows (train)")
+        print(f"{eval_file}: {len(load(eval_file))} valid {kind} rows (eval)")
+    else:
+        tr, ev = split_held_out(train, file=train_file)
+        print(f"{train_file}: {len(train)} valid {kind} rows: {len(tr)} train, {len(ev)} eval")
+        print(f"note: {held_out_note(train_file, len(train))}")
     return 0
 
 
