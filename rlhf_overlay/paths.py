@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from rlhf_overlay import PROJECT_ROOT
@@ -43,3 +45,29 @@ def dschat_dir() -> Path:
 
 def trlx_dir() -> Path:
     return upstream_dir("trlx")
+
+
+# A Hugging Face hub id: `name` or `org/name` (letters, digits, `_ . -`).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+def looks_local(name: str) -> bool:
+    """The one rule every job uses for MODEL/DATA/RM values: True = a local path, False = a hub id. A name is a hub id
+    only when nothing exists at it and it is not path-like: absolute, ~ or ./-relative, deeper than org/name, a
+    .json/.jsonl name, not of the hub id's form, or under a folder that exists here (`models/typo` when `models/`
+    exists is a missing folder, not a hub id)."""
+    if Path(name).expanduser().exists():
+        return True
+    parts = Path(name).parts
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2 or name.endswith(DATA_SUFFIXES)
+            or ("/" in name and Path(parts[0]).is_dir()) or not HUB_ID.match(name))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -112,12 +112,13 @@ def test_bad_inputs_fail_clearly(critics, tmp_path, capsys):
 def test_trained_trlx_value_head_rm_beats_untrained(tiny_assets, tmp_path):
     """The trlx path's value-head RMs: 40 training steps (seconds on the tiny BLOOM) vs the same model untrained."""
     from rlhf_overlay.trlx_jobs import reward_model as trm
+    from rlhf_overlay.trlx_jobs import value_head
     assert trm.main(["--arch", "bloom", "--max-steps", "40", "--output", str(tmp_path / "trained")]) == 0
     trained = tmp_path / "trained" / "reward_model"
-    model, tok = trm.new_reward_model(str(tiny_assets / "models" / "tiny-bloom"))
-    meta = json.loads((trained / trm.META_FILE).read_text())
+    model, tok = value_head.new_reward_model(str(tiny_assets / "models" / "tiny-bloom"))
+    meta = json.loads((trained / value_head.META_FILE).read_text())
     meta.pop("eval_accuracy", None)
-    trm.save_reward_model(model, tok, tmp_path / "untrained", meta)
+    value_head.save_reward_model(model, tok, tmp_path / "untrained", meta)
     acc = {}
     for name, folder in (("trained", trained), ("untrained", tmp_path / "untrained")):
         metrics, _ = eval_rm.evaluate(eval_rm.EvalConfig(rm=str(folder), output=str(tmp_path / f"ev-{name}"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.trlx_jobs import ppo
+from rlhf_overlay.trlx_jobs import ppo, ppo_reward
 from rlhf_overlay.trlx_jobs.common import ConfigError
 
 
@@ -128,10 +128,10 @@ def test_reward_fn_rule_and_eos_stripping(tiny_assets):
     outs = [" the garden is lovely and calm." + tok.eos_token, " the garden is awful.", " a calm and kind river."]
     raw = rule_reward([o.replace(tok.eos_token, "") for o in outs])
     cfg = ppo.PPORunConfig(reward="rule", normalize_reward="none").resolve()
-    fn = ppo.make_reward_fn(cfg, {"reward_baseline": "none"}, tok, None, "cpu")
+    fn = ppo_reward.make_reward_fn(cfg, {"reward_baseline": "none"}, tok, None, "cpu")
     assert fn(samples=outs, prompts=["p"] * 3, outputs=outs) == raw
     # the tiny default normalises by running moments: zero mean, unit std on the first batch
-    fn = ppo.make_reward_fn(ppo.PPORunConfig(reward="rule").resolve(), {"reward_baseline": "none"}, tok, None, "cpu")
+    fn = ppo_reward.make_reward_fn(ppo.PPORunConfig(reward="rule").resolve(), {"reward_baseline": "none"}, tok, None, "cpu")
     norm = fn(samples=outs, prompts=["p"] * 3, outputs=outs)
     assert abs(sum(norm)) < 1e-9 and sorted(range(3), key=norm.__getitem__) == sorted(range(3), key=raw.__getitem__)
 

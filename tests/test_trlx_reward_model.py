@@ -16,6 +16,7 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs import reward_model as rm
+from rlhf_overlay.trlx_jobs import value_head
 from rlhf_overlay.runtime.hostfile import Host, HostfileError, read_hostfile
 from rlhf_overlay.trlx_jobs.common import ConfigError, trainer_command
 
@@ -57,25 +58,25 @@ def test_defaults_tiny_vs_seed_recipe():
 
 
 def test_join_prompt_response():
-    assert rm.join_prompt_response("Q:", "A") == "Q:\nA"
-    assert rm.join_prompt_response("Q:\n", "A") == "Q:\nA"
-    assert rm.join_prompt_response("", "A") == "A"
+    assert value_head.join_prompt_response("Q:", "A") == "Q:\nA"
+    assert value_head.join_prompt_response("Q:\n", "A") == "Q:\nA"
+    assert value_head.join_prompt_response("", "A") == "A"
 
 
 def test_score_reads_the_last_real_token(tiny_assets):
     import torch
 
-    model, tok = rm.new_reward_model(str(tiny_assets / "models" / "tiny-gptj"))
+    model, tok = value_head.new_reward_model(str(tiny_assets / "models" / "tiny-gptj"))
     assert tok.pad_token is not None  # GPT-J-style tokenizers have none: eos is used
-    seqs = rm.encode_texts(tok, ["short", "a somewhat longer text here"], max_length=64)
+    seqs = value_head.encode_texts(tok, ["short", "a somewhat longer text here"], max_length=64)
     assert all(s[-1] == tok.eos_token_id for s in seqs)
-    ids, mask = rm.pad_batch(seqs, tok.pad_token_id)
+    ids, mask = value_head.pad_batch(seqs, tok.pad_token_id)
     with torch.no_grad():
         batched = model.score(ids, mask)
-        alone = torch.stack([model.score(*rm.pad_batch([s], tok.pad_token_id)) for s in seqs]).squeeze(-1)
+        alone = torch.stack([model.score(*value_head.pad_batch([s], tok.pad_token_id)) for s in seqs]).squeeze(-1)
     assert torch.allclose(batched, alone, atol=1e-5), "padding must not change a text's score"
     # truncation keeps the end (the response and its eos)
-    long = rm.encode_texts(tok, ["word " * 200], max_length=16)[0]
+    long = value_head.encode_texts(tok, ["word " * 200], max_length=16)[0]
     assert len(long) == 16 and long[-1] == tok.eos_token_id
 
 
@@ -143,7 +144,7 @@ def test_refuses_a_non_empty_output_without_overwrite(tmp_path, capsys, tiny_ass
 
 def test_load_reward_model_rejects_other_folders(tmp_path, tiny_assets):
     with pytest.raises(ConfigError, match="reward_model.json"):
-        rm.load_reward_model(tiny_assets / "models" / "tiny-bloom")
+        value_head.load_reward_model(tiny_assets / "models" / "tiny-bloom")
 
 
 # ------------------------------------------------------------------------------------------ integration
@@ -179,9 +180,9 @@ def test_saved_reward_model_scores_chosen_above_rejected(trained, arch, tiny_ass
     from rlhf_overlay.data.preference_data import load_preference_rows
 
     run_dir, _ = trained[arch]
-    model, tok, meta = rm.load_reward_model(run_dir / "reward_model")
+    model, tok, meta = value_head.load_reward_model(run_dir / "reward_model")
     assert meta["max_length"] == 128 and meta["arch"] == arch
-    scorer = rm.RewardScorer(model, tok, max_length=meta["max_length"], separator=meta["separator"])
+    scorer = value_head.RewardScorer(model, tok, max_length=meta["max_length"], separator=meta["separator"])
     rows = load_preference_rows(tiny_assets / "data" / "preference" / "eval.jsonl", split="eval")
     get = (lambda r, k: r[k]) if isinstance(rows[0], dict) else getattr
     prompts = [get(r, "prompt") for r in rows]

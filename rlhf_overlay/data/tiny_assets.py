@@ -384,12 +384,7 @@ def settings_hash(part: Part) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from rlhf_overlay.paths import sha256_file as _sha256  # noqa: E402
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:

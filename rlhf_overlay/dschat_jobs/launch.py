@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,17 +30,15 @@ DATA_SUFFIXES = (".jsonl", ".json")
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def looks_local(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything absolute, ./-relative, deeper or existing is a local path."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2
-            or os.path.exists(os.path.expanduser(name)))
+from rlhf_overlay.paths import looks_local  # noqa: E402,F401  (the one local-path vs hub-id rule; entry modules import it here)
 
 
 def check_model_folder(name: str, field_name: str) -> None:
-    """A local model folder must exist and hold config.json; hub ids are left to transformers."""
-    if not looks_local(name):
-        return
+    """A local model folder must exist and hold config.json; hub ids are left to transformers, and a missing relative
+    path to the preflight (rlhf_overlay.runtime.preflight), which names the folder that was probably meant."""
     path = Path(name).expanduser()
+    if not looks_local(name) or not (path.is_absolute() or path.exists()):
+        return
     if not path.is_dir():
         raise ConfigError(f"{field_name}={name!r}: no such model folder (give a local folder with config.json or a "
                           f"hub id such as meta-llama/Llama-2-7b-hf)")
@@ -166,10 +163,7 @@ def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- launching
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rlhf_overlay.runtime.runs import free_port  # noqa: E402,F401  (entry modules and benchmarks import it here)
 
 
 def tiny_paths() -> dict[str, Path]:

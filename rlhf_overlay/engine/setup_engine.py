@@ -71,12 +71,7 @@ def _git_ok(*args, cwd=None, env=None) -> tuple[bool, str]:
         return False, (exc.stderr or exc.stdout or str(exc)).strip().removeprefix("stderr: ").strip("'\n ")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from rlhf_overlay.paths import sha256_file  # noqa: E402
 
 
 def _has_commit(repo: Path, commit: str) -> bool:

@@ -206,9 +206,8 @@ def rendezvous_port(hostfile: str | os.PathLike) -> int:
     that is this machine (where the launch starts), a port free here (a fixed one may be taken by another job);
     otherwise DeepSpeed's default, 29500, which must be free on the first host."""
     if is_local(read_hostfile(hostfile)[0].name):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        from rlhf_overlay.runtime.runs import free_port
+        return free_port("")
     return DEFAULT_PORT
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -106,8 +105,7 @@ def _content_differs(git, tree: Path, rel: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- names
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-DATA_SUFFIXES = (".jsonl", ".json")
+from rlhf_overlay.paths import looks_local  # noqa: E402  (the one local-path vs hub-id rule)
 
 
 def _truthy(name: str) -> bool:
@@ -166,11 +164,7 @@ def resolve_name(value: str, var: str, dataset: bool = False, default_of: str = 
     p = Path(value).expanduser()
     if p.exists():
         return Resolved(value, local=p.resolve())
-    first = Path(value).parts[0] if Path(value).parts else ""
-    path_like = (os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") >= 2
-                 or value.endswith(DATA_SUFFIXES) or ("/" in value and Path(first).is_dir())
-                 or not HUB_ID.match(value))
-    if path_like:
+    if looks_local(value):
         rel = "" if p.is_absolute() else f", relative to {Path.cwd()}"
         raise PreflightError(f"{var}={value!r}: no such file or folder{_did_you_mean(p)} (read as a local path"
                              f"{rel}) — check the path")

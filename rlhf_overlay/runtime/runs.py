@@ -189,6 +189,15 @@ def rank_count_problem(num: int | None, cuda: bool, gpus: int | None = None, wha
     return None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it), for a launcher's rendezvous; "" = on every interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def runtime_env(base: Mapping[str, str] | None = None, offline: bool = True, cpu: bool | None = None) -> dict:
     """Environment for training subprocesses.
 

@@ -10,7 +10,7 @@ Reads reward models from both paths of this project:
   prompt + answer + end-of-conversation token, right-padded, value of the last token before the first pad
   (after `num_padding_at_beginning` pads, from the run's eval_results.json when present).
 - Value-head reward models of the trlx path (`make rm-bloom`, `make rm-gptj`): loaded with
-  rlhf_overlay.trlx_jobs.reward_model.load_reward_model and scored with its RewardScorer.
+  rlhf_overlay.trlx_jobs.value_head.load_reward_model and scored with its RewardScorer.
 
 Writes metrics.json (accuracy = share of pairs where chosen scores above rejected; ties count half), scores.jsonl
 and score_hist.png (chosen vs rejected distributions) into the output folder, and prints the figures.
@@ -145,7 +145,7 @@ class DSChatCriticScorer:
 # ------------------------------------------------------------------------------------------ trlx value-head RMs
 class ValueHeadScorer:
     def __init__(self, path: Path, max_length: int, batch_size: int):
-        from rlhf_overlay.trlx_jobs.reward_model import RewardScorer, load_reward_model
+        from rlhf_overlay.trlx_jobs.value_head import RewardScorer, load_reward_model
 
         model, tokenizer, meta = load_reward_model(path)
         self.inner = RewardScorer(model, tokenizer, max_length=int(meta.get("max_length") or max_length),
@@ -156,7 +156,7 @@ class ValueHeadScorer:
 
 
 def load_scorer(path: Path, max_length: int, batch_size: int):
-    from rlhf_overlay.trlx_jobs.reward_model import is_reward_model_dir
+    from rlhf_overlay.trlx_jobs.value_head import is_reward_model_dir
 
     if is_reward_model_dir(path):
         return "trlx-value-head", ValueHeadScorer(path, max_length, batch_size)

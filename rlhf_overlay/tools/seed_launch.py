@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlhf_overlay.errors import UserError
+from rlhf_overlay.trlx_jobs.common import ZERO3_ON_CPU
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ def choose_inputs(seed: Seed, argv: list[str], cuda: bool) -> tuple[list[str], s
     what = f"{Path(sys.argv[0]).name} ({seed.target})"
     extra: list[str] = []
     if model:  # the user's own value: a hub name must be had before the seed's data default is looked at
+        from rlhf_overlay.paths import looks_local
         from rlhf_overlay.runtime import preflight
-        if not Path(model).expanduser().exists() and preflight.HUB_ID.match(model):
+        if not looks_local(model):
             preflight.resolve_name(model, "MODEL")
     if not model and seed.hub_model and _hub_default(seed.hub_model, "MODEL", what, required=cuda) is not None:
         model = seed.hub_model
@@ -258,7 +260,7 @@ def adapt_ds_config(ds: dict, cuda: bool, source: str, run: dict | None = None) 
             notes.append(f"{source}: fp16 off: fp16 training needs a GPU; this CPU run trains in fp32")
         if str(zero.get("stage")) == "3":
             zero["stage"] = 2
-            notes.append(f"{source}: ZeRO stage 3 -> 2: stage 3 fails on CPU with this DeepSpeed (measured); "
+            notes.append(f"{source}: ZeRO stage 3 -> 2: {ZERO3_ON_CPU}; "
                          f"stage 2 still shards the optimizer state over the ranks")
         for key in ("offload_optimizer", "offload_param"):
             if key in zero:
@@ -308,7 +310,7 @@ def accelerate_ds_settings(cuda: bool) -> tuple[dict, list[str]]:
         notes += more
     elif not cuda and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "2"
-        notes.append("accelerate zero_stage 3 -> 2: stage 3 fails on CPU with this DeepSpeed (measured)")
+        notes.append(f"accelerate zero_stage 3 -> 2: {ZERO3_ON_CPU}")
     if not cuda:
         for var in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
             if os.environ.get(var, "none") not in ("none", ""):
@@ -370,7 +372,7 @@ class Ranks:
         if self.world == 1:
             if not os.environ.get("TORCHELASTIC_USE_AGENT_STORE"):
                 # nobody else connects: a free port, so two seed commands (or a make target) can run side by side
-                from rlhf_overlay.trlx_jobs.common import free_port
+                from rlhf_overlay.runtime.runs import free_port
 
                 os.environ["MASTER_PORT"] = str(free_port())
             return
@@ -417,9 +419,9 @@ def announce_reports(run_dirs_file: Path) -> None:
 # ---------------------------------------------------------------------------------------------- main
 def _worker_fn(seed: Seed) -> Callable[[Path], int]:
     if seed.module == "rlhf_overlay.trlx_jobs.reward_model":
-        from rlhf_overlay.trlx_jobs.reward_model import worker_main
+        from rlhf_overlay.trlx_jobs.rm_worker import worker_main
     else:
-        from rlhf_overlay.trlx_jobs.ppo import worker_main
+        from rlhf_overlay.trlx_jobs.ppo_worker import worker_main
     return worker_main
 
 

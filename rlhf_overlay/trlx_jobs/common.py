@@ -14,7 +14,6 @@ import datetime
 import importlib.util
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,8 +21,11 @@ from typing import Mapping, Sequence
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.paths import trlx_dir
 from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
+from rlhf_overlay.runtime.runs import free_port  # noqa: F401  (re-exported: launch commands, seed_launch, tests)
 
 ACCELERATE_CONFIGS = PROJECT_ROOT / "configs" / "accelerate"
+ARCHES = ("bloom", "gptj", "llama")
+TINY_MODEL_DIRS = {"bloom": "tiny-bloom", "gptj": "tiny-gptj", "llama": "tiny-llama"}
 # A function our patch series adds; its presence tells "trlx at the pin + our patches" from a plain trlx.
 _PATCH_MARKER = ("trlx/models/modeling_base.py", "_load_checkpoint_state_dict")
 
@@ -64,11 +66,11 @@ def check_trlx() -> Path:
     return root
 
 
-def trlx_env(base: Mapping[str, str] | None = None, cpu: bool | None = None) -> dict:
+def trlx_env(base: Mapping[str, str] | None = None, cpu: bool | None = None, offline: bool = True) -> dict:
     """`runs.runtime_env()` plus trlx on PYTHONPATH (when it is not pip-installed) and quiet trlx/W&B."""
     from rlhf_overlay.runtime.runs import runtime_env
 
-    env = runtime_env(base, cpu=cpu)
+    env = runtime_env(base, cpu=cpu, offline=offline)
     root = check_trlx()
     if importlib.util.find_spec("trlx") is None:
         env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(root)])
@@ -88,13 +90,23 @@ def import_trlx():
     return trlx
 
 
+# ----------------------------------------------------------------------------------------------- models
+def tiny_model_path(arch: str) -> str:
+    """The embedded tiny model of `arch` (built on first use, offline)."""
+    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
+
+    return str(ensure_tiny_assets() / "models" / TINY_MODEL_DIRS[arch])
+
+
+def needs_hub(*values: str) -> bool:
+    """Whether any of these MODEL/RM/DATA values is a hub id (rlhf_overlay.paths.looks_local): the workers then run
+    online; with everything local they run offline (HF_HUB_OFFLINE=1), so nothing tries the hub."""
+    from rlhf_overlay.paths import looks_local
+
+    return any(v and not looks_local(v) for v in values)
+
+
 # ------------------------------------------------------------------------------------------ launch commands
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
     if deepspeed:
         return ACCELERATE_CONFIGS / "zero2.yaml"
@@ -178,14 +190,17 @@ def cpu_deepspeed_backend_fix() -> None:
         PartialState(cpu=True, **timeout)
 
 
+# Why the trlx jobs refuse (and the seed's launchers turn down) ZeRO stage 3 on CPU; one sentence for every message.
+ZERO3_ON_CPU = "ZeRO stage 3 fails on CPU with this DeepSpeed (measured)"
+
+
 def deepspeed_cpu_problem(ds_config: Mapping, source: str) -> str | None:
     """What in a DeepSpeed config fails on CPU (ZeRO-3, the hybrid engine), or None. `ds_config` is a DeepSpeed
     JSON dict or an accelerate `deepspeed_config` section (zero_stage key)."""
     zero = ds_config.get("zero_optimization", {}) if isinstance(ds_config.get("zero_optimization"), Mapping) else {}
     stage = zero.get("stage", ds_config.get("zero_stage"))
     if str(stage) == "3":
-        return (f"{source}: ZeRO stage 3 fails on CPU with this DeepSpeed (measured); use ZERO_STAGE=0 or 2 on CPU "
-                f"(stage 3 is for GPU runs)")
+        return f"{source}: {ZERO3_ON_CPU}; use ZERO_STAGE=0 or 2 on CPU (stage 3 is for GPU runs)"
     hybrid = ds_config.get("hybrid_engine", {})
     if isinstance(hybrid, Mapping) and hybrid.get("enabled"):
         return f"{source}: DeepSpeed's hybrid engine needs a GPU; remove hybrid_engine.enabled on CPU"

@@ -28,7 +28,6 @@ tensorboard/trlx; the eval tables have a fluency column), checkpoints/ (trlx), s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -39,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_jobs.common import ConfigError, user_errors, write_json
-from rlhf_overlay.trlx_jobs.reward_model import ARCHES, TINY_MODEL_DIRS, _looks_local
+from rlhf_overlay.paths import looks_local
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, user_errors, write_json
 
 REWARDS = ("model", "rule")
 
@@ -139,8 +138,9 @@ class PPORunConfig:
 
         if self.arch not in ARCHES:
             bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
-        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
-            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
+        if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
+            bad("model (MODEL)", self.model, "no such folder — give a model folder, a run folder holding one, or a hub "
+                "id such as bigscience/bloom-560m (a relative path is taken from the current folder)")
         if self.data and not Path(self.data).expanduser().exists():
             bad("data (DATA)", self.data, "no such file or folder — pass a .json/.jsonl file or a folder with "
                 "train.jsonl (a relative path is taken from the current folder)")
@@ -156,9 +156,9 @@ class PPORunConfig:
             bad("rm_untrained", self.rm_untrained, "only applies with REWARD=model and no RM")
         if self.reward == "model" and not self.rm and not self.tiny and not self.rm_untrained:
             bad("rm (RM)", self.rm, "is required with your own MODEL: train one with `make rm-bloom MODEL=... "
-                "DATA=...` and pass RM=runs/<that run>/reward_model (or use REWARD=rule)")
+                "DATA=...` and pass RM=runs/<that run> (or use REWARD=rule)")
         if self.rm and not Path(self.rm).expanduser().is_dir():
-            bad("rm (RM)", self.rm, "is not a folder; pass the reward_model/ folder of a `make rm-*` run")
+            bad("rm (RM)", self.rm, "is not a folder; pass the run folder of a `make rm-*` run (or its reward_model/)")
         if not (self.rm_device in ("auto", "cpu", "policy") or self.rm_device.startswith("cuda")):
             bad("rm_device", self.rm_device, "must be auto, cpu, policy or cuda:N")
         for name in ("steps", "rollouts", "chunk_size", "batch_size", "ppo_epochs", "max_new_tokens",
@@ -201,15 +201,8 @@ class PPORunConfig:
         return self.ppo_epochs * math.ceil(self.rollouts / self.batch_size)
 
 
+
 # ---------------------------------------------------------------------------------------------- data
-def resolve_policy_path(cfg: PPORunConfig) -> str:
-    if cfg.model:
-        return str(Path(cfg.model).expanduser().resolve()) if _looks_local(cfg.model) else cfg.model
-    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
-
-    return str(ensure_tiny_assets() / "models" / TINY_MODEL_DIRS[cfg.arch])
-
-
 def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
     """(train rows, eval rows, sources): rows {prompt, reference?}, validated (file:line errors)."""
     from rlhf_overlay.data.preference_data import load_prompt_rows, resolve_data_file
@@ -248,531 +241,6 @@ def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
     return train, ev, {"train": str(train_file), "eval": str(eval_file)}
 
 
-def strip_eos(text: str, eos: str | None) -> str:
-    if eos:
-        while text.endswith(eos):
-            text = text[: -len(eos)]
-    return text
-
-
-# ---------------------------------------------------------------------------------------------- worker
-class StepRecorder:
-    """Per-PPO-step statistics: the rollout rewards (raw, before trlx's clipping/scaling), response lengths, KL,
-    losses and timings. Prints one line per step (and a progress bar on a terminal), writes the common tensorboard
-    names, and keeps everything for metrics.json."""
-
-    def __init__(self, run_dir: Path, total_steps: int, scalars, tty: bool):
-        self.run_dir, self.total, self.scalars = run_dir, total_steps, scalars
-        self.steps: list[dict] = []
-        self.phase = "rollout"
-        self._rewards: list[float] = []
-        self._outputs: list[str] = []
-        self._kl_tokens = [0.0, 0]   # summed KL over answer tokens, answer tokens (this step's rollouts)
-        self._lengths: list[int] = []
-        self._samples: list[dict] = []
-        self._losses: list[dict] = []
-        self._cur: dict | None = None
-        self.bar = None
-        if tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, desc="PPO", unit="step", file=sys.stdout, dynamic_ncols=True)
-
-    def record_rewards(self, prompts, outputs, rewards):
-        if self.phase != "rollout":
-            return
-        self._rewards += [float(r) for r in rewards]
-        self._outputs += list(outputs)
-        if len(self._samples) < 4:
-            self._samples += [{"prompt": p, "output": o, "reward": float(r)}
-                              for p, o, r in list(zip(prompts, outputs, rewards))[: 4 - len(self._samples)]]
-
-    def record_losses(self, stats: dict):
-        self._losses.append({k: stats[k] for k in ("losses/policy_loss", "losses/value_loss") if k in stats})
-
-    def start_rollouts(self):
-        """A make_experience call starts: the previous step's updates are done."""
-        self.close_step()
-        self.phase = "rollout"
-        self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
-        self._outputs, self._kl_tokens = [], [0.0, 0]
-
-    def add_answer_kl(self, kl_sum: float, tokens: int):
-        """KL(policy || reference) summed over the answer tokens of some rollouts, and their count."""
-        self._kl_tokens[0] += kl_sum
-        self._kl_tokens[1] += tokens
-
-    def rollouts_done(self, rollout_seconds: float, kl: float, lengths: list[int]):
-        """A make_experience call ended: open the step whose updates follow."""
-        from rlhf_overlay.data.synthetic import fluency
-
-        self._lengths = list(lengths)
-        n = len(self._rewards)
-        flu = fluency(self._outputs)
-        self._cur = {
-            "step": len(self.steps) + 1,
-            "reward_mean": sum(self._rewards) / n if n else float("nan"),
-            "reward_min": min(self._rewards) if n else float("nan"),
-            "reward_max": max(self._rewards) if n else float("nan"),
-            "reward_std": (sum((r - sum(self._rewards) / n) ** 2 for r in self._rewards) / max(1, n - 1)) ** 0.5
-            if n else float("nan"),
-            "response_length": sum(self._lengths) / max(1, len(self._lengths)),
-            "kl": kl, "samples": n, "rollout_seconds": rollout_seconds, "train_start": time.time(),
-            "kl_per_token": self._kl_tokens[0] / self._kl_tokens[1] if self._kl_tokens[1] else float("nan"),
-            "fluency": flu["fluency"], "in_language": flu["in_language"], "degenerate": flu["degenerate"],
-            "sentences": flu["sentences"],
-            "eval_seconds": 0.0, "examples": self._samples,
-        }
-        from rlhf_overlay.runtime.health import answer_shares, nonfinite_count
-        self._cur.update(answer_shares(self._outputs), nonfinite=nonfinite_count(self._rewards))  # health guards
-        self._rewards, self._lengths, self._samples, self._losses = [], [], [], []
-        self._outputs, self._kl_tokens = [], [0.0, 0]
-
-    def add_eval_time(self, seconds: float):
-        if self._cur is not None:
-            self._cur["eval_seconds"] += seconds
-
-    def close_step(self):
-        cur, self._cur = self._cur, None
-        if cur is None:
-            return
-        n_opt = len(self._losses)
-        train_s = time.time() - cur.pop("train_start") - cur["eval_seconds"]
-        cur["optimizer_steps"] = n_opt
-        cur["ppo_step_seconds"] = train_s / n_opt if n_opt else float("nan")
-        for k, name in (("losses/policy_loss", "policy_loss"), ("losses/value_loss", "value_loss")):
-            vals = [x[k] for x in self._losses if k in x]
-            cur[name] = sum(vals) / len(vals) if vals else float("nan")
-        self._losses = []
-        if n_opt == 0:  # rollouts collected after the last update (trlx does not do this, but be safe)
-            return
-        self.steps.append(cur)
-        self.scalars.log({"ppo/reward_mean": cur["reward_mean"], "ppo/kl": cur["kl"],
-                          "ppo/kl_per_token": cur["kl_per_token"], "ppo/fluency": cur["fluency"],
-                          "ppo/sentences": cur["sentences"],
-                          "ppo/policy_loss": cur["policy_loss"], "ppo/value_loss": cur["value_loss"],
-                          "ppo/response_length": cur["response_length"]}, cur["step"])
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            for ex in cur["examples"]:
-                f.write(json.dumps({"step": cur["step"], **ex}) + "\n")
-        line = (f"step {cur['step']:>3}/{self.total}  mean reward {cur['reward_mean']:+.3f}  kl {cur['kl']:.3f}  "
-                f"kl/token {cur['kl_per_token']:.3f}  fluency {cur['fluency']:.2f}  "
-                f"len {cur['response_length']:.1f}  policy_loss {cur['policy_loss']:+.3f}  "
-                f"value_loss {cur['value_loss']:.3f}  [rollout {cur['rollout_seconds']:.1f}s, "
-                f"{n_opt} updates {cur['ppo_step_seconds'] * 1000:.0f} ms each]")
-        if self.bar is not None:
-            self.bar.write(line)
-            self.bar.set_postfix_str(f"reward {cur['reward_mean']:+.3f}")
-            self.bar.update(1)
-        else:
-            print(line, flush=True)
-
-    def close(self):
-        self.close_step()
-        if self.bar is not None:
-            self.bar.close()
-
-
-def make_reward_fn(cfg: PPORunConfig, resolved: dict, tokenizer, recorder: StepRecorder | None, device):
-    """trlx reward function: one scalar per sample (raw rule score, or RM score [- RM score of the reference])."""
-    eos = tokenizer.eos_token
-    baseline = resolved["reward_baseline"]
-    if cfg.reward == "rule":
-        from rlhf_overlay.data.synthetic import rule_reward
-
-        def score(prompts, outputs, references):
-            return [float(x) for x in rule_reward(outputs)]
-    else:
-        import torch
-
-        from rlhf_overlay.trlx_jobs.reward_model import RewardScorer, load_reward_model, new_reward_model
-
-        dtype = None
-        if str(device).startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if resolved["rm_path"] == "untrained":  # the seed's PPO smoke test: a fresh value head on the policy's base
-            model, rm_tok = new_reward_model(resolved["policy_path"], torch_dtype=dtype, seed=cfg.seed)
-            model.to(device).eval()
-            max_length, sep = cfg.seq_length, "\n"
-        else:
-            model, rm_tok, meta = load_reward_model(resolved["rm_path"], device=device, torch_dtype=dtype)
-            max_length, sep = int(meta.get("max_length", cfg.seq_length)), meta.get("separator", "\n")
-        scorer = RewardScorer(model, rm_tok, max_length=max_length, separator=sep)
-
-        def score(prompts, outputs, references):
-            s = scorer.score(prompts, outputs)
-            if baseline == "reference":
-                ref = scorer.score(prompts, references)
-                s = [a - b for a, b in zip(s, ref)]
-            return s
-
-    moments = RunningMoments()
-
-    def reward_fn(samples, prompts, outputs, tokenizer=None, **metadata):
-        outs = [strip_eos(o, eos) for o in outputs]
-        references = metadata.get("reference")
-        if baseline == "reference" and (references is None or any(r is None for r in references)):
-            raise ConfigError("reward_baseline=reference needs a `reference` in every prompt row")
-        rewards = [float(x) for x in score(prompts, outs, references)]
-        rollout = recorder is None or recorder.phase == "rollout"
-        if recorder is not None:
-            recorder.record_rewards(prompts, outs, rewards)
-        if cfg.normalize_reward == "running" and rollout:  # evaluation tables show the raw scores
-            moments.update(rewards)
-            rewards = moments.normalize(rewards)
-        return rewards
-
-    reward_fn.moments = moments  # saved in checkpoints: the reward normalisation continues where it was
-    return reward_fn
-
-
-class RunningMoments:
-    """Running mean/std of all rollout rewards seen so far (Chan et al. parallel update)."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, xs):
-        n = len(xs)
-        if not n:
-            return
-        mean = sum(xs) / n
-        m2 = sum((x - mean) ** 2 for x in xs)
-        delta, total = mean - self.mean, self.n + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta ** 2 * self.n * n / total
-        self.n = total
-
-    @property
-    def std(self) -> float:
-        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
-
-    def normalize(self, xs):
-        std = self.std if self.std > 1e-8 else 1.0
-        return [(x - self.mean) / std for x in xs]
-
-
-def build_trl_config(cfg: PPORunConfig, resolved: dict, run_dir: Path, tokenizer_extra: dict):
-    from trlx.data.configs import ModelConfig, OptimizerConfig, SchedulerConfig, TokenizerConfig, TrainConfig, TRLConfig
-    from trlx.models.modeling_ppo import PPOConfig
-
-    per_round = cfg.optimizer_steps_per_round
-    total = cfg.steps * per_round
-    return TRLConfig(
-        train=TrainConfig(
-            seq_length=cfg.seq_length, epochs=cfg.steps + 1, total_steps=total, batch_size=cfg.batch_size,
-            checkpoint_interval=(cfg.checkpoint_every * per_round) if cfg.checkpoint_every else total,
-            eval_interval=(cfg.eval_every * per_round) if cfg.eval_every else total,
-            pipeline="PromptPipeline", trainer="OverlayPPOTrainer", tracker="tensorboard",
-            logging_dir=str(run_dir / "tensorboard" / "trlx"), project_name="trlx",
-            checkpoint_dir=str(run_dir / "checkpoints"), save_best=False, save_optimizer=cfg.save_optimizer,
-            seed=cfg.seed,
-        ),
-        model=ModelConfig(model_path=resolved["policy_path"], num_layers_unfrozen=cfg.num_layers_unfrozen),
-        tokenizer=TokenizerConfig(tokenizer_path=resolved["policy_path"], padding_side="left",
-                                  truncation_side="left", tokenizer_extra_configs=tokenizer_extra),
-        optimizer=OptimizerConfig(name="adamw", kwargs={"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1.0e-8,
-                                                        "weight_decay": 0.01 if not cfg.tiny else 0.0}),
-        scheduler=SchedulerConfig(name="cosine_annealing", kwargs={"T_max": max(1, total), "eta_min": cfg.lr}),
-        method=PPOConfig(
-            name="PPOConfig", num_rollouts=cfg.rollouts, chunk_size=cfg.chunk_size, ppo_epochs=cfg.ppo_epochs,
-            init_kl_coef=cfg.init_kl_coef, target=cfg.kl_target or None, horizon=cfg.kl_horizon, gamma=cfg.gamma,
-            lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-            scale_reward=None, ref_mean=None, ref_std=None, cliprange_reward=cfg.cliprange_reward,
-            gen_kwargs={"max_new_tokens": cfg.max_new_tokens, "do_sample": True, "top_k": cfg.top_k, "top_p": 1.0,
-                        "temperature": cfg.temperature},
-        ),
-    )
-
-
-class AnswerKL:
-    """KL(policy || reference) per answer token of trlx's rollouts. trlx's own `mean_kl` sums over the prompt
-    positions too (its attention mask covers prompt and answer) and its estimator exp(r) - 1 - r (r = log pi -
-    log pi_ref) estimates KL(reference || policy), which explodes where the policy grew confident. This keeps the
-    log-probs trlx computes in make_experience (its logprobs_of_labels calls, 2 per chunk: policy then reference)
-    and sums the unbiased, non-negative estimator of KL(policy || reference) for tokens sampled from the policy,
-    exp(-r) - 1 + r ("k3"), over the answer tokens only (not padding)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-        self.calls: list = []
-        self._on = False
-
-    @contextlib.contextmanager
-    def recording(self):
-        import trlx.trainer.accelerate_ppo_trainer as ppo_module
-
-        original = ppo_module.logprobs_of_labels
-
-        def recorded(logits, labels):
-            out = original(logits, labels)
-            self.calls.append((out.detach().float().cpu(), labels.detach().cpu()))
-            return out
-
-        self.calls = []
-        ppo_module.logprobs_of_labels = recorded
-        try:
-            yield
-        finally:
-            ppo_module.logprobs_of_labels = original
-
-    def answer_kl(self, elements) -> tuple[float, int]:
-        """(KL summed over the answer tokens, answer tokens) of the rollouts just recorded; `elements` are the
-        PPORLElements they produced, in order (each chunk's prompts share one padded width)."""
-        import torch
-
-        total, tokens, i = 0.0, 0, 0
-        for (logprobs, labels), (ref_logprobs, _) in zip(self.calls[0::2], self.calls[1::2]):
-            n = logprobs.shape[0]
-            if i + n > len(elements):
-                break
-            start = elements[i].query_tensor.shape[0] - 1   # logprobs[:, t] scores token t + 1
-            mask = (labels[:, start:] != self.pad).float()
-            r = (logprobs[:, start:] - ref_logprobs[:, start:]) * mask
-            total += float(((torch.exp(-r) - 1 + r) * mask).sum())
-            tokens += int(mask.sum())
-            i += n
-        self.calls = []
-        return total, tokens
-
-
-def _rm_device(choice: str, policy_device):
-    import torch
-
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu") if choice in ("cpu", "auto", "policy") else torch.device(choice)
-    if choice == "policy":
-        return policy_device
-    if choice == "auto":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return torch.device(f"cuda:{local}") if torch.cuda.device_count() > local else policy_device
-    return torch.device(choice)
-
-
-def checkpoint_control(run_dir: Path, cfg: PPORunConfig, resolved: dict, recorder, scalars, get_reward_fn, stop):
-    """The worker's side of checkpoints (rlhf_overlay.trlx_jobs.checkpoints): when, and what of the overlay's own state
-    (per-step metrics, reward normalisation, tensorboard step) goes into a checkpoint and comes back on RESUME."""
-    from rlhf_overlay.runtime.checkpoints import Schedule
-    from rlhf_overlay.trlx_jobs.checkpoints import Control
-
-    def get_extra():
-        if recorder is None:
-            return {}
-        m = get_reward_fn().moments
-        return {"steps": recorder.steps, "moments": [m.n, m.mean, m.m2]}
-
-    def set_extra(d):
-        if recorder is None or not d:
-            return
-        recorder.steps = d["steps"]
-        m = get_reward_fn().moments
-        m.n, m.mean, m.m2 = d["moments"]
-        samples = run_dir / "samples.jsonl"  # lines a killed run wrote after its checkpoint go
-        if samples.is_file():
-            keep = [ln for ln in samples.read_text().splitlines(True)
-                    if ln.strip() and json.loads(ln).get("step", 0) <= len(recorder.steps)]
-            tmp = samples.with_name(".samples.jsonl.tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, samples)
-
-    def reopen_scalars(steps):
-        if scalars.writer is not None:  # points logged after the checkpoint by a killed run are purged
-            from torch.utils.tensorboard import SummaryWriter
-
-            scalars.writer.close()
-            scalars.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=int(steps["ppo"]) + 1)
-
-    from rlhf_overlay.runtime.health import HealthGuard, nonfinite_count
-
-    guard = HealthGuard({k: getattr(cfg, k) for k in ("max_kl_per_token", "max_degenerate", "max_undecodable",
-                                                      "max_reward_drop")}, window=cfg.summary_window, log=scalars.log)
-
-    def check_health(nonfinite_grads: int):
-        """The health guards on the step just closed (main process): warning lines; the reason when the run must
-        stop (ON_UNHEALTHY=stop), else None."""
-        if recorder is None or not recorder.steps:
-            return None
-        if len(guard.history) != len(recorder.steps) - 1:   # a resumed run: the guard continues the run's history
-            guard.restore(recorder.steps[:-1])
-        step = recorder.steps[-1]
-        step["nonfinite"] = (step.get("nonfinite", 0) + nonfinite_grads
-                             + nonfinite_count([step.get("policy_loss"), step.get("value_loss")]))
-        lines = guard.check(step)
-        step["health"] = lines
-        for line in lines:
-            print(f"[health] WARNING {line}", flush=True)
-        return lines[0].split("; likely causes")[0] if lines and cfg.on_unhealthy == "stop" else None
-
-    return Control(run_dir, Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.keep_checkpoints), stop,
-                   Path(resolved["resume_from"]) if resolved.get("resume_from") else None, cfg.steps,
-                   settings={k: resolved.get(k) for k in ("policy_path", "rm_path", "data")},
-                   get_extra=get_extra, set_extra=set_extra,
-                   close_step=recorder.close_step if recorder is not None else None, reopen_scalars=reopen_scalars,
-                   check_health=check_health)
-
-
-def worker_main(run_dir: Path) -> int:
-    """Runs in each process (plain python, or started by accelerate launch)."""
-    from rlhf_overlay.trlx_jobs.common import CommonScalars, check_world_size, cpu_deepspeed_backend_fix, import_trlx
-
-    run_dir = Path(run_dir)
-    resolved = json.loads((run_dir / "config.json").read_text())
-    cfg = PPORunConfig(**resolved["ppo"])
-    from rlhf_overlay.runtime.checkpoints import StopRequest
-    stop = StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next PPO step boundary, then stop
-    cpu_deepspeed_backend_fix()
-    trlx = import_trlx()
-    import transformers
-    from transformers import AutoTokenizer
-    from trlx.trainer import register_trainer
-    from trlx.trainer.accelerate_ppo_trainer import AcceleratePPOTrainer
-    from trlx.utils import logging as trlx_logging
-
-    transformers.logging.set_verbosity_error()
-    trlx_logging.set_verbosity(trlx_logging.WARNING)
-    trlx_logging.disable_progress_bar()
-    main_proc = int(os.environ.get("RANK", "0")) == 0
-
-    tok = AutoTokenizer.from_pretrained(resolved["policy_path"])
-    tokenizer_extra = {} if tok.pad_token is not None else {"pad_token": tok.eos_token}
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    scalars = CommonScalars(run_dir, enabled=main_proc)
-    from rlhf_overlay.runtime.rank_report import RankReport
-
-    rank_report = RankReport("ppo")
-    recorder = StepRecorder(run_dir, cfg.steps, scalars, tty=resolved.get("tty", False)) if main_proc else None
-    timings = {"eval_seconds": 0.0}
-    answer_kl = AnswerKL(tok.pad_token_id)
-
-    from rlhf_overlay.trlx_jobs import checkpoints as trlx_checkpoints
-    control = checkpoint_control(run_dir, cfg, resolved, recorder, scalars, lambda: reward_fn, stop)
-
-    @register_trainer
-    class OverlayPPOTrainer(AcceleratePPOTrainer):
-        """trlx's PPO trainer plus per-step reporting (rewards as scored, KL, losses, timings)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            check_world_size(self.accelerator.num_processes)  # no silent single-process ranks
-
-        def add_prompt_pipeline(self, pipeline):
-            super().add_prompt_pipeline(pipeline)
-            # prompts in an order recreated from (seed, epoch) at a saved position, so a resume draws what the
-            # uninterrupted run would have drawn
-            self.epoch_prompts = trlx_checkpoints.epoch_prompts(self, pipeline, cfg.seed)
-            self.prompt_iterator = self.epoch_prompts
-            if rank_report.enabled:  # RANK_REPORT=1: record the prompts this rank draws (checks the data split)
-                prompts = self.prompt_iterator
-
-                def recorded():
-                    for batch in prompts:
-                        rank_report.add_sample_ids(batch["rank_report_row"])
-                        yield batch
-
-                self.prompt_iterator = recorded()
-
-        def make_experience(self, num_rollouts: int = 1024, iter_count: int = 0):
-            if recorder is not None:
-                recorder.start_rollouts()
-            t0 = time.time()
-            before = len(self.store.history)
-            with answer_kl.recording():
-                super().make_experience(num_rollouts, iter_count)
-            if recorder is not None:
-                recorder.add_answer_kl(*answer_kl.answer_kl(self.store.history[before:]))
-                pad = self.tokenizer.pad_token_id
-                lengths = [int((el.response_tensor != pad).sum()) for el in self.store.history[before:]]
-                recorder.rollouts_done(time.time() - t0, float(self.mean_kl), lengths)
-
-        def evaluate(self):
-            t0 = time.time()
-            if recorder is not None:
-                recorder.phase = "eval"
-            try:
-                return super().evaluate()
-            finally:
-                dt = time.time() - t0
-                timings["eval_seconds"] += dt
-                if recorder is not None:
-                    recorder.phase = "rollout"
-                    recorder.add_eval_time(dt)
-
-        def learn(self):  # trlx's loop with checkpoints, RESUME and SIGINT/SIGTERM at PPO step boundaries
-            return trlx_checkpoints.learn(self, control)
-
-        def loss(self, batch):
-            loss, stats = super().loss(batch)
-            if recorder is not None:
-                recorder.record_losses(stats)
-            return loss, stats
-
-    trl_config = build_trl_config(cfg, resolved, run_dir, tokenizer_extra)
-    reward_fn = None
-    # The reward model lives on the main process only (trlx gathers the samples there to score them).
-    import torch
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    policy_device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if main_proc:
-        reward_fn = make_reward_fn(cfg, resolved, tok, recorder, _rm_device(cfg.rm_device, policy_device))
-    else:
-        def reward_fn(*a, **k):  # never called off the main process; trlx only needs it to be set
-            raise RuntimeError("reward_fn called outside the main process")
-
-    train_rows, eval_rows, _ = load_prompts(resolved["data_arg"])
-    eval_rows = eval_rows[: cfg.eval_prompts]
-    t0 = time.time()
-    # RANK_REPORT=1: each prompt carries its row number (trlx passes extra keys along as metadata)
-    row_ids = (lambda i: {"rank_report_row": i}) if rank_report.enabled else (lambda i: {})
-    def metric_fn(samples, prompts, outputs, **metadata):  # a fluency column in trlx's eval tables
-        from rlhf_overlay.data.synthetic import answer_fluency
-
-        return {"fluency": [answer_fluency(strip_eos(o, tok.eos_token)) for o in outputs]}
-
-    trainer = trlx.train(reward_fn=reward_fn, metric_fn=metric_fn,
-                         prompts=[dict(r, **row_ids(i)) for i, r in enumerate(train_rows)],
-                         eval_prompts=[dict(r) for r in eval_rows], config=trl_config)
-    train_seconds = time.time() - t0
-    if recorder is not None:
-        recorder.close()
-    from rlhf_overlay.trlx_jobs.checkpoints import final_health
-    if not final_health(trainer, control):  # the last step tripped a guard with ON_UNHEALTHY=stop: no policy export
-        scalars.close()
-        return 3
-    engine = trainer.model if hasattr(trainer.model, "zero_optimization_stage") else trainer.opt
-    rank_report.add_optimizer("policy", engine, model=trainer.model)
-    rank_report.write()
-    policy_dir = run_dir / "policy"
-    from rlhf_overlay.runtime.status import final_folder
-    with final_folder(policy_dir, enabled=main_proc) as partial:  # policy/ appears only when complete
-        # every rank takes part in save_pretrained (it lists the folder; rank 0 writes): wait until rank 0 cleared an
-        # old partial folder, and until no rank still lists it before rank 0 renames it (a 2-rank resume died with
-        # FileNotFoundError on rank 1 when rank 0 renamed first)
-        trainer.accelerator.wait_for_everyone()
-        trainer.save_pretrained(str(partial))
-        trainer.accelerator.wait_for_everyone()
-    if main_proc:
-        steps = recorder.steps
-        k = min(cfg.summary_window, max(1, len(steps) // 2))
-        first = sum(s["reward_mean"] for s in steps[:k]) / k
-        last = sum(s["reward_mean"] for s in steps[-k:]) / k
-
-        def mean(key):
-            vals = [s[key] for s in steps if not math.isnan(s[key])]
-            return sum(vals) / len(vals) if vals else None
-
-        write_json(run_dir / "metrics.json", {
-            "reward_first": first, "reward_last": last, "summary_window": k, "steps": steps,
-            "rollout_seconds_mean": mean("rollout_seconds"), "ppo_step_seconds_mean": mean("ppo_step_seconds"),
-            "train_seconds": round(train_seconds, 2), "eval_seconds": round(timings["eval_seconds"], 2),
-            "policy": str(policy_dir), "reward": cfg.reward, "reward_baseline": resolved["reward_baseline"],
-            "checkpoint_seconds": control.checkpoint_seconds, "resumed_from": resolved.get("resume_from"),
-        })
-    scalars.close()
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "python -m rlhf_overlay.trlx_jobs.ppo", defaults: PPORunConfig | None = None,
                  doc: str | None = None) -> argparse.ArgumentParser:
@@ -802,7 +270,7 @@ def config_from_args(ns: argparse.Namespace) -> PPORunConfig:
 def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) -> tuple[list[str], dict]:
     """The launch command and the launch facts recorded in config.json (no side effects). With a hostfile of
     several hosts, `launch["machine_configs"]` holds one accelerate config per machine for run() to write."""
-    from rlhf_overlay.trlx_jobs.common import accelerate_command, default_accelerate_config
+    from rlhf_overlay.trlx_jobs.common import accelerate_command, default_accelerate_config, deepspeed_cpu_problem
 
     zero = cfg.zero_stage if cfg.zero_stage >= 0 else (2 if cuda else 0)
     hosts = hostfile_hosts(cfg)
@@ -813,15 +281,14 @@ def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) ->
         precision = "bf16" if cuda else "no"
     if precision == "fp16" and not cuda:
         raise ConfigError("precision='fp16' needs a GPU (CPU training runs in fp32; use --precision no or bf16)")
-    if zero == 3 and not cuda:
-        raise ConfigError("zero_stage (ZERO_STAGE)=3: ZeRO stage 3 fails on CPU with this DeepSpeed (measured); use "
-                          "ZERO_STAGE=0 or 2 on CPU")
+    if not cuda:
+        problem = deepspeed_cpu_problem({"zero_stage": zero}, f"zero_stage (ZERO_STAGE)={zero}")
+        if problem:
+            raise ConfigError(problem)
     if cfg.accelerate_config != "auto":
         config_file = Path(cfg.accelerate_config).resolve()
         if not cuda:
             import yaml
-
-            from rlhf_overlay.trlx_jobs.common import deepspeed_cpu_problem
 
             user = yaml.safe_load(config_file.read_text()) or {}
             problem = deepspeed_cpu_problem(user.get("deepspeed_config") or {}, f"accelerate_config={config_file}")
@@ -883,7 +350,7 @@ def hostfile_hosts(cfg: PPORunConfig):
 def join(run_dir: Path, machine_rank: int) -> int:
     """`make ppo-join`: start machine `machine_rank` of a several-machine run that the first host started."""
     from rlhf_overlay.runtime.runs import has_cuda, run_logged
-    from rlhf_overlay.trlx_jobs.common import accelerate_command, trlx_env
+    from rlhf_overlay.trlx_jobs.common import accelerate_command, needs_hub, trlx_env
 
     run_dir = Path(run_dir).expanduser().resolve()
     config = run_dir / "accelerate" / f"machine-{machine_rank}.yaml"
@@ -891,7 +358,8 @@ def join(run_dir: Path, machine_rank: int) -> int:
         raise ConfigError(f"{config} does not exist: start the run on the first host of the hostfile first (it writes "
                           f"one accelerate config per machine into the run folder, which must be on storage all "
                           f"nodes share), then join with the RUN folder it printed")
-    env = trlx_env(cpu=not has_cuda())
+    policy_path = json.loads((run_dir / "config.json").read_text()).get("policy_path", "")
+    env = trlx_env(cpu=not has_cuda(), offline=not needs_hub(policy_path))  # online only for a hub id
     env["RLHF_OVERLAY_WORKER"] = "1"
     if env.get("RANK_REPORT") == "1":  # as prepare_run_dir does on the first host
         from rlhf_overlay.runtime.rank_report import ENV
@@ -911,8 +379,8 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         worker=None) -> tuple[int, Path | None]:
     """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder)"""
     from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
-    from rlhf_overlay.trlx_jobs.common import check_trlx, trlx_env
-    from rlhf_overlay.trlx_jobs.reward_model import is_reward_model_dir
+    from rlhf_overlay.trlx_jobs.common import check_trlx, needs_hub, trlx_env
+    from rlhf_overlay.trlx_jobs.value_head import is_reward_model_dir
 
     from rlhf_overlay.runtime import status
     from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
@@ -942,7 +410,6 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     if problem:
         raise ConfigError(problem)
     hostfile_hosts(cfg)  # hostfile problems before anything is created
-    policy_path = resolve_policy_path(cfg)
     train_rows, eval_rows, sources = load_prompts(cfg.data)  # validates every row before anything starts
     baseline = cfg.reward_baseline
     has_refs = all(r.get("reference") for r in train_rows + eval_rows)
@@ -959,6 +426,8 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
                                                        ("RM", cfg.rm, (preflight.TRLX_RM,), "")])
     if "RM" in checked and checked["RM"].local is not None:
         cfg.rm = str(checked["RM"].local)   # a run folder of make rm-* -> its reward_model/
+    # a folder as checked (a run folder -> the policy inside it), a hub id as given, else the embedded tiny model
+    policy_path = preflight.absolute(checked, "MODEL", cfg.model) if cfg.model else tiny_model_path(cfg.arch)
     check_trlx()  # after the data checks: a bad row is reported even where trlx is not set up yet
     if cfg.data:  # prompts longer than seq_length - max_new_tokens are cut from the left by trlx: say so, per file
         from rlhf_overlay.data.preference_data import prompt_overlong_warnings
@@ -967,7 +436,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
             print(warning, flush=True)
     if cfg.rm and not is_reward_model_dir(Path(cfg.rm).expanduser()):
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
-                          f"value_head.safetensors); pass <rm run>/reward_model")
+                          f"value_head.safetensors); pass the run folder of a `make rm-*` run (or its reward_model/)")
     plan_launch(cfg, Path("<run folder>"), cuda, gpu_count)  # launch settings refused before anything is created
     try:
         run_dir = (prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
@@ -996,7 +465,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
             from rlhf_overlay.trlx_jobs.reward_model import run as run_rm
 
             print("no RM given: training a tiny reward model on the embedded preference data first "
-                  f"(into {run_dir / 'rm'}; pass RM=<reward_model folder> to skip)", flush=True)
+                  f"(into {run_dir / 'rm'}; pass RM=<a make rm-* run folder> to skip)", flush=True)
             rc = run_rm(RewardModelConfig(arch=cfg.arch, output=str(run_dir / "rm"), seed=cfg.seed),
                         ["--arch", cfg.arch, "--output", str(run_dir / "rm")])
             if rc != 0:
@@ -1025,7 +494,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     for machine in launch.get("machines", [])[1:]:
         print(f"machine {machine['machine_rank']} ({machine['host']}) joins with: make ppo-join RUN={run_dir} "
               f"MACHINE_RANK={machine['machine_rank']}", flush=True)
-    env = trlx_env(cpu=not cuda)
+    env = trlx_env(cpu=not cuda, offline=not needs_hub(policy_path))  # online only for a hub id
     env["RLHF_OVERLAY_WORKER"] = "1"
     config_text = Path(launch["accelerate_config"]).read_text() if launch.get("accelerate_config") else ""
     if launch["zero_stage"] or "DEEPSPEED" in config_text:
@@ -1060,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
         from rlhf_overlay.runtime.dist_exit import end_process_group
+        from rlhf_overlay.trlx_jobs.ppo_worker import worker_main
         return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     if ns.join:
         if ns.machine_rank is None or ns.machine_rank < 1:

@@ -17,7 +17,7 @@ Several GPUs / nodes (torchrun on one node; the DeepSpeed launcher with a hostfi
     make rm-gptj MODEL=/models/gpt-j-sft DATA=/data/ranking HOSTFILE=/etc/hostfile ZERO_STAGE=2
 
 Output folder: reward_model/ (trunk in HF format + tokenizer + value_head.safetensors + reward_model.json; load it
-with `load_reward_model`), metrics.json (eval accuracy before/after, chance 0.5), tensorboard/ (rm/loss, rm/acc,
+with rlhf_overlay.trlx_jobs.value_head.load_reward_model), metrics.json (eval accuracy before/after, chance 0.5), tensorboard/ (rm/loss, rm/acc,
 rm/eval_loss; the HF Trainer's own scalars under tensorboard/hf), training.log, command.txt, config.json.
 """
 from __future__ import annotations
@@ -27,18 +27,12 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_jobs.common import ConfigError, user_errors, write_json
-
-ARCHES = ("bloom", "gptj", "llama")
-TINY_MODEL_DIRS = {"bloom": "tiny-bloom", "gptj": "tiny-gptj", "llama": "tiny-llama"}
-RM_FORMAT = "rlhf-overlay/value-head-reward-model/1"
-VALUE_HEAD_FILE = "value_head.safetensors"
-META_FILE = "reward_model.json"
+from rlhf_overlay.paths import looks_local
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, user_errors, write_json
 
 
 @dataclass
@@ -139,8 +133,9 @@ class RewardModelConfig:
             bad("num_processes (NUM_GPUS)", self.num_processes, "must be >= 1 (or empty for the default)")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             bad("deepspeed", self.deepspeed, "file does not exist")
-        if self.model and _looks_local(self.model) and not (Path(self.model).expanduser() / "config.json").is_file():
-            bad("model (MODEL)", self.model, "is not a HuggingFace model folder (no config.json there)")
+        if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
+            bad("model (MODEL)", self.model, "no such folder — give a model folder, a run folder holding one, or a hub "
+                "id such as bigscience/bloom-560m (a relative path is taken from the current folder)")
         for name in ("data", "eval_data"):
             v = getattr(self, name)
             if v and not Path(v).expanduser().exists():
@@ -155,20 +150,7 @@ RM_MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes"
                  "logging_steps", "on_unhealthy"}
 
 
-def _looks_local(name: str) -> bool:
-    p = Path(name).expanduser()
-    return p.is_absolute() or name.startswith(".") or p.exists() or name.count("/") != 1
-
-
 # ---------------------------------------------------------------------------------------------- data
-def resolve_model_path(cfg: RewardModelConfig) -> str:
-    if cfg.model:
-        return str(Path(cfg.model).expanduser().resolve()) if _looks_local(cfg.model) else cfg.model
-    from rlhf_overlay.data.tiny_assets import ensure_tiny_assets
-
-    return str(ensure_tiny_assets() / "models" / TINY_MODEL_DIRS[cfg.arch])
-
-
 def resolve_data_files(data: str, eval_data: str) -> tuple[Path, Path | None]:
     """(train file, eval file or None = hold out a share of train); a folder holds train.jsonl|.json [+ eval]."""
     if data:
@@ -213,226 +195,7 @@ def load_train_eval(cfg: RewardModelConfig) -> tuple[list, list, dict]:
     return train, ev, src
 
 
-# ---------------------------------------------------------------------------------------------- model
-def join_prompt_response(prompt: str, response: str, separator: str = "\n") -> str:
-    """The one text layout used to train and to score (PPO scores `prompt + separator + generated`)."""
-    if not prompt:
-        return response
-    if prompt.endswith(separator) or response.startswith(separator):
-        return prompt + response
-    return prompt + separator + response
-
-
-def prepare_tokenizer(tokenizer):
-    """pad falls back to eos (GPT-J/LLaMA tokenizers have none); right padding, left truncation."""
-    if tokenizer.eos_token is None:
-        raise ConfigError(f"tokenizer of {tokenizer.name_or_path} has no eos token; the score is read on the eos "
-                          f"appended to each text, so give the tokenizer an eos_token")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"
-    return tokenizer
-
-
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids ending with eos, at most max_length long (the start of a too-long text is cut)."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
-        if not ids or ids[-1] != eos:
-            ids = ids + [eos]
-        if len(ids) > max_length:
-            ids = ids[-max_length:]
-        out.append(ids)
-    return out
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _decoder_layers(trunk):
-    for attr in ("h", "layers", "blocks"):
-        layers = getattr(trunk, attr, None)
-        if layers is not None and hasattr(layers, "__len__"):
-            return layers
-    dec = getattr(trunk, "decoder", None)
-    if dec is not None and hasattr(dec, "layers"):
-        return dec.layers
-    return None
-
-
-def build_reward_model_class():
-    import torch
-    from torch import nn
-
-    class ValueHeadRewardModel(nn.Module):
-        """A causal-LM trunk (AutoModel) + a bias-free linear value head; score = value at the last non-pad token."""
-
-        def __init__(self, trunk, pad_token_id: int):
-            super().__init__()
-            self.trunk = trunk
-            self.config = trunk.config
-            hidden = getattr(trunk.config, "hidden_size", None) or getattr(trunk.config, "n_embd")
-            self.v_head = nn.Linear(hidden, 1, bias=False)
-            self.pad_token_id = pad_token_id
-
-        def score(self, input_ids, attention_mask):
-            out = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = out[0]
-            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
-            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-            last = (positions * attention_mask).argmax(-1)  # last non-pad token, left or right padding
-            return values[torch.arange(values.shape[0], device=values.device), last].float()
-
-        def forward(self, chosen_input_ids, chosen_attention_mask, rejected_input_ids, rejected_attention_mask,
-                    **_unused):
-            n = chosen_input_ids.shape[0]
-            width = max(chosen_input_ids.shape[1], rejected_input_ids.shape[1])
-
-            def widen(t, value):
-                return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-            ids = torch.cat([widen(chosen_input_ids, self.pad_token_id), widen(rejected_input_ids, self.pad_token_id)])
-            mask = torch.cat([widen(chosen_attention_mask, 0), widen(rejected_attention_mask, 0)])
-            scores = self.score(ids, mask)
-            chosen, rejected = scores[:n], scores[n:]
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-            return {"loss": loss, "chosen_scores": chosen, "rejected_scores": rejected}
-
-    return ValueHeadRewardModel
-
-
-def new_reward_model(model_path: str, torch_dtype=None, seed: int = 0):
-    """Trunk from `model_path` (AutoModel: lm head dropped) + a fresh value head (seeded), and its tokenizer."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_path))
-    trunk = AutoModel.from_pretrained(model_path, torch_dtype=torch_dtype)
-    cls = build_reward_model_class()
-    torch.manual_seed(seed)
-    model = cls(trunk, tokenizer.pad_token_id)
-    if torch_dtype is not None:
-        model.v_head.to(torch_dtype)
-    return model, tokenizer
-
-
-def save_reward_model(model, tokenizer, out_dir: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.trunk.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    save_file({"weight": model.v_head.weight.detach().float().cpu().contiguous()}, str(out_dir / VALUE_HEAD_FILE))
-    write_json(out_dir / META_FILE, {"format": RM_FORMAT, "value_head": VALUE_HEAD_FILE, **meta})
-
-
-def is_reward_model_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file() and (Path(path) / VALUE_HEAD_FILE).is_file()
-
-
-def load_reward_model(path: str | os.PathLike, device="cpu", torch_dtype=None):
-    """(model, tokenizer, meta) of a reward model saved by this module; model in eval mode on `device`."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-
-    path = Path(path)
-    if not is_reward_model_dir(path):
-        raise ConfigError(f"RM={path} is not a reward model folder saved by rlhf_overlay.trlx_jobs.reward_model (it "
-                          f"needs {META_FILE} and {VALUE_HEAD_FILE}); train one with `make rm-bloom` / `make rm-gptj` "
-                          f"and pass its reward_model/ folder")
-    meta = json.loads((path / META_FILE).read_text())
-    if meta.get("format") != RM_FORMAT:
-        raise ConfigError(f"RM={path}: unknown reward model format {meta.get('format')!r} (expected {RM_FORMAT})")
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    trunk = AutoModel.from_pretrained(path, torch_dtype=torch_dtype)
-    model = build_reward_model_class()(trunk, tokenizer.pad_token_id)
-    model.v_head.weight.data.copy_(load_file(str(path / VALUE_HEAD_FILE))["weight"].to(model.v_head.weight.dtype))
-    model.to(device).eval()
-    return model, tokenizer, meta
-
-
-class RewardScorer:
-    """Scores texts with a value-head reward model, in batches, without gradients."""
-
-    def __init__(self, model, tokenizer, max_length: int, separator: str = "\n", batch_size: int = 16):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.separator, self.batch_size = max_length, separator, batch_size
-
-    @property
-    def device(self):
-        return self.model.v_head.weight.device
-
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        import torch
-
-        out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            seqs = encode_texts(self.tokenizer, texts[i: i + self.batch_size], self.max_length)
-            ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)
-            with torch.no_grad():
-                out += self.model.score(ids.to(self.device), mask.to(self.device)).tolist()
-        return out
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return self.score_texts([join_prompt_response(p, r, self.separator) for p, r in zip(prompts, responses)])
-
-
-# ---------------------------------------------------------------------------------------------- training
-def _pair_dataset(pairs, tokenizer, cfg: RewardModelConfig):
-    from torch.utils.data import Dataset
-
-    chosen = encode_texts(tokenizer, [join_prompt_response(p, c, cfg.separator) for p, c, _ in pairs], cfg.max_length)
-    rejected = encode_texts(tokenizer, [join_prompt_response(p, r, cfg.separator) for p, _, r in pairs], cfg.max_length)
-    keep = [i for i in range(len(pairs)) if chosen[i] != rejected[i]]  # identical after truncation: no signal
-
-    class PairDataset(Dataset):
-        def __len__(self):
-            return len(keep)
-
-        def __getitem__(self, i):
-            return {"chosen": chosen[keep[i]], "rejected": rejected[keep[i]]}
-
-    return PairDataset(), len(pairs) - len(keep)
-
-
-def warn_overlong(cfg: RewardModelConfig, tokenizer) -> None:
-    """Print one warning per data file whose prompt + answer + eos is longer than max_length (cut on the left)."""
-    from rlhf_overlay.data.preference_data import overlong_warning, preference_rows_with_lines
-
-    def texts(r):
-        return [(f"prompt + {k}", join_prompt_response(r["prompt"], r[k], cfg.separator)) for k in ("chosen", "rejected")]
-
-    for file in dict.fromkeys(f for f in resolve_data_files(cfg.data, cfg.eval_data) if f is not None):
-        w = overlong_warning(file, preference_rows_with_lines(file), texts,
-                             lambda ts: [len(ids) for ids in encode_texts(tokenizer, ts, 10 ** 9)], cfg.max_length,
-                             "left")
-        if w:
-            print(w, flush=True)
-
-
-def _collator(pad_id: int):
-    def collate(items):
-        c_ids, c_mask = pad_batch([it["chosen"] for it in items], pad_id)
-        r_ids, r_mask = pad_batch([it["rejected"] for it in items], pad_id)
-        return {"chosen_input_ids": c_ids, "chosen_attention_mask": c_mask,
-                "rejected_input_ids": r_ids, "rejected_attention_mask": r_mask}
-
-    return collate
-
-
+# ---------------------------------------------------------------------------------------------- launch
 def deepspeed_config(cfg: RewardModelConfig, precision: str) -> dict | None:
     """The DeepSpeed JSON for this run (None = no DeepSpeed): the user's file, or ZeRO-`zero_stage` with HF 'auto'
     values (fp16/bf16 follow --precision; optimizer offload with --offload, as the seed's ds_config_bloom.json)."""
@@ -463,192 +226,6 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     return precision
 
 
-def worker_main(run_dir: Path) -> int:
-    """Runs inside each training process (started by `main` through a launcher)."""
-    import torch
-    import transformers
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from rlhf_overlay.trlx_jobs.common import CommonScalars
-
-    run_dir = Path(run_dir)
-    resolved = json.loads((run_dir / "config.json").read_text())
-    cfg = RewardModelConfig(**resolved["reward_model"])
-    from rlhf_overlay.runtime import checkpoints as ck
-    from rlhf_overlay.runtime import hf_checkpoints
-    from rlhf_overlay.runtime import status
-    stop = ck.StopRequest().install()  # SIGINT / SIGTERM: a checkpoint at the next optimizer step, then stop
-    resume_from = resolved.get("resume_from")
-    model_path, precision = resolved["model_path"], resolved["precision"]
-    ds_config = resolved.get("deepspeed_config")
-    cuda = torch.cuda.is_available()
-    main_proc = int(os.environ.get("RANK", "0")) == 0
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from rlhf_overlay.runtime.waits import dist_timeout, roll_call
-
-    timeout = dist_timeout(cuda)  # RLHF_DIST_TIMEOUT: rendezvous and every collective (gloo/NCCL)
-    if distributed:
-        roll_call(timeout)  # a rank that never arrives is named, instead of a silent wait in the process group
-    transformers.set_seed(cfg.seed)
-    transformers.logging.set_verbosity_error()
-
-    train_pairs, eval_pairs, _ = load_train_eval(cfg)
-    model, tokenizer = new_reward_model(model_path, seed=cfg.seed)
-    if cfg.unfrozen_fraction < 1:
-        layers = _decoder_layers(model.trunk)
-        if layers is None:
-            raise ConfigError(f"unfrozen_fraction={cfg.unfrozen_fraction}: cannot find the decoder layers of "
-                              f"{type(model.trunk).__name__} to freeze; pass --unfrozen-fraction 1")
-        n_train = max(1, int(cfg.unfrozen_fraction * len(layers)))
-        for layer in layers[: len(layers) - n_train]:
-            layer.requires_grad_(False)
-    if main_proc:
-        warn_overlong(cfg, tokenizer)   # once per file: which line, how many tokens are cut, from which side
-    train_ds, dropped_train = _pair_dataset(train_pairs, tokenizer, cfg)
-    eval_ds, dropped_eval = _pair_dataset(eval_pairs, tokenizer, cfg)
-    if len(train_ds) == 0 or len(eval_ds) == 0:
-        raise ConfigError(f"no usable pairs (train {len(train_ds)}, eval {len(eval_ds)}): chosen and rejected are "
-                          f"identical after tokenization/truncation to max_length={cfg.max_length}")
-    if main_proc and (dropped_train or dropped_eval):
-        print(f"note: skipped {dropped_train} train / {dropped_eval} eval pair(s) whose chosen and rejected texts "
-              f"are identical after truncation to {cfg.max_length} tokens", flush=True)
-
-    args = TrainingArguments(
-        output_dir=hf_checkpoints.output_dir(run_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        logging_steps=cfg.logging_steps,
-        logging_dir=str(run_dir / "tensorboard" / "hf"),
-        report_to=["tensorboard"],
-        eval_strategy="steps" if cfg.eval_steps else "epoch",
-        eval_steps=cfg.eval_steps or None,
-        save_strategy="no",             # checkpoints: rlhf_overlay.runtime.hf_checkpoints decides when, and names them
-        save_safetensors=False,          # the trunk's tied embeddings are shared tensors, which safetensors refuses
-        remove_unused_columns=False,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        deepspeed=ds_config,
-        # CPU: gloo for torchrun/DeepSpeed process groups (accelerate picks no CPU backend for DeepSpeed)
-        ddp_backend="gloo" if not cuda and (distributed or ds_config is not None) else None,
-        use_cpu=not cuda and ds_config is None,
-        ddp_timeout=timeout,
-        seed=cfg.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not main_proc,
-        label_names=[],
-    )
-
-    scalars = CommonScalars(run_dir, enabled=main_proc)
-    from rlhf_overlay.runtime.rank_report import RankReport
-
-    rank_report = RankReport("rm")  # RANK_REPORT=1: the pairs this rank trained on and its optimizer state
-
-    checkpoints = hf_checkpoints.callback(run_dir, ck.Schedule(cfg.checkpoint_every, cfg.checkpoint_minutes,
-                                                               cfg.keep_checkpoints),
-                                          stop, bool(resume_from), scalars, lambda: trainer)
-    from rlhf_overlay.runtime.health import hf_callback
-    health = hf_callback(cfg.on_unhealthy == "stop", scalars)   # NaN/inf in loss / gradient norm
-
-    class CommonNames(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
-                return
-            scalars.log({"rm/loss": logs.get("loss"), "rm/acc": logs.get("eval_accuracy"),
-                         "rm/eval_loss": logs.get("eval_loss")}, state.global_step)
-
-    class RewardTrainer(Trainer):
-        def _load_rng_state(self, checkpoint):
-            # transformers 4.44 reads the RNG file with torch.load's default, which torch >= 2.6 makes weights_only:
-            # the numpy RNG state inside (arrays) is then refused; allow exactly those types
-            import numpy as np
-            with torch.serialization.safe_globals([np.core.multiarray._reconstruct, np.ndarray, np.dtype,
-                                                   type(np.dtype(np.uint32))]):
-                return super()._load_rng_state(checkpoint)
-
-        def _save_checkpoint(self, model, trial, metrics=None):
-            super()._save_checkpoint(model, trial, metrics=metrics)   # into checkpoints/.hf-writing/checkpoint-N
-            hf_checkpoints.commit(self, run_dir, cfg.keep_checkpoints)  # ... renamed to checkpoints/step-N
-
-        def compute_loss(self, model, inputs, return_outputs=False):
-            if model.training:
-                rank_report.add_samples(inputs["chosen_input_ids"], tokenizer.pad_token_id)
-            out = model(**inputs)
-            return (out["loss"], out) if return_outputs else out["loss"]
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                out = model(**inputs)
-            scores = torch.stack([out["chosen_scores"], out["rejected_scores"]], dim=-1).detach()
-            labels = torch.zeros(scores.shape[0], device=scores.device)
-            return out["loss"].detach(), scores, labels
-
-    def compute_metrics(p):
-        import numpy as np
-
-        s = np.asarray(p.predictions).reshape(-1, 2)
-        return {"accuracy": float((s[:, 0] > s[:, 1]).mean()), "margin": float((s[:, 0] - s[:, 1]).mean())}
-
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=_collator(tokenizer.pad_token_id), compute_metrics=compute_metrics,
-                            callbacks=[CommonNames(), checkpoints, health])
-    before = None
-    if cfg.eval_before == "yes" and not resume_from:  # a resumed run measured it when it started
-        before = trainer.evaluate(metric_key_prefix="eval")
-        scalars.log({"rm/acc": before["eval_accuracy"], "rm/eval_loss": before["eval_loss"]}, 0)
-        if main_proc:
-            print(f"eval accuracy before training: {before['eval_accuracy']:.3f} on {len(eval_ds)} pairs", flush=True)
-    t0 = time.time()
-    if resume_from and main_proc:
-        print(f"resumed from step {ck.read_state(Path(resume_from))['global_step']} ({resume_from})", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if health.reason is not None:  # ON_UNHEALTHY=stop: checkpoint written, no reward model exported
-        if main_proc:
-            st = status.write_status(run_dir, state="failed", reason=health.reason)
-            print(f"stopped: {health.reason} (ON_UNHEALTHY=stop); newest checkpoint {st.get('checkpoint')}", flush=True)
-        scalars.close()
-        return 3
-    if checkpoints.stopped_at is not None:  # SIGINT / SIGTERM: the checkpoint is written, stop in every rank
-        if main_proc:
-            st = status.write_status(run_dir, state="interrupted", reason=f"stopped by {stop.signal or 'a signal on another rank'} "
-                                     f"after step {checkpoints.stopped_at}")
-            print(f"interrupted after step {checkpoints.stopped_at}; checkpoint {st.get('checkpoint')}\n"
-                  f"resume with: {st.get('resume_command')}", flush=True)
-        scalars.close()
-        return stop.exit_code() if stop.signal else 143
-    train_seconds = time.time() - t0
-    engine = trainer.model_wrapped if hasattr(trainer.model_wrapped, "zero_optimization_stage") else trainer.optimizer
-    rank_report.add_optimizer("rm", engine, model=model)
-    rank_report.write()
-    after = trainer.evaluate(metric_key_prefix="eval")
-    if main_proc:
-        out_dir = run_dir / "reward_model"
-        with status.final_folder(out_dir) as partial:  # reward_model/ appears only when complete
-            save_reward_model(model, tokenizer, partial, {
-                "base_model": model_path, "arch": cfg.arch, "max_length": cfg.max_length, "separator": cfg.separator,
-                "eval_accuracy": after["eval_accuracy"], "score_position": "last non-pad token (eos appended)",
-            })
-        steps = max(1, result.global_step)
-        metrics = {
-            "eval_accuracy": after["eval_accuracy"], "eval_margin": after["eval_margin"],
-            "eval_loss": after["eval_loss"], "eval_accuracy_before": before["eval_accuracy"] if before else None,
-            "chance_accuracy": 0.5, "train_loss": result.training_loss, "train_pairs": len(train_ds),
-            "eval_pairs": len(eval_ds), "steps": result.global_step, "train_seconds": round(train_seconds, 2),
-            "seconds_per_step": round(train_seconds / steps, 4),
-            "pairs_per_step": cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1")),
-            "reward_model": str(out_dir),
-        }
-        write_json(run_dir / "metrics.json", metrics)
-    scalars.close()
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser(arch_default: str = "bloom") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -675,6 +252,7 @@ def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
     ns = build_parser(arch_default).parse_args(argv)
     if ns.worker:
         from rlhf_overlay.runtime.dist_exit import end_process_group
+        from rlhf_overlay.trlx_jobs.rm_worker import worker_main
         return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     try:
         return run(config_from_args(ns), argv)
@@ -690,7 +268,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
     """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
     (rlhf_overlay.tools.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already)."""
     from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
-    from rlhf_overlay.trlx_jobs.common import trainer_command
+    from rlhf_overlay.trlx_jobs.common import needs_hub, trainer_command
 
     from rlhf_overlay.runtime import status
     from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
@@ -738,8 +316,9 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
 
         deepspeed_launcher_flags(cfg.hostfile)  # format and reachability, before anything is created
     from rlhf_overlay.runtime import preflight   # MODEL (kind, --arch, weights), DATA, OUTPUT: before anything is created
-    preflight.trlx(f"rm-{cfg.arch}", cfg, False, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch)])
-    model_path = resolve_model_path(cfg)
+    checked = preflight.trlx(f"rm-{cfg.arch}", cfg, False, [("MODEL", cfg.model, (preflight.CAUSAL_LM,), cfg.arch)])
+    # a folder as checked (a run folder -> the model inside it), a hub id as given, else the embedded tiny model
+    model_path = preflight.absolute(checked, "MODEL", cfg.model) if cfg.model else tiny_model_path(cfg.arch)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)
     try:
@@ -762,7 +341,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
           f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
     cmd = trainer_command("rlhf_overlay.trlx_jobs.reward_model", ["--worker", str(run_dir)],
                           num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
-    env = runtime_env(cpu=not cuda)
+    env = runtime_env(cpu=not cuda, offline=not needs_hub(model_path))  # online only for a hub id
     env["RLHF_OVERLAY_WORKER"] = "1"
     if ds is not None:
         from rlhf_overlay.runtime.waits import check_torch_extensions

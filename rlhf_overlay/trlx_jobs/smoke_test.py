@@ -107,7 +107,7 @@ def failures(v: dict, h: dict | None) -> list[str]:
 def main(argv: Sequence[str] | None = None, worker=None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
-        from rlhf_overlay.trlx_jobs.ppo import worker_main
+        from rlhf_overlay.trlx_jobs.ppo_worker import worker_main
 
         from rlhf_overlay.runtime.dist_exit import end_process_group
         return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit

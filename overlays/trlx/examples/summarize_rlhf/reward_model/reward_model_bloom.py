@@ -1,6 +1,6 @@
 # rlhf-overlay: adds the seed's examples/summarize_rlhf/reward_model/reward_model_bloom.py (BLOOMRewardModel). The
 # seed's class loaded the bloom-1b1 tokenizer from the hub and found the score by searching for the pad id (= eos,
-# so it read the token before eos). The model now lives in rlhf_overlay.trlx_jobs.reward_model, for any causal-LM trunk:
+# so it read the token before eos). The model now lives in rlhf_overlay.trlx_jobs.value_head, for any causal-LM trunk:
 # the score is read at the last non-pad token (the eos appended to every text).
 """Value-head reward model for BLOOM (and any causal LM), the seed's reward_model_bloom.py.
 
@@ -17,7 +17,7 @@ try:
 except ImportError:  # imported from upstream/trlx/examples/summarize_rlhf/reward_model inside the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[5]))
 
-from rlhf_overlay.trlx_jobs.reward_model import (  # noqa: E402,F401
+from rlhf_overlay.trlx_jobs.value_head import (  # noqa: E402,F401
     RewardScorer,
     join_prompt_response,
     load_reward_model,
