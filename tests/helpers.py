@@ -1,6 +1,7 @@
 """Helpers several test files share (plain functions; the fixtures are in conftest.py):
 
     write_jsonl, GOOD, fake_model   input files and folders for the entry modules' unit tests
+    hub_cache_with                  a private Hugging Face cache holding a local model under a hub id
     module_help, heavy_imports      an entry module's --help, and what importing it loads
     tb_scalars                      every scalar point a run logged to tensorboard
     job_env, start_job, wait_for    a training job as a subprocess that a test kills or signals at a chosen point
@@ -39,6 +40,20 @@ def fake_model(folder: Path, reward_model: bool = False) -> Path:
     if reward_model:
         (folder / "pytorch_model.bin").write_bytes(b"not read by these tests")
     return folder
+
+
+def hub_cache_with(hf_home: Path, hub_id: str, folder: Path) -> Path:
+    """Lay a local model folder out as the download of `hub_id` in a private HF cache (hub/models--org--name/
+    {refs/main, snapshots/<rev>/}, as rlhf_overlay/engine/hub_standins.py does): with HF_HOME=hf_home and
+    HF_HUB_OFFLINE=1, `from_pretrained(hub_id)` loads it. Returns hf_home."""
+    import shutil
+
+    repo = Path(hf_home) / "hub" / f"models--{hub_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return Path(hf_home)
 
 
 def module_help(module: str) -> str:

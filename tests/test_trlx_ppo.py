@@ -18,6 +18,9 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs import ppo, ppo_reward
+from helpers import hub_cache_with
+
+HUB_ID = "bigscience/bloom-560m"
 from rlhf_overlay.trlx_jobs.common import ConfigError
 
 
@@ -157,6 +160,15 @@ def ppo_runs(trlx_dir, tiny_assets, tmp_path_factory):
         [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--rm", str(rm_dir / "reward_model"),
          "--steps", "3", "--num-layers-unfrozen", "1", "--output", str(out), "--overwrite"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900))
+    # MODEL a hub id (the tiny BLOOM in a private HF cache under that id, HF_HUB_OFFLINE=1), RM the rm run's folder.
+    out = tmp_path_factory.mktemp("ppo-hub")
+    hf_home = hub_cache_with(tmp_path_factory.mktemp("hf"), HUB_ID, tiny_assets / "models" / "tiny-bloom")
+    runs["hub"] = (out, subprocess.run(
+        [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--model", HUB_ID, "--rm", str(rm_dir),
+         "--steps", "2", "--rollouts", "32", "--chunk-size", "32", "--batch-size", "16", "--max-new-tokens", "8",
+         "--seq-length", "64", "--num-layers-unfrozen", "1", "--eval-prompts", "4", "--output", str(out),
+         "--overwrite"], cwd=out, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")))
     # GPT-J through make's script with no RM: a tiny reward model is trained first (the embedded default).
     out = tmp_path_factory.mktemp("ppo-gptj")
     runs["gptj"] = (out, _run("ppo_gptj", {"OUTPUT": str(out), "OVERWRITE": "1"}))
@@ -167,6 +179,20 @@ def ppo_runs(trlx_dir, tiny_assets, tmp_path_factory):
          "--zero-stage", "2", "--num-processes", "2", "--checkpoint-every", "1", "--save-optimizer",
          "--output", str(out), "--overwrite"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900))
     return runs
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
+def test_hub_id_model_and_rm_run_folder(ppo_runs, tiny_assets):
+    """MODEL=bigscience/bloom-560m is a hub id as in ppo-llama2 (here found in a private HF cache, offline), and RM
+    takes the run folder of `make rm-bloom` as readily as its reward_model/ (as CRITIC does in ppo-llama2)."""
+    out, res = ppo_runs["hub"]
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"no such local path, so it is the hub model {HUB_ID} (found in the local cache)" in res.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["policy_path"] == HUB_ID and Path(config["rm_path"]).name == "reward_model"
+    assert len(json.loads((out / "metrics.json").read_text())["steps"]) == 2
+    _loads_as_plain_causal_lm(out / "policy", tiny_assets / "models" / "tiny-bloom")
 
 
 def _loads_as_plain_causal_lm(policy: Path, base: Path):

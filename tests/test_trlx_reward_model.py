@@ -18,7 +18,8 @@ from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs import reward_model as rm
 from rlhf_overlay.trlx_jobs import value_head
 from rlhf_overlay.runtime.hostfile import Host, HostfileError, read_hostfile
-from rlhf_overlay.trlx_jobs.common import ConfigError, trainer_command
+from rlhf_overlay.trlx_jobs.common import ConfigError, needs_hub, trainer_command
+from helpers import hub_cache_with
 
 
 def test_help_is_instant_and_lists_the_fields():
@@ -148,6 +149,43 @@ def test_load_reward_model_rejects_other_folders(tmp_path, tiny_assets):
 
 
 # ------------------------------------------------------------------------------------------ integration
+def test_one_local_path_rule_decides_online_or_offline(tmp_path, monkeypatch):
+    """The workers run online only when a value is a hub id, by the rule every job uses (rlhf_overlay.paths.looks_local):
+    `gpt2` and `org/name` are hub ids; a folder, a missing path under an existing folder, ./x, a/b/c are not."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert needs_hub("bigscience/bloom-560m") and needs_hub("gpt2") and needs_hub("", "EleutherAI/gpt-j-6B")
+    for local in (str(tmp_path), "models", "models/typo", "./x", "a/b/c", "prefs.jsonl", "~/m", ""):
+        assert not needs_hub(local), local
+
+
+HUB_ID = "bigscience/bloom-560m"
+
+
+@pytest.mark.slow
+def test_hub_id_model_as_in_rm_llama2(tiny_assets, tmp_path):
+    """MODEL=bigscience/bloom-560m is a hub id, as in rm-llama2: found in the HF cache (a private one holding the tiny
+    BLOOM under that id; HF_HUB_OFFLINE=1) it trains; not cached and offline, one error line and nothing created."""
+    hf_home = hub_cache_with(tmp_path / "hf", HUB_ID, tiny_assets / "models" / "tiny-bloom")
+    cmd = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", "--model", HUB_ID, "--max-steps", "2",
+           "--batch-size", "8", "--grad-accum", "1", "--max-length", "64", "--unfrozen-fraction", "1"]
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    res = subprocess.run(cmd + ["--output", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"no such local path, so it is the hub model {HUB_ID} (found in the local cache)" in res.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_path"] == HUB_ID
+    meta = json.loads((tmp_path / "run" / "reward_model" / value_head.META_FILE).read_text())
+    assert meta["base_model"] == HUB_ID and meta["arch"] == "bloom"
+
+    res = subprocess.run(cmd + ["--output", str(tmp_path / "run2")], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(env, HF_HOME=str(tmp_path / "empty-hf")), timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith(f"error: MODEL='{HUB_ID}': no such local path, so it would be "
+                                                         f"the hub model {HUB_ID}, which is not in the local cache and "
+                                                         f"the hub is off (HF_HUB_OFFLINE=1)"), res.stderr
+    assert not (tmp_path / "run2").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_assets):
     """Tiny reward models on BLOOM and GPT-J, trained once for this module (~1 min on 2 cores)."""
