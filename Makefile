@@ -123,7 +123,7 @@ test: ## Run the test suite (sets up the env; upstream tests run when a mirror o
 	    "$$VENV/bin/python" -m pytest
 
 ## vars: OUTPUT
-upstream-tests: ## The upstreams' own test suites (trlx tests/) on our patched tree, offline on tiny stand-ins: per-file table + junit
+upstream-tests: ## The upstreams' own test suites (trlx tests/, DeepSpeed-Chat tests/test_training.py on OPT + LLaMA) on our patched tree, offline on tiny stand-ins: per-file table + junit
 	"$$PYTHON" -m rlhf_overlay.engine.upstream_tests
 
 # ---------------------------------------------------------------- training targets
