@@ -17,14 +17,15 @@ and score_hist.png (chosen vs rejected distributions) into the output folder, an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
-from rlhf_overlay.errors import UserError, interrupted
+
+from rlhf_overlay import settings
+from rlhf_overlay.errors import UserError, main_guard
 
 
 class EvalError(UserError, RuntimeError):
@@ -33,13 +34,16 @@ class EvalError(UserError, RuntimeError):
 
 @dataclass
 class EvalConfig:
-    rm: str                       # reward model folder (DeepSpeed-Chat critic or trlx value-head RM)
-    data: str = ""                # preference .json/.jsonl or folder (eval split); empty = embedded eval set
-    output: str = ""              # run folder; empty = runs/eval-rm-<time>
-    overwrite: bool = False       # write into a non-empty output folder
-    max_length: int = 256         # tokens per prompt+answer (left-truncated for trlx RMs, right for DS-Chat)
-    batch_size: int = 16          # texts per forward pass
-    limit: int = 0                # evaluate only the first N pairs (0 = all)
+    rm: str = field(default="", metadata={"help": "reward model folder (RM): a DeepSpeed-Chat critic or a trlx "
+                                                  "value-head RM, or the run folder holding one"})
+    data: str = field(default="", metadata={"help": "preference .json/.jsonl or folder, its eval split (DATA; empty: "
+                                                    "the embedded eval set)"})
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: runs/eval-rm-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty output folder (OVERWRITE=1)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per prompt+answer (left-truncated for trlx RMs, "
+                                                           "right for DeepSpeed-Chat)"})
+    batch_size: int = field(default=16, metadata={"help": "texts per forward pass"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N pairs (0 = all)"})
 
     def validate(self) -> None:
         if not self.rm:
@@ -239,30 +243,14 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
     return metrics, run_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.tools.eval_rm", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--rm", default="", help="reward model folder (RM)")
-    p.add_argument("--data", default="", help="preference .json/.jsonl or folder (DATA); empty = embedded eval set")
-    p.add_argument("--output", default="", help="run folder (OUTPUT); empty = runs/eval-rm-<time>")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder (OVERWRITE=1)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt+answer")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
-    p.add_argument("--limit", type=int, default=0, help="only the first N pairs (0 = all)")
-    return p
+def build_parser() -> settings.SettingsParser:
+    return settings.build_parser(EvalConfig, prog="python -m rlhf_overlay.tools.eval_rm",
+                                 description=__doc__.split("\n\n")[0], epilog=__doc__)
 
 
+@main_guard   # EvalError, RunDirError, ... -> `error: ...`, exit 2
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    cfg = EvalConfig(rm=a.rm, data=a.data, output=a.output, overwrite=a.overwrite, max_length=a.max_length,
-                     batch_size=a.batch_size, limit=a.limit)
-    try:
-        metrics, run_dir = evaluate(cfg)
-    except UserError as exc:  # EvalError, RunDirError, ...
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted()
+    metrics, run_dir = evaluate(settings.config_from_args(EvalConfig, build_parser().parse_args(argv)))
     print(f"eval-rm: {metrics['rm_kind']} {metrics['rm']}")
     print(f"eval-rm: {metrics['pairs']} pairs  accuracy {metrics['accuracy']:.3f} (chance 0.5)  mean margin "
           f"{metrics['mean_margin']:.4g}  chosen {metrics['mean_chosen']:.4g} vs rejected {metrics['mean_rejected']:.4g}")

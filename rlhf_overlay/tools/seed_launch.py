@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 from rlhf_overlay.trlx_jobs.common import ZERO3_ON_CPU
 
 
@@ -638,15 +638,14 @@ def _record_launch(run_dir: Path, ranks: Ranks, notes: list[str], env: dict) -> 
     write_json(path, resolved)
 
 
+@main_guard   # UserError and bad flags -> `error: ...`, exit 2
 def main(argv=None) -> int:
     """`python -m rlhf_overlay.tools.seed_launch hub-default VAR NAME --by SCRIPT [--dataset]`: for the DeepSpeed-Chat seed
     scripts, whose hub defaults (meta-llama/Llama-2-7b-hf) stand in for an unset variable; one line and exit 2 when
     the name cannot be had here."""
-    import argparse
-
     from rlhf_overlay.paths import cache_dir
 
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.tools.seed_launch")
+    p = ArgumentParser(prog="python -m rlhf_overlay.tools.seed_launch")
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hub-default", help="check a hub default a seed script uses for an unset variable")
     h.add_argument("var")
@@ -655,11 +654,7 @@ def main(argv=None) -> int:
     h.add_argument("--dataset", action="store_true")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HOME", str(cache_dir() / "hf"))
-    try:
-        _hub_default(a.name, a.var, a.by, dataset=a.dataset)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _hub_default(a.name, a.var, a.by, dataset=a.dataset)
     return 0
 
 
