@@ -90,11 +90,18 @@ def failures(v: dict, h: dict | None) -> list[str]:
 
 
 def judge(steps: list[dict], window: int, tiny: bool) -> dict:
-    """verdict + health + failures of one run; a run that is not the tiny default is measured, not judged."""
+    """verdict + health + failures of one run. Judged: a tiny-world run (embedded model, reward and data) of at
+    least 2 * window steps (fewer leave no separate first and last steps to compare). Otherwise measured only, and
+    `not_judged` says why."""
     v, h = verdict(steps, window), health(steps, window)
     fails = failures(v, h)
-    return {"verdict": v, "health": h, "judged": tiny, "failed": fails if tiny else [],
-            "would_fail": fails, "passed": (not fails) if tiny else None, "steps": len(steps)}
+    why = ("" if len(steps) >= 2 * window else f"{len(steps)} PPO steps are too few to judge (needs >= {2 * window})")
+    if not tiny:
+        why = ("these bounds describe the embedded tiny world (tiny base, synthetic language, tiny reward), not a run "
+               "on your own model, reward model or data")
+    judged = not why
+    return {"verdict": v, "health": h, "judged": judged, "not_judged": why, "failed": fails if judged else [],
+            "would_fail": fails, "passed": (not fails) if judged else None, "steps": len(steps)}
 
 
 def report(result: dict, what: str, log: Path | None = None, reward_line: bool = True) -> int:
@@ -113,8 +120,7 @@ def report(result: dict, what: str, log: Path | None = None, reward_line: bool =
                      f"-> end {h['sentences_end']:.2f}")
     print("\n".join(lines), flush=True)
     if not result["judged"]:
-        print(f"note: not judged — these bounds describe the embedded tiny world (tiny base, synthetic language, tiny "
-              f"reward), not a run on your own model or data", flush=True)
+        print(f"note: not judged: {result['not_judged']}", flush=True)
         return 0
     where = f"; see {log}" if log else ""
     if not result["failed"]:
