@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,3 +233,55 @@ def test_subcommands_each_with_their_settings(tmp_path):
         p.parse_args(["walk"])
     with pytest.raises(UsageError, match="unknown key 'nope'"):
         p.parse_args(["run", "--config", write(tmp_path, "bad.yaml", "nope: 1\n")])
+
+
+# ---------------------------------------------------------------------------------------------- --dry-run of the jobs
+def _dry_run(module: str, argv: list[str], capsys) -> tuple[dict, list[str], list[str]]:
+    import importlib
+
+    capsys.readouterr()
+    assert importlib.import_module(module).main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    blocks = [i for i, line in enumerate(lines) if line.endswith("dry run: nothing was run or created")]
+    last = lines[blocks[-1]:]
+    cmd_at = max(i for i, line in enumerate(last) if line.startswith("# launch command"))
+    return yaml.safe_load("\n".join(last[:cmd_at])), shlex.split(last[-1]), lines
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("rlhf_overlay.dschat_jobs.reward_model", ["--max-steps", "7", "--zero-stage", "2"]),
+    ("rlhf_overlay.dschat_jobs.dpo", ["--max-steps", "7", "--zero-stage", "2"]),
+    ("rlhf_overlay.dschat_jobs.ppo", ["--max-steps", "7", "--zero-stage", "2"]),
+])
+def test_dschat_dry_run_prints_settings_and_launch_command_and_creates_nothing(module, flags, dschat_dir, tiny_assets,
+                                                                               tmp_path, capsys):
+    out = tmp_path / "run"
+    (tmp_path / "s.yaml").write_text("seed: 77\nmax_steps: 3\n")    # flags win over the file
+    shown, cmd, lines = _dry_run(module, ["--output", str(out), "--dry-run", "--config", str(tmp_path / "s.yaml"),
+                                          *flags], capsys)
+    assert shown["seed"] == 77 and shown["max_steps"] == 7 and shown["zero_stage"] == 2
+    assert shown["run_dir"] == str(out)
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"] and "main.py" in cmd
+    assert cmd[cmd.index("--seed") + 1] == "77" and cmd[cmd.index("--max_steps") + 1] == "7"
+    if module.endswith("ppo"):   # no critic given: the tiny reward model's dry run comes first
+        assert lines[0].startswith("# first: the tiny reward model") and "--actor_model_name_or_path" in cmd
+    assert not out.exists()
+
+
+def test_pipeline_dry_run_prints_every_stage_and_creates_nothing(tiny_assets, tmp_path, capsys):
+    import importlib
+
+    out = tmp_path / "pipe"
+    capsys.readouterr()
+    assert importlib.import_module("rlhf_overlay.tools.pipeline").main(
+        ["run", "--family", "llama2", "--output", str(out), "--dry-run", "--num-gpus", "1"]) == 0
+    text = capsys.readouterr().out
+    shown = yaml.safe_load(text.split("# 0-megatron-sft")[0])
+    assert shown["family"] == "llama2" and shown["run_dir"] == str(out) and shown["tiny"] is True
+    commands = {line: nxt for line, nxt in zip(text.splitlines(), text.splitlines()[1:]) if line.startswith("# ")}
+    stages = [label[2:].split(" (in ")[0] for label in commands if label[2].isdigit()]
+    assert [s[:1] for s in stages] == list("0123455")
+    rm = shlex.split(next(v for k, v in commands.items() if k.startswith("# 2-reward-model")))
+    assert rm[2:4] == ["rlhf_overlay.dschat_jobs.reward_model", "--model"]
+    assert rm[4] == str(out / "1-sft-hf" / "model") and rm[rm.index("--num-gpus") + 1] == "1"
+    assert not out.exists()

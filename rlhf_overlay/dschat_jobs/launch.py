@@ -1,8 +1,8 @@
 """What every DeepSpeed-Chat entry module (`make rm-llama2`, `make ppo-llama2`, `make dpo-llama2`) shares: the
 config error type and checks, local model/data validation, the embedded tiny assets, the `deepspeed` launcher
-command and environment, the run folder and the command-line plumbing of the config dataclasses.
+command and environment, the run folder (the config dataclasses' command line is rlhf_overlay.settings').
 
-An entry module keeps only what is its own: the config dataclass (one field per setting, one-line help), its
+An entry module keeps only what is its own: the config dataclass (one field per setting, help in its metadata), its
 recipes, `resolve()` and the arguments of its step's main.py. Typical use:
 
     cfg.validate()                                   # uses check_common(), check_model_folder(), ...
@@ -15,14 +15,11 @@ Nothing here imports torch, deepspeed or transformers at module level (`--help` 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
-from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
+from rlhf_overlay.errors import ConfigError  # ConfigError is re-exported for the entry modules
 
 RECIPES = ("tiny", "llama2-7b")
 DTYPES = ("bf16", "fp32", "fp16")
@@ -247,7 +244,8 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
     training.log; returns the launcher's exit code."""
     from rlhf_overlay.runtime.runs import record_invocation, run_logged
     if cfg.dry_run:
-        print(shlex.join(cmd))
+        from rlhf_overlay.settings import print_dry_run
+        print_dry_run(kind, resolved, cmd, plan.cwd)
         return 0
     record_invocation(plan.run_dir, argv_for_record or [sys.executable, "-m", module, *config_to_argv(cfg)],
                       dict(resolved, requested=asdict(cfg)))
@@ -269,63 +267,6 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def config_to_argv(cfg) -> list[str]:
-    """Flags for every field of a config dataclass that differs from its default; `extra` goes after `--`."""
-    argv: list[str] = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if f.name == "extra" or value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    if cfg.extra:
-        argv += ["--", *cfg.extra]
-    return argv
-
-
-def build_config_parser(config_cls, helps: dict[str, str], prog: str, description: str,
-                        epilog: str | None) -> argparse.ArgumentParser:
-    """One flag per config field (`--zero-stage` for zero_stage); `bool | None` fields get --x/--no-x; anything
-    after `--` lands in `extra`."""
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_cls):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            p.add_argument(flag, action="store_true", help=helps[f.name])
-        elif kind == "bool | None":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps[f.name])
-        else:
-            typ = {"int | None": int, "float | None": float, "int": int, "float": float}.get(kind, str)
-            p.add_argument(flag, type=typ, default=None if typ is not str else "", help=helps[f.name])
-    p.add_argument("extra", nargs="*", help="after `--`: more arguments for main.py, passed unchanged")
-    return p
-
-
-def config_from_args(config_cls, ns: argparse.Namespace):
-    values = {k: v for k, v in vars(ns).items() if v is not None}
-    values["extra"] = list(ns.extra or [])
-    return config_cls(**values)
-
-
-def cli_main(parser: argparse.ArgumentParser, config_cls, run: Callable, module: str,
-             argv: list[str] | None) -> int:
-    """Parse, build the config, run; the errors made for users (rlhf_overlay.errors.UserError: bad setting,
-    occupied OUTPUT, bad data row, hostfile) print as `error: ...` with exit code 2, without a traceback."""
-    ns = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(config_cls, ns)
-        return run(cfg, argv_for_record=[sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from rlhf_overlay.errors import interrupted
-        return interrupted()
+# The config dataclasses' flags, --config files and help come from rlhf_overlay.settings; config_to_argv is its
+# to_argv (the flags that reproduce a config, for command.txt of a run started from Python).
+from rlhf_overlay.settings import to_argv as config_to_argv  # noqa: E402,F401
