@@ -184,16 +184,8 @@ def test_config_round_trips_through_its_command_line():
     assert "--no-only-optimize-lora" in cfg.to_argv()
 
 
-def test_launcher_command_and_env_for_several_nodes(tmp_path):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
-    cmd = dschat_launch.launcher_prefix(8, str(hostfile), 29500)
-    assert cmd[1:] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--num_gpus", "8",
-                       "--master_port", "29500"]
-    env = dschat_launch.launch_env(cpu=False, offline=False, run_dir=tmp_path, hostfile=str(hostfile))
-    env_file = Path(env["DS_ENV_FILE"])
-    assert env_file.parent == tmp_path and "TORCH_EXTENSIONS_DIR=" in env_file.read_text()
-    assert "DeepSpeed-Chat" in env["PYTHONPATH"]
+# the launcher command and environment for several nodes (dschat_jobs.launch, shared by the three DeepSpeed-Chat
+# jobs): tests/test_dschat_entry.py::test_launcher_command_for_several_nodes
 
 
 # ================================================================================================ integration
