@@ -79,6 +79,11 @@ ENTRY_MODULES = [
      "RLHF_LOCK_TIMEOUT='abc'"),
     ("rlhf_overlay.engine.hub_standins", [], ["--texts-from", "/nonexistent/test_x.py"], "no such file"),
     ("rlhf_overlay.data.preference_data", ["prefs.jsonl"], ["/nonexistent/prefs"], "no such file or folder"),
+    ("rlhf_overlay.runtime.hostfile", ["accelerate-config", "--hostfile", "h", "--out", "o"],
+     ["accelerate-config", "--hostfile", "/nonexistent/hosts", "--out", "o"], "HOSTFILE=/nonexistent/hosts"),
+    ("rlhf_overlay.engine.upstream_tests", [], ["--suite", "nope", "--out", "out"], "--suite nope: unknown suite"),
+    ("rlhf_overlay.engine.setup_engine", ["verify"], ["verify", "--lock", "/nonexistent/upstream.lock"],
+     "/nonexistent/upstream.lock"),
     ("rlhf_overlay.tools.seed_launch", ["hub-default", "MODEL", "m", "--by", "x.sh"],
      ["hub-default", "MODEL", "/nonexistent/model", "--by", "x.sh"], "no such file or folder"),
 ]

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from rlhf_overlay import paths
 from rlhf_overlay.engine.lock import NEW_FILE, Lock, LockError, OverlayRecord, PatchRecord, UpstreamSpec, dump_lock, load_lock
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 STATE_FILE = "rlhf-overlay-state.json"  # inside <work tree>/.git
 EXCLUDES = ["__pycache__/", "*.py[cod]", "*.egg-info/", "build/", ".eggs/"]  # pip -e and Python leave these
@@ -497,9 +497,9 @@ def write_lock_atomic(lock: Lock) -> None:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.engine.setup_engine", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m rlhf_overlay.engine.setup_engine", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sync", "verify", "lock"],
                    help="sync: clone/verify pins and apply overlays; verify: check work trees and drift; "
                         "lock: recompute upstream.lock digests")
@@ -513,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@main_guard   # bad flags (and any UserError _main does not report itself) -> `error: ...`, exit 2
 def main(argv=None) -> int:
     import git
 

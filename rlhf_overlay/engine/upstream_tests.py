@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_overlay import PROJECT_ROOT, paths
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 DEPS_DIR_NAME = "upstream-tests-deps"
 REQUIREMENTS = PROJECT_ROOT / "requirements-upstream-tests.txt"
@@ -312,19 +312,26 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def known_suites(names: list[str]) -> dict[str, Suite]:
+    """suites(), after checking every one of `names` is among them."""
+    all_suites = suites()
+    for name in names:
+        if name not in all_suites:
+            raise UpstreamTestsError(f"--suite {name}: unknown suite; known: {', '.join(all_suites)}")
+    return all_suites
+
+
 def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra: list[str] | None = None,
         hf_home: Path | None = None, tree: Path | None = None) -> list[FileResult]:
     from dataclasses import replace
 
     from rlhf_overlay.engine.hub_standins import ensure_standins, suite_texts
 
-    all_suites = suites()
+    all_suites = known_suites(suite_names)
     if tree is not None and len(suite_names) != 1:
         raise UpstreamTestsError("--tree: give exactly one --suite, the one that tree is a checkout of")
     chosen = []
     for name in suite_names:
-        if name not in all_suites:
-            raise UpstreamTestsError(f"--suite {name}: unknown suite; known: {', '.join(all_suites)}")
         suite = all_suites[name] if tree is None else replace(all_suites[name], root=Path(tree).resolve())
         if not (suite.root / suite.tests).is_dir():
             raise UpstreamTestsError(f"upstream {name} is not set up ({suite.root / suite.tests} is missing); "
@@ -360,9 +367,10 @@ def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra
     return results
 
 
+@main_guard   # UserError and bad flags -> `error: ...`, exit 2
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = ArgumentParser(prog="python -m rlhf_overlay.engine.upstream_tests", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--suite", action="append", help="suite to run (default: all; known: trlx, dschat, dschat-llama)")
     ap.add_argument("--files", nargs="+", help="only these test files (names as in the suite's tests/)")
     ap.add_argument("--out", default=os.environ.get("OUTPUT") or None,
@@ -378,14 +386,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["--as-deepspeed"]:   # the `deepspeed` on PATH of the DeepSpeed-Chat suites
         return deepspeed_shim(argv[1:])
     args = ap.parse_args(argv)
-    try:
-        from rlhf_overlay.runtime.runs import prepare_run_dir
+    from rlhf_overlay.runtime.runs import prepare_run_dir
 
-        out = prepare_run_dir("upstream-tests", output=args.out, overwrite=args.overwrite)
-        results = run(args.suite or list(suites()), out, args.files, args.pytest_args, tree=args.tree)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    known_suites(args.suite or [])   # before the output folder is made
+    out = prepare_run_dir("upstream-tests", output=args.out, overwrite=args.overwrite)
+    results = run(args.suite or list(suites()), out, args.files, args.pytest_args, tree=args.tree)
     table = format_table(results, args.title)
     _atomic_write(out / "table.md", table)
     _atomic_write(out / "results.json", json.dumps([asdict(r) for r in results], indent=1) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 BASE_CONFIGS = {name: PROJECT_ROOT / "configs" / "accelerate" / f"{name}.yaml" for name in ("cpu", "multi_gpu", "zero2")}
 DEFAULT_PORT = 29500
@@ -297,9 +297,10 @@ def write_accelerate_configs(hostfile: str, base: str, out: Path, port: int = DE
     return paths
 
 
+@main_guard   # HostfileError and bad flags -> `error: ...`, exit 2
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.runtime.hostfile",
-                                description="Accelerate configs, one per machine, from a DeepSpeed hostfile.")
+    p = ArgumentParser(prog="python -m rlhf_overlay.runtime.hostfile",
+                       description="Accelerate configs, one per machine, from a DeepSpeed hostfile.")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("accelerate-config", help="write <out>/machine-<rank>.yaml for every host of the hostfile")
     a.add_argument("--hostfile", required=True, help="DeepSpeed hostfile: `host slots=N` per line (HOSTFILE)")
@@ -308,11 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--port", type=int, default=DEFAULT_PORT, help="main process port on the first host")
     a.add_argument("--overwrite", action="store_true", help="replace existing configs with other content")
     ns = p.parse_args(argv)
-    try:
-        paths = write_accelerate_configs(ns.hostfile, ns.base, Path(ns.out), ns.port, overwrite=ns.overwrite)
-    except HostfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    paths = write_accelerate_configs(ns.hostfile, ns.base, Path(ns.out), ns.port, overwrite=ns.overwrite)
     hosts = read_hostfile(ns.hostfile)
     print(f"wrote {len(paths)} accelerate config(s) into {ns.out}; start the same script on every machine:")
     for host, path in zip(hosts, paths):
