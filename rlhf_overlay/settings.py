@@ -119,11 +119,11 @@ class SettingsParser(ArgumentParser):
         if help_text is None:
             raise TypeError(f"{cls.__name__}.{f.name}: no help; declare it with field(metadata={{'help': ...}})")
         if f.metadata.get("rest"):
-            self.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
+            self.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
             return
         if "default" not in help_text and default not in (dataclasses.MISSING, None, "", []):
             help_text += f" (default: {_shown(default)})"   # an empty default: the help says what empty means
-        kw: dict = {"default": argparse.SUPPRESS, "help": help_text}
+        kw: dict = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}   # argparse %-formats help
         if kind.base is bool and not kind.is_list:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -184,16 +184,14 @@ def load_settings_file(path: str | Path, cls) -> dict:
         raise UsageError(f"--config {name}: a settings file is .yaml, .yml or .json")
     if not p.is_file():
         raise UsageError(f"--config {name}: no such file")
+    import yaml
+
     text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text) if text.strip() else {}
-        else:
-            import yaml
-            data = yaml.safe_load(text)
+        data = (json.loads(text) if text.strip() else {}) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except ValueError as e:   # json.JSONDecodeError
         raise UsageError(f"{name}: not valid JSON ({e})") from None
-    except Exception as e:    # yaml.YAMLError
+    except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UsageError(f"{name}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None

@@ -19,7 +19,7 @@ from rlhf_overlay.errors import UsageError
 class Demo:
     model: str = field(default="", metadata={"help": "model folder or hub id"})
     steps: int = field(default=40, metadata={"help": "PPO steps"})
-    lr: float = field(default=3e-4, metadata={"help": "learning rate"})
+    lr: float = field(default=3e-4, metadata={"help": "learning rate (a 10% change matters)"})
     zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage (default: the recipe's)"})
     precision: str = field(default="auto", metadata={"help": "mixed precision", "choices": ("auto", "no", "bf16")})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty folder"})
@@ -54,7 +54,7 @@ def test_help_from_metadata_with_defaults_and_choices(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "PPO steps (default: 40)" in out
-    assert "learning rate (default: 0.0003)" in out
+    assert "learning rate (a 10% change matters) (default: 0.0003)" in out
     assert "ZeRO stage (default: the recipe's)" in out           # a help that names its default keeps it
     assert "--overwrite, --no-overwrite" in out and "(default: off)" in out
     assert "{auto,no,bf16}" in out and "mixed precision (default: 'auto')" in out
