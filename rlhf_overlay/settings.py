@@ -64,8 +64,12 @@ def field_kind(tp) -> Kind:
 
 
 def setting_fields(cls) -> list[tuple[dataclasses.Field, Kind]]:
+    """The fields with their kinds; a subclass's own fields first, then those it inherits (shared settings of
+    several jobs can live in one base dataclass and still come after each job's own in --help)."""
     hints = typing.get_type_hints(cls)
-    return [(f, field_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+    own = cls.__dict__.get("__annotations__", {})
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)   # stable: declaration order kept
+    return [(f, field_kind(hints[f.name])) for f in fields]
 
 
 def flag_of(name: str) -> str:

@@ -235,6 +235,30 @@ def test_subcommands_each_with_their_settings(tmp_path):
         p.parse_args(["run", "--config", write(tmp_path, "bad.yaml", "nope: 1\n")])
 
 
+@dataclass
+class Shared:
+    seed: int = field(default=1, metadata={"help": "seed"})
+    dry_run: bool = field(default=False, metadata={"help": "print, run nothing"})
+
+
+@dataclass
+class Job(Shared):
+    model: str = field(default="", metadata={"help": "model"})
+    steps: int = field(default=2, metadata={"help": "steps"})
+
+
+def test_shared_settings_in_a_base_class_come_after_the_jobs_own(tmp_path, capsys):
+    p = settings.build_parser(Job, prog="job")
+    assert [f.name for f, _ in p.settings] == ["model", "steps", "seed", "dry_run"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.index("--model") < out.index("--steps") < out.index("--seed") < out.index("--dry-run")
+    cfg = settings.config_from_args(Job, p.parse_args(["--seed", "5", "--config", write(tmp_path, "j.yaml",
+                                                                                          "model: m\n")]))
+    assert cfg == Job(model="m", seed=5) and settings.to_argv(cfg) == ["--model", "m", "--seed", "5"]
+
+
 # ---------------------------------------------------------------------------------------------- --dry-run of the jobs
 def _dry_run(module: str, argv: list[str], capsys) -> tuple[dict, list[str], list[str]]:
     import importlib
