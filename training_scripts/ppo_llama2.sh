@@ -8,10 +8,8 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-if [[ -n "${MODEL:-}" ]]; then
-    echo "error: make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2 output>, not MODEL=${MODEL} — pass ACTOR= and CRITIC= instead" >&2
-    exit 2
-fi
+[[ -z "${MODEL:-}" ]] || { echo "error: make ppo-llama2: the models are ACTOR=<SFT model> and CRITIC=<make rm-llama2" \
+                                 "output>, not MODEL=${MODEL} — pass ACTOR= and CRITIC= instead" >&2; exit 2; }
 opt ACTOR --actor
 opt CRITIC --critic
 run_dschat ppo "$@"
