@@ -118,6 +118,36 @@ def test_bf16_ppo_with_an_existing_critic(ppo_run, tmp_path):
     assert not (out / "reward_model").exists()              # the given critic was used, none trained
 
 
+@pytest.mark.slow
+def test_tiny_default_passes_its_verdict(ppo_run):
+    """make ppo-llama2's tiny default is judged (rlhf_overlay.runtime.verdict) and passes: the fixture's exit code
+    0 required it; here the recorded numbers against the bounds, recomputed from the tensorboard scalars."""
+    from rlhf_overlay.runtime import verdict
+    result = json.loads((ppo_run / "ppo_results.json").read_text())["verdict_of_run"]
+    assert result["judged"] and result["passed"] and result["failed"] == [], result
+    again = verdict.judge(verdict.dschat_steps(ppo_run / "tensorboard"), window=3, tiny=True)
+    v, h = again["verdict"], again["health"]
+    assert v["rise"] > 3 * v["standard_error"] and v["last"] > v["first"]
+    assert h["fluency_base"] >= 0.95 and h["fluency_end"] >= 0.9 and h["kl_per_token_end"] <= 0.5
+    assert v == pytest.approx(result["verdict"])
+
+
+@pytest.mark.slow
+def test_a_degenerate_setting_fails_the_verdict(ppo_run, tmp_path, capsys):
+    """LoRA lr 5e-3 for 60 steps (DeepSpeed-Chat's KL coefficient is a fixed 0.1): the reward rises but the policy
+    runs away from the reference and stops being fluent. With CRITIC given the run is measured, not judged (exit 0);
+    judged as the tiny world it is (the fixture's tiny reward model), it fails and says why."""
+    out = tmp_path / "ppo-degenerate"
+    rc = dschat_ppo.main(["--critic", str(ppo_run / "reward_model"), "--max-steps", "60", "--output", str(out), "--",
+                          "--actor_lora_learning_rate", "5e-3"])
+    assert rc == 0, (out / "training.log").read_text()[-4000:]
+    assert "note: not judged: these bounds describe the embedded tiny world" in capsys.readouterr().out
+    assert dschat_ppo.judge_run(out, tiny=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("FAIL: ppo-llama2: ") and "the KL to the reference ran away" in err, err
+    assert json.loads((out / "ppo_results.json").read_text())["verdict_of_run"]["passed"] is False
+
+
 def _run_main(dschat_dir: Path, step: str, args: list[str]) -> subprocess.CompletedProcess:
     """main.py's own argument checks run before any distributed set-up, so plain python suffices."""
     env = runtime_env(cpu=True)

@@ -144,11 +144,15 @@ LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=1, gene
                  gradient_checkpointing=True, lora_dim=64, lora_module_name="layers.", only_optimize_lora=False,
                  actor_dropout="0.0", max_steps=0)
 # The embedded tiny LLaMA on CPU: LoRA-only actor and critic with gradient checkpointing (the combination
-# patch 0002 fixes), 8 PPO steps of 4 prompts (the tiny prompts are at most 13 tokens).
+# patch 0002 fixes), 40 PPO steps of 4 prompts (the tiny prompts are at most 13 tokens), actor LoRA lr 2e-3: upstream's
+# 5e-4 left the reward flat (8 and 60 steps); 5e-3, or 1e-3 over 100 steps, let the KL per answer token run past 0.5
+# (DeepSpeed-Chat's KL coefficient is a fixed 0.1). Trade-off table in the README. Only the LoRA weights train, so
+# the LoRA lr is the actor's lr; actor_lr / critic_lr reach no trained weight here.
 TINY = dict(data="", data_split="0,0,1", batch_size=4, generation_batches=1, ppo_epochs=1, max_prompt_len=16,
             max_answer_len=16, actor_lr=1e-5, critic_lr=1e-5, weight_decay=0.0, epochs=1, num_warmup_steps=0,
             zero_stage=0, hybrid_engine=False, offload_reference_model=False, gradient_checkpointing=True,
-            lora_dim=8, lora_module_name="layers.", only_optimize_lora=True, actor_dropout="0.0", max_steps=8)
+            lora_dim=8, lora_module_name="layers.", only_optimize_lora=True, actor_dropout="0.0", max_steps=40,
+            actor_lora_lr=2e-3)
 
 
 def resolve(cfg: PPOConfig, cuda: bool) -> dict:
@@ -207,6 +211,8 @@ def main_py_args(r: dict, actor: str, critic: str, data: str, output_dir: Path, 
                  "--critic_lora_module_name", r["lora_module_name"]]
         if r["only_optimize_lora"]:
             args.append("--only_optimize_lora")
+        if r.get("actor_lora_lr"):   # else upstream's default (5e-4), as the llama2-7b LoRA script leaves it
+            args += ["--actor_lora_learning_rate", str(r["actor_lora_lr"])]
     if r["max_steps"]:
         args += ["--max_steps", str(r["max_steps"])]
     return args
@@ -279,7 +285,18 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
         steps = json.loads(results.read_text()).get("ppo/steps")
         print(f"[{KIND}] done: {steps} PPO steps; actor in {run_dir / 'actor'}, critic in {run_dir / 'critic'}",
               flush=True)
+        rc = judge_run(run_dir, tiny=r["recipe"] == "tiny" and not (cfg.actor or cfg.critic or cfg.data))
     return rc
+
+
+def judge_run(run_dir: Path, tiny: bool) -> int:
+    """The three numbers of the run (reward first -> last, fluency, KL per answer token at the end) from its
+    tensorboard scalars, recorded in ppo_results.json; the embedded tiny default is judged by them (exit 1 naming
+    what failed), a run on your own actor / critic / data only measured (rlhf_overlay.runtime.verdict)."""
+    from rlhf_overlay.runtime import verdict
+    result = verdict.judge(verdict.dschat_steps(run_dir / "tensorboard"), window=3, tiny=tiny)
+    verdict.record(run_dir / "ppo_results.json", result)
+    return verdict.report(result, KIND, log=run_dir / "training.log")
 
 
 @main_guard
