@@ -94,3 +94,16 @@ def test_dschat_steps_name_missing_scalars(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="no ppo/kl, ppo/response_length, ppo/fluency scalars"):
         vd.dschat_steps(tmp_path)
+
+
+@pytest.mark.parametrize("settings, judged", [({"model": "", "rm": "", "data": ""}, True),
+                                              ({"model": "", "rm": "runs/rm-bloom-x", "data": ""}, False)])
+def test_trlx_run_folder_is_judged_only_for_the_tiny_default(tmp_path, capsys, settings, judged):
+    (tmp_path / "config.json").write_text(json.dumps({"ppo": {**settings, "summary_window": 3}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"steps": _steps([0.5] * 6, std=0.1, kl=0.9),
+                                                       "summary_window": 3}))
+    assert vd.judge_trlx_run(tmp_path, "ppo-bloom") == (1 if judged else 0)
+    out, err = capsys.readouterr()
+    assert ("FAIL: ppo-bloom: the mean reward did not clearly rise" in err) == judged
+    assert ("note: not judged" in out) == (not judged)
+    assert json.loads((tmp_path / "metrics.json").read_text())["verdict_of_run"]["judged"] == judged

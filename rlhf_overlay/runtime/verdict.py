@@ -164,3 +164,14 @@ def dschat_steps(tensorboard_dir: Path) -> list[dict]:
                       "fluency": series["ppo/fluency"][step], "length": length,
                       "kl_per_token": series["ppo/kl"][step] / length if length else 0.0})
     return steps
+
+
+def judge_trlx_run(run_dir: Path, what: str) -> int:
+    """`make ppo-bloom` / `make ppo-gptj`: the run's three numbers and, for the tiny default (no MODEL, RM or DATA
+    in its config.json), the verdict; recorded in its metrics.json. 0 = passed or not judged, 1 = failed."""
+    settings = json.loads((run_dir / "config.json").read_text())["ppo"]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    tiny = not (settings.get("model") or settings.get("rm") or settings.get("data"))
+    result = judge(m["steps"], m.get("summary_window") or settings.get("summary_window", 3), tiny)
+    record(run_dir / "metrics.json", result)
+    return report(result, what, log=run_dir / "training.log", reward_line=False)
