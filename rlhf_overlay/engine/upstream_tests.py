@@ -22,7 +22,8 @@ Suites: `trlx` (its tests/), and DeepSpeed-Chat's tests/test_training.py twice: 
 facebook/opt-125m = the OPT stand-in) and `dschat-llama` (actor = the embedded tiny LLaMA). That file runs step 3
 through training_scripts/opt/single_node/sweep/run_single.sh for each cell of ZeRO 2/3 x hybrid engine x offload x
 LoRA; it needs CRITIC_CKPT_DIR (a step-2 reward model: trained here once per stand-in with `make rm-llama2`'s
-module and cached) and starts `deepspeed` from PATH. Here that is a shim (`--as-deepspeed`, see deepspeed_shim)
+module and cached) and starts `deepspeed` from PATH. It runs from a folder of symlinks to upstream's files under the
+output folder (dschat_shadow), so the cells' outputs never land in the upstream work tree. Here that is a shim (`--as-deepspeed`, see deepspeed_shim)
 that starts DeepSpeed's own launcher with 2 CPU ranks and says, in the cell's log, each argument it changed: the
 hub dataset Dahoas/rm-static -> the tiny prompt data (same prompt format; offline), a free rendezvous port instead
 of the fixed 12346, a tokenized-data cache inside the cell's output folder, and for dschat-llama the actor and
@@ -171,6 +172,23 @@ def dschat_env(suite: Suite, env: dict, hf_home: Path, out: Path) -> dict:
                RLHF_DSCHAT_MODEL=suite.model, RLHF_DSCHAT_ACTOR=str(actor), RLHF_DSCHAT_DATA=str(tiny["prompts"]),
                RLHF_UPSTREAM_TESTS_ARTIFACTS=str(out / "artifacts" / suite.name))
     return env
+
+
+def dschat_shadow(suite: Suite, out: Path) -> Path:
+    """test_training.py changes into ../training/step3_rlhf_finetuning and writes each cell's output folder there.
+    So that nothing is written into the upstream work tree (`make upstream` must find it pin + overlays), the suite
+    runs from a folder under `out` laid out like DeepSpeed-Chat's tests/ and training/step3_rlhf_finetuning/ whose
+    files are symlinks to upstream's (the test file, main.py, training_scripts/): the same code, another cwd.
+    Returns the folder to run pytest in."""
+    shadow = out / "dschat-tree" / suite.name
+    step3, upstream_step3 = (root / "training" / "step3_rlhf_finetuning" for root in (shadow, suite.root.parent))
+    links = {**{shadow / "tests" / f: suite.root / suite.tests / f for f in suite.files},
+             **{step3 / n: upstream_step3 / n for n in ("main.py", "training_scripts")}}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target.resolve())
+    return shadow / "tests"
 
 
 def shim_command(argv: list[str], env: dict, port: int) -> tuple[list[str], list[str]]:
@@ -355,9 +373,10 @@ def run(suite_names: list[str], out: Path, files: list[str] | None = None, extra
     results = []
     for suite in chosen:
         env = dschat_env(suite, base_env, hf_home, out) if suite.model else base_env
+        where = replace(suite, root=dschat_shadow(suite, out), tests=".") if suite.model else suite
         before = _tree_status(suite.root)
         for name in (f for f in suite.files if not files or f in files):
-            r = run_file(suite, name, out, env, list(extra or []))
+            r = run_file(where, name, out, env, list(extra or []))
             print(f"{suite.name}/{suite.tests}/{name}: {r.passed} passed, {r.failed} failed, {r.errors} errors, "
                   f"{r.skipped} skipped ({r.seconds} s)", flush=True)
             results.append(r)

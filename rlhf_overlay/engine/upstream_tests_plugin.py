@@ -10,7 +10,8 @@
 3. DeepSpeed-Chat's tests/test_training.py (suites dschat, dschat-llama): after each cell the working folder is
    restored (upstream's test changes into ../training/step3_rlhf_finetuning and changes back only when the cell
    passed, so one failure would break every later cell), and the cell's output folder (z<stage>_he_..._lora_...,
-   written inside the upstream work tree) is moved into the run's artifacts/ folder.
+   written into the runner's symlinked copy of that folder, upstream_tests.dschat_shadow) is moved into the
+   run's artifacts/ folder.
 """
 from __future__ import annotations
 
