@@ -2,6 +2,7 @@
 
     write_jsonl, GOOD, fake_model   input files and folders for the entry modules' unit tests
     hub_cache_with                  a private Hugging Face cache holding a local model under a hub id
+    dry_run_output                  the resolved settings and launch command a --dry-run printed
     module_help, heavy_imports      an entry module's --help, and what importing it loads
     tb_scalars                      every scalar point a run logged to tensorboard
     job_env, start_job, wait_for    a training job as a subprocess that a test kills or signals at a chosen point
@@ -54,6 +55,15 @@ def hub_cache_with(hf_home: Path, hub_id: str, folder: Path) -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     return Path(hf_home)
+
+
+def dry_run_output(out: str) -> tuple[dict, str]:
+    """(resolved settings, launch command) of a --dry-run's output (rlhf_overlay.settings.print_dry_run)."""
+    import yaml
+
+    lines = out.rstrip().splitlines()
+    start, end = lines.index("# resolved settings"), max(i for i, ln in enumerate(lines) if ln.startswith("# launch"))
+    return yaml.safe_load("\n".join(lines[start + 1: end])), lines[-1]
 
 
 def module_help(module: str) -> str:

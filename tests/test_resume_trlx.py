@@ -130,12 +130,12 @@ def _run_folder(tmp_path, **settings):
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path):
     from rlhf_overlay.trlx_jobs.checkpoints import resolve_resume, resume_config
-    from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
+    from rlhf_overlay.trlx_jobs.ppo import PPORunConfig, build_parser
     _run_folder(tmp_path, steps=40, batch_size=16)
 
     def resume(*argv, **fields):
         cfg = PPORunConfig(arch="bloom", resume=str(tmp_path), **fields)
-        return resume_config(cfg, list(argv), PPORunConfig)
+        return resume_config(cfg, build_parser().parse_args(list(argv)).settings_given, PPORunConfig)
 
     cfg, run_dir, changed = resume("--resume", str(tmp_path))
     assert run_dir == tmp_path.resolve() and changed == [] and cfg.steps == 40 and cfg.reward == "rule"

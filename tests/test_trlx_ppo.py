@@ -18,7 +18,7 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs import ppo, ppo_reward
-from helpers import hub_cache_with
+from helpers import dry_run_output, hub_cache_with
 
 HUB_ID = "bigscience/bloom-560m"
 from rlhf_overlay.trlx_jobs.common import ConfigError
@@ -140,6 +140,29 @@ def test_reward_fn_rule_and_eos_stripping(tiny_assets):
 
 
 # ------------------------------------------------------------------------------------------ integration
+@pytest.mark.upstream
+def test_dry_run_checks_prints_and_creates_nothing(trlx_dir, tiny_assets, tmp_path, capsys, monkeypatch):
+    """--dry-run: every check, then the resolved settings and the launch command (last line); nothing is created.
+    Flags win over the --config file; MODEL takes a run folder as readily as the model in it (its policy/)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "ppo-run"
+    shutil.copytree(tiny_assets / "models" / "tiny-bloom", run / "policy")
+    (run / "command.txt").write_text("python -m rlhf_overlay.trlx_jobs.ppo\n")
+    (tmp_path / "settings.yaml").write_text("reward: rule\nsteps: 7\nlr: 0.001\n")
+    out = tmp_path / "out"
+    assert ppo.main(["--model", "ppo-run", "--config", "settings.yaml", "--steps", "9", "--output", str(out),
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# ppo-bloom dry run: nothing was run or created")
+    resolved, command = dry_run_output(printed)
+    assert resolved["policy_path"] == str(run / "policy") and resolved["hf_hub_offline"] is True
+    assert (resolved["ppo"]["steps"], resolved["ppo"]["reward"], resolved["ppo"]["lr"]) == (9, "rule", 0.001)
+    assert command.endswith(f"-m rlhf_overlay.trlx_jobs.ppo --worker {out}")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ppo-run", "settings.yaml"]
+
+
 def _run(target: str, env_extra: dict, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "training_scripts/run.sh", target], cwd=PROJECT_ROOT,
                           env=dict(os.environ, **env_extra), capture_output=True, text=True, timeout=timeout)

@@ -19,7 +19,7 @@ from rlhf_overlay.trlx_jobs import reward_model as rm
 from rlhf_overlay.trlx_jobs import value_head
 from rlhf_overlay.runtime.hostfile import Host, HostfileError, read_hostfile
 from rlhf_overlay.trlx_jobs.common import ConfigError, needs_hub, trainer_command
-from helpers import hub_cache_with
+from helpers import dry_run_output, hub_cache_with
 
 
 def test_help_is_instant_and_lists_the_fields():
@@ -157,6 +157,22 @@ def test_one_local_path_rule_decides_online_or_offline(tmp_path, monkeypatch):
     assert needs_hub("bigscience/bloom-560m") and needs_hub("gpt2") and needs_hub("", "EleutherAI/gpt-j-6B")
     for local in (str(tmp_path), "models", "models/typo", "./x", "a/b/c", "prefs.jsonl", "~/m", ""):
         assert not needs_hub(local), local
+
+
+def test_dry_run_and_a_run_folder_as_model(tiny_assets, tmp_path, capsys, monkeypatch):
+    """--dry-run prints the resolved settings and the launch command and creates nothing; MODEL= a run folder (a PPO
+    run's) is followed to the model in it (policy/), as CRITIC= a rm-llama2 run folder is in ppo-llama2."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_assets / "models" / "tiny-bloom", tmp_path / "ppo-run" / "policy")
+    (tmp_path / "ppo-run" / "command.txt").write_text("python -m rlhf_overlay.trlx_jobs.ppo\n")
+    assert rm.main(["--model", "ppo-run", "--max-steps", "3", "--output", "out", "--dry-run"]) == 0
+    resolved, command = dry_run_output(capsys.readouterr().out)
+    assert resolved["model_path"] == str(tmp_path / "ppo-run" / "policy")
+    assert resolved["reward_model"]["max_steps"] == 3 and resolved["reward_model"]["max_length"] == 550  # own model
+    assert command.endswith(f"-m rlhf_overlay.trlx_jobs.reward_model --worker {tmp_path / 'out'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppo-run"]
 
 
 HUB_ID = "bigscience/bloom-560m"

@@ -328,19 +328,10 @@ MAKE_NAMES = {"model": "MODEL", "data": "DATA", "rm": "RM", "reward": "REWARD", 
               "keep_checkpoints": "KEEP_CHECKPOINTS", "on_unhealthy": "ON_UNHEALTHY"}
 
 
-def given_flags(argv, fields) -> set[str]:
-    """Names of the dataclass fields whose flag appears on the command line (`--batch-size 8`, `--batch-size=8`)."""
-    out = set()
-    for f in fields:
-        flag = "--" + f.name.replace("_", "-")
-        if any(a == flag or str(a).startswith(flag + "=") for a in argv):
-            out.add(f.name)
-    return out
-
-
-def resume_config(cfg, argv, cls, key: str = "ppo", what: str = "a trlx PPO run", may_change=None):
-    """For RESUME=<run>: the run's own settings (config.json[key]) with the flags given now; refuses a change that
-    matters, naming the setting. Returns (config, run folder, changed settings)."""
+def resume_config(cfg, given, cls, key: str = "ppo", what: str = "a trlx PPO run", may_change=None):
+    """For RESUME=<run>: the run's own settings (config.json[key]) with the settings `given` now (names set by a flag
+    or --config file: the parser's settings_given); refuses a change that matters, naming the setting. Returns
+    (config, run folder, changed settings)."""
     import dataclasses
     import json
 
@@ -359,9 +350,8 @@ def resume_config(cfg, argv, cls, key: str = "ppo", what: str = "a trlx PPO run"
     if cfg.output and Path(cfg.output).expanduser().resolve() != run_dir:
         raise ConfigError(f"OUTPUT={cfg.output}: a resume continues in its own folder ({run_dir}); drop OUTPUT")
     fields = dataclasses.fields(cls)
-    explicit = given_flags(argv, fields)
     new = dict(old)
-    for name in explicit:
+    for name in set(given) & {f.name for f in fields}:
         new[name] = getattr(cfg, name)
     new_cfg = cls(**{k: v for k, v in new.items() if k in {f.name for f in fields}}).resolve()
     old_cmp = {k: v for k, v in old.items() if k not in _IGNORED}

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rlhf_overlay import settings
+from rlhf_overlay.errors import UsageError, main_guard
 from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, user_errors, write_json
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, write_json
 
 REWARDS = ("model", "rule")
 
@@ -244,19 +246,13 @@ def load_prompts(data: str) -> tuple[list[dict], list[dict], dict]:
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser(prog: str = "python -m rlhf_overlay.trlx_jobs.ppo", defaults: PPORunConfig | None = None,
                  doc: str | None = None) -> argparse.ArgumentParser:
+    """One flag per PPORunConfig field (rlhf_overlay.settings: help from the field, --config FILE), --dry-run, and
+    the worker / join entries."""
     doc = doc or __doc__
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 2)[2])
-    defaults = defaults or PPORunConfig()
-    for f in dataclasses.fields(PPORunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(default), default=default,
-                           help=f.metadata["help"] + f" (default: {default!r})")
+    p = settings.build_parser(PPORunConfig, prog=prog, description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n")[1],
+                              epilog=doc.split("\n\n", 2)[2], defaults=defaults)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the resolved settings and the launch command; run and create nothing")
     p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
     p.add_argument("--join", metavar="RUN_DIR", help="join a several-machine run (HOSTFILE) started on its first host")
     p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank in the hostfile (with --join)")
@@ -264,7 +260,7 @@ def build_parser(prog: str = "python -m rlhf_overlay.trlx_jobs.ppo", defaults: P
 
 
 def config_from_args(ns: argparse.Namespace) -> PPORunConfig:
-    return PPORunConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(PPORunConfig)})
+    return settings.config_from_args(PPORunConfig, ns)
 
 
 def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) -> tuple[list[str], dict]:
@@ -376,8 +372,9 @@ def join(run_dir: Path, machine_rank: int) -> int:
 
 
 def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overlay.trlx_jobs.ppo",
-        worker=None) -> tuple[int, Path | None]:
-    """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder)"""
+        worker=None, dry_run: bool = False, given: set[str] | None = None) -> tuple[int, Path | None]:
+    """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder; None
+    for a dry run.) `given`: the settings set by a flag or --config file (a RESUME keeps the run's others)."""
     from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
     from rlhf_overlay.trlx_jobs.common import check_trlx, needs_hub, trlx_env
     from rlhf_overlay.trlx_jobs.value_head import is_reward_model_dir
@@ -387,7 +384,9 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
 
     resume_dir = None
     if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], PPORunConfig)
+        if given is None:
+            given = set(build_parser().parse_args(list(argv if argv is not None else sys.argv[1:])).settings_given)
+        cfg, resume_dir, changed = resume_config(cfg, given, PPORunConfig)
         if changed:
             print(f"resume: changed settings {', '.join(changed)}", flush=True)
     cfg = cfg.resolve()
@@ -438,6 +437,18 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         raise ConfigError(f"rm (RM)={cfg.rm} is not a reward model folder from `make rm-*` (no reward_model.json / "
                           f"value_head.safetensors); pass the run folder of a `make rm-*` run (or its reward_model/)")
     plan_launch(cfg, Path("<run folder>"), cuda, gpu_count)  # launch settings refused before anything is created
+    if dry_run:
+        run_dir = resume_dir or Path(cfg.output or f"runs/{cfg.run_kind}-<time>").expanduser().absolute()
+        cmd, launch = plan_launch(cfg, run_dir, cuda, gpu_count)
+        launch.pop("machine_configs", None)
+        rm = (str(Path(cfg.rm).expanduser().resolve()) if cfg.rm else "untrained" if cfg.rm_untrained
+              else f"{run_dir / 'rm' / 'reward_model'} (a tiny reward model trained first)" if cfg.reward == "model"
+              else None)
+        settings.print_dry_run(cfg.run_kind, {
+            "ppo": dataclasses.asdict(cfg), "policy_path": policy_path, "rm_path": rm, "reward_baseline": baseline,
+            "data": sources, "train_prompts": len(train_rows), "eval_prompts": min(len(eval_rows), cfg.eval_prompts),
+            "launch": launch, "hf_hub_offline": not needs_hub(policy_path)}, cmd)
+        return 0, None
     try:
         run_dir = (prepare_run_dir(cfg.run_kind, output=cfg.output or None, overwrite=cfg.overwrite)
                    if resume_dir is None else open_resume_dir(resume_dir))
@@ -525,6 +536,7 @@ def print_summary(run_dir: Path) -> dict:
     return m
 
 
+@main_guard   # UserError (bad flag, setting, data row, folder) -> `error: ...`, exit 2; Ctrl-C -> one line, 130
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
@@ -533,26 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
     if ns.join:
         if ns.machine_rank is None or ns.machine_rank < 1:
-            print("error: --join needs --machine-rank N (N >= 1: this host's line in the hostfile, counting from 0)",
-                  file=sys.stderr)
-            return 2
-        try:
-            return join(Path(ns.join), ns.machine_rank)
-        except user_errors() as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            from rlhf_overlay.errors import interrupted
-            return interrupted()
-    try:
-        rc, run_dir = run(config_from_args(ns), argv)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from rlhf_overlay.errors import interrupted
-        return interrupted()
-    if rc == 0:
+            raise UsageError("--join needs --machine-rank N (N >= 1: this host's line in the hostfile, counting from 0)")
+        return join(Path(ns.join), ns.machine_rank)
+    rc, run_dir = run(config_from_args(ns), argv, dry_run=ns.dry_run, given=set(ns.settings_given))
+    if rc == 0 and run_dir is not None:
         m = print_summary(run_dir)
         from rlhf_overlay.trlx_jobs.smoke_test import health
 

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rlhf_overlay import settings
+from rlhf_overlay.errors import main_guard
 from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, user_errors, write_json
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, write_json
 
 
 @dataclass
@@ -228,45 +230,36 @@ def resolve_precision(precision: str, cuda: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser(arch_default: str = "bloom") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m rlhf_overlay.trlx_jobs.reward_model",
+    """One flag per RewardModelConfig field (rlhf_overlay.settings: help from the field, --config FILE), --dry-run."""
+    p = settings.build_parser(
+        RewardModelConfig, prog="python -m rlhf_overlay.trlx_jobs.reward_model",
         description="Train a value-head reward model (pairwise loss) on preference JSONL. " + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    defaults = RewardModelConfig(arch=arch_default)
-    for f in dataclasses.fields(RewardModelConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f.metadata["help"] + f" (default: {default!r})")
+        epilog=__doc__.split("\n\n", 2)[2], defaults={"arch": arch_default})
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the resolved settings and the launch command; run and create nothing")
     p.add_argument("--worker", metavar="RUN_DIR", help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> RewardModelConfig:
-    return RewardModelConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(RewardModelConfig)})
+    return settings.config_from_args(RewardModelConfig, ns)
 
 
+@main_guard   # UserError (bad flag, setting, data row, folder) -> `error: ...`, exit 2; Ctrl-C -> one line, 130
 def main(argv: Sequence[str] | None = None, arch_default: str = "bloom") -> int:
     ns = build_parser(arch_default).parse_args(argv)
     if ns.worker:
         from rlhf_overlay.runtime.dist_exit import end_process_group
         from rlhf_overlay.trlx_jobs.rm_worker import worker_main
         return end_process_group(worker_main(Path(ns.worker)))  # no SIGABRT from a group torn down at exit
-    try:
-        return run(config_from_args(ns), argv)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from rlhf_overlay.errors import interrupted
-        return interrupted()
+    return run(config_from_args(ns), argv, dry_run=ns.dry_run, given=set(ns.settings_given))
 
 
-def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) -> int:
+def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, dry_run: bool = False,
+        given: set[str] | None = None) -> int:
     """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
-    (rlhf_overlay.tools.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already)."""
+    (rlhf_overlay.tools.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already).
+    `given`: the settings set by a flag or --config file (a RESUME keeps the run's others); default: from argv."""
     from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
     from rlhf_overlay.trlx_jobs.common import needs_hub, trainer_command
 
@@ -275,8 +268,10 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
 
     resume_dir = None
     if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        cfg, resume_dir, changed = resume_config(cfg, argv if argv is not None else sys.argv[1:], RewardModelConfig,
-                                                 key="reward_model", what="a reward-model run (make rm-bloom / rm-gptj)",
+        if given is None:
+            given = set(build_parser().parse_args(list(argv if argv is not None else sys.argv[1:])).settings_given)
+        cfg, resume_dir, changed = resume_config(cfg, given, RewardModelConfig, key="reward_model",
+                                                 what="a reward-model run (make rm-bloom / rm-gptj)",
                                                  may_change=RM_MAY_CHANGE)
         if changed:
             print(f"resume: changed settings {', '.join(changed)}", flush=True)
@@ -321,6 +316,15 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None) 
     model_path = preflight.absolute(checked, "MODEL", cfg.model) if cfg.model else tiny_model_path(cfg.arch)
     # Validate every data row here, before any process starts: a bad row fails with file:line.
     train, ev, sources = load_train_eval(cfg)
+    if dry_run:
+        run_dir = resume_dir or Path(cfg.output or f"runs/rm-{cfg.arch}-<time>").expanduser().absolute()
+        cmd = trainer_command("rlhf_overlay.trlx_jobs.reward_model", ["--worker", str(run_dir)],
+                              num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
+        settings.print_dry_run(f"rm-{cfg.arch}", {
+            "reward_model": dataclasses.asdict(cfg), "model_path": model_path, "precision": precision,
+            "deepspeed_config": ds, "data": sources, "train_pairs": len(train), "eval_pairs": len(ev),
+            "hf_hub_offline": not needs_hub(model_path)}, cmd)
+        return 0
     try:
         run_dir = (prepare_run_dir(f"rm-{cfg.arch}", output=cfg.output or None, overwrite=cfg.overwrite)
                    if resume_dir is None else open_resume_dir(resume_dir))

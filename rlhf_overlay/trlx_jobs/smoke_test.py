@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_overlay.trlx_jobs.common import ConfigError, user_errors, write_json
+from rlhf_overlay.errors import main_guard
+from rlhf_overlay.trlx_jobs.common import write_json
 from rlhf_overlay.trlx_jobs.ppo import PPORunConfig, build_parser as _ppo_parser, config_from_args
 from rlhf_overlay.trlx_jobs.ppo import print_summary, run as run_ppo
 
@@ -104,6 +105,7 @@ def failures(v: dict, h: dict | None) -> list[str]:
     return out
 
 
+@main_guard   # UserError (bad flag, setting, data row, folder) -> `error: ...`, exit 2; Ctrl-C -> one line, 130
 def main(argv: Sequence[str] | None = None, worker=None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.worker:
@@ -114,15 +116,9 @@ def main(argv: Sequence[str] | None = None, worker=None) -> int:
     cfg = config_from_args(ns)
     if cfg.reward == "model" and not cfg.rm:
         cfg = dataclasses.replace(cfg, rm_untrained=True)  # the seed's smoke test: an untrained value-head RM
-    try:
-        rc, run_dir = run_ppo(cfg, argv, module="rlhf_overlay.trlx_jobs.smoke_test", worker=worker)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        from rlhf_overlay.errors import interrupted
-        return interrupted()
-    if rc != 0:
+    rc, run_dir = run_ppo(cfg, argv, module="rlhf_overlay.trlx_jobs.smoke_test", worker=worker, dry_run=ns.dry_run,
+                          given=set(ns.settings_given))
+    if rc != 0 or run_dir is None:   # failed, or a dry run
         return rc
     m = json.loads((run_dir / "metrics.json").read_text())
     steps = m["steps"]
