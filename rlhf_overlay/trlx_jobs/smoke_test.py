@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from rlhf_overlay.errors import main_guard
+from rlhf_overlay.runtime.verdict import (BASE_FLUENCY_MIN, END_FLUENCY_MIN, END_KL_PER_TOKEN_MAX,  # noqa: F401
+                                        failures, health, verdict)   # the bounds of a healthy run, shared
 from rlhf_overlay.trlx_jobs.common import write_json
 from rlhf_overlay.trlx_jobs.ppo import PPORunConfig, build_parser as _ppo_parser, config_from_args
 from rlhf_overlay.trlx_jobs.ppo import print_summary, run as run_ppo
@@ -40,69 +41,10 @@ from rlhf_overlay.trlx_jobs.ppo import print_summary, run as run_ppo
 # The embedded default, tuned to finish in well under a minute on 2 CPU cores with a clearly rising reward, fluent
 # answers and a bounded KL (trade-off measured across KL coefficients and learning rates: see the README).
 SMOKE_DEFAULTS = PPORunConfig(arch="bloom", reward="rule", run_kind="ppo-smoke-test")
-# The bounds of a healthy run (the embedded default).
-BASE_FLUENCY_MIN = 0.95
-END_FLUENCY_MIN = 0.9
-END_KL_PER_TOKEN_MAX = 0.5
 
 
 def build_parser():
     return _ppo_parser(prog="python -m rlhf_overlay.trlx_jobs.smoke_test", defaults=SMOKE_DEFAULTS, doc=__doc__)
-
-
-def verdict(steps: list[dict], window: int) -> dict:
-    """Did the mean reward clearly rise? first/last = means of the first/last `window` steps; `clearly` = the
-    difference exceeds 3 standard errors (from the per-sample reward spread of those steps)."""
-    k = min(window, max(1, len(steps) // 2))
-    head, tail = steps[:k], steps[-k:]
-
-    def mean_se(xs):
-        m = sum(s["reward_mean"] for s in xs) / len(xs)
-        n = sum(s["samples"] for s in xs)
-        var = sum((s.get("reward_std") or 0.0) ** 2 * s["samples"] for s in xs) / max(1, n)
-        return m, math.sqrt(var / max(1, n))
-
-    first, se1 = mean_se(head)
-    last, se2 = mean_se(tail)
-    se = math.sqrt(se1 ** 2 + se2 ** 2)
-    rise = last - first
-    return {"first": first, "last": last, "rise": rise, "standard_error": se, "window": k,
-            "rose": bool(rise > 0 and rise > 3 * se)}
-
-
-def health(steps: list[dict], window: int) -> dict:
-    """Fluency of the base (the first step's rollouts are sampled before any update), fluency and KL per answer
-    token at the end (means over the last `window` steps), each against its bound."""
-    k = min(window, max(1, len(steps) // 2))
-    tail = steps[-k:]
-    base = steps[0]["fluency"]
-    end = sum(s["fluency"] for s in tail) / k
-    kl = sum(s["kl_per_token"] for s in tail) / k
-    sentences = [s.get("sentences") for s in (steps[0], *tail)]
-    if None not in sentences:   # reported, not a bound: the share of answers that are sentences, not word lists
-        out_sentences = {"sentences_base": sentences[0], "sentences_end": sum(sentences[1:]) / k}
-    else:
-        out_sentences = {}
-    return {**out_sentences, "fluency_base": base, "fluency_end": end, "kl_per_token_end": kl,
-            "base_fluent": bool(base >= BASE_FLUENCY_MIN), "fluent_at_end": bool(end >= END_FLUENCY_MIN),
-            "kl_bounded": bool(kl <= END_KL_PER_TOKEN_MAX)}
-
-
-def failures(v: dict, h: dict | None) -> list[str]:
-    """What failed, one phrase each (empty = a healthy run)."""
-    out = []
-    if not v["rose"]:
-        out.append(f"the mean reward did not clearly rise ({v['rise']:+.3f}, {3 * v['standard_error']:.3f} needed)")
-    if h is not None:
-        if not h["base_fluent"]:
-            out.append(f"the base model is not fluent (fluency {h['fluency_base']:.2f} < {BASE_FLUENCY_MIN})")
-        if not h["fluent_at_end"]:
-            out.append(f"the answers stopped being fluent (fluency at the end {h['fluency_end']:.2f} < "
-                       f"{END_FLUENCY_MIN})")
-        if not h["kl_bounded"]:
-            out.append(f"the KL to the reference ran away ({h['kl_per_token_end']:.3f} nats per answer token at the "
-                       f"end > {END_KL_PER_TOKEN_MAX})")
-    return out
 
 
 @main_guard   # UserError (bad flag, setting, data row, folder) -> `error: ...`, exit 2; Ctrl-C -> one line, 130
