@@ -549,12 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return join(Path(ns.join), ns.machine_rank)
     rc, run_dir = run(config_from_args(ns), argv, dry_run=ns.dry_run, given=set(ns.settings_given))
     if rc == 0 and run_dir is not None:
-        m = print_summary(run_dir)
-        from rlhf_overlay.trlx_jobs.smoke_test import health
-
-        h = health(m["steps"], m["summary_window"])
-        print(f"fluency: base {h['fluency_base']:.2f} -> end {h['fluency_end']:.2f}; KL per answer token at the end: "
-              f"{h['kl_per_token_end']:.3f} nats", flush=True)
+        print_summary(run_dir)
+        from rlhf_overlay.runtime.verdict import judge_trlx_run
+        rc = judge_trlx_run(run_dir, json.loads((run_dir / "config.json").read_text())["ppo"]["run_kind"])
     return rc
 
 
