@@ -18,7 +18,7 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.trlx_jobs import ppo, ppo_reward
-from helpers import dry_run_output, hub_cache_with
+from helpers import dry_run_output, hub_cache_with, tb_scalars
 
 HUB_ID = "bigscience/bloom-560m"
 from rlhf_overlay.trlx_jobs.common import ConfigError
@@ -251,6 +251,22 @@ def test_tiny_ppo_runs_and_exports_a_loadable_policy(ppo_runs, tiny_assets, arch
 
 @pytest.mark.upstream
 @pytest.mark.slow
+def test_tiny_default_is_judged_and_passes_and_own_rm_is_not(ppo_runs):
+    """make ppo-gptj's tiny default (no MODEL, RM or DATA) ends with the tiny-world verdict and passes it; a run with
+    RM= given prints the numbers but is not judged (rlhf_overlay.runtime.verdict)."""
+    out, res = ppo_runs["gptj"]
+    result = json.loads((out / "metrics.json").read_text())["verdict_of_run"]
+    assert result["judged"] and result["passed"], result
+    v, h = result["verdict"], result["health"]
+    assert v["rise"] > 3 * v["standard_error"] and h["fluency_end"] >= 0.9 and h["kl_per_token_end"] <= 0.5
+    assert "PASS: ppo-gptj: the mean reward rose by" in res.stdout and "KL per answer token at the end:" in res.stdout
+    out, res = ppo_runs["bloom"]    # RM given (3 steps)
+    assert not json.loads((out / "metrics.json").read_text())["verdict_of_run"]["judged"]
+    assert "note: not judged: these bounds describe the embedded tiny world" in res.stdout
+
+
+@pytest.mark.upstream
+@pytest.mark.slow
 def test_reward_model_path_and_reference_baseline(ppo_runs):
     out, res = ppo_runs["bloom"]
     cfg = json.loads((out / "config.json").read_text())
@@ -274,15 +290,11 @@ def test_zero2_cpu_run_saves_deepspeed_checkpoints(ppo_runs):
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_common_tensorboard_names(ppo_runs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out, _ = ppo_runs["bloom"]
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
+    tb = tb_scalars(out / "tensorboard")
     want = {"ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length"}
-    assert want <= tags, tags
-    assert [e.step for e in acc.Scalars("ppo/reward_mean")] == [1, 2, 3]
+    assert want <= set(tb), sorted(tb)
+    assert [step for step, _ in tb["ppo/reward_mean"]] == [1, 2, 3]
     assert any((out / "tensorboard" / "trlx").rglob("events.out.tfevents.*")), "trlx's own scalars"
 
 
