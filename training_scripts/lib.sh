@@ -10,7 +10,8 @@
 #   common_flags NUM_FLAG   add to `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH
 #                           (and RESUME CHECKPOINT_* KEEP_CHECKPOINTS when resumable=1); NUM_FLAG is how the module
 #                           calls ranks per node (--num-gpus or --num-processes)
-#   run_dschat MODULE [FLAG...]      exec rlhf_overlay.dschat_jobs.MODULE (rm-llama2, ppo-llama2, dpo-llama2)
+#   run_dschat MODULE [FLAG...]      exec rlhf_overlay.dschat_jobs.MODULE (rm-llama2, ppo-llama2, dpo-llama2;
+#                                    resumable: reward_model, dpo)
 #   run_trlx MODULE [FLAG...]        exec rlhf_overlay.trlx_jobs.MODULE, resumable (rm-*, ppo-*, ppo-smoke-test)
 #   run_pipeline FAMILY [FLAG...]    exec rlhf_overlay.tools.pipeline run --family FAMILY (pipeline-*)
 # FLAGs (e.g. the script's arguments) go after the ones made from the variables.
@@ -35,7 +36,7 @@ common_flags() {
     if [[ "${resumable:-0}" != 1 && -n "${RESUME:-}${CHECKPOINT_EVERY:-}${CHECKPOINT_MINUTES:-}${KEEP_CHECKPOINTS:-}" ]]; then
         local target; target="$(basename "$0" .sh)"
         echo "error: RESUME / CHECKPOINT_EVERY / CHECKPOINT_MINUTES / KEEP_CHECKPOINTS: make ${target//_/-} does not write" \
-             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom, ppo-gptj, rm-bloom and rm-gptj do); drop them" >&2
+             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom, ppo-gptj, rm-bloom, rm-gptj, rm-llama2 and dpo-llama2 do); drop them" >&2
         exit 2
     fi
     opt MODEL --model
@@ -56,6 +57,7 @@ common_flags() {
 
 run_dschat() {
     local module=$1; shift
+    case "$module" in reward_model|dpo) resumable=1 ;; esac   # DeepSpeed-Chat targets with resumable checkpoints
     common_flags --num-gpus
     opt LORA_DIM --lora-dim
     cd "$root" || exit 2

@@ -214,11 +214,12 @@ class RunPlan:
     data_cache: str
     launcher: list[str]
     cwd: Path
+    resume_from: str | None = None  # RESUME: the checkpoint the run continues from
 
 
-def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
+def plan_run(kind: str, cfg, r: dict, step_folder: str, resume_dir: Path | None = None) -> RunPlan:
     """Check the upstream step exists, then make the run folder (refusing a non-empty OUTPUT without
-    OVERWRITE; a dry run creates nothing). The data cache must be node-local (each node's local rank 0 writes
+    OVERWRITE; a dry run creates nothing), or for a resume take `resume_dir` and its newest complete checkpoint. The data cache must be node-local (each node's local rank 0 writes
     it): the run folder on one node, /tmp on several (the run folder is then usually on shared storage)."""
     from rlhf_overlay.paths import RUNS_DIR
     from rlhf_overlay.runtime.runs import prepare_run_dir
@@ -226,8 +227,12 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
     # a hostfile is checked (format, first host, remote hosts reachable) before the run folder is made
     from rlhf_overlay.runtime.hostfile import deepspeed_launcher_flags
     flags = deepspeed_launcher_flags(cfg.hostfile) if cfg.hostfile else []
+    resume_from = None
     if cfg.dry_run:
-        run_dir = Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>"
+        run_dir = resume_dir or (Path(cfg.output).expanduser().resolve() if cfg.output else RUNS_DIR / f"{kind}-<time>")
+    elif resume_dir is not None:
+        from rlhf_overlay.dschat_jobs.resume import open_run
+        run_dir, resume_from = open_run(resume_dir)
     else:
         run_dir = prepare_run_dir(kind, output=cfg.output or None, overwrite=cfg.overwrite)
     multi_node = bool(cfg.hostfile) and "--no_ssh_check" not in flags   # this machine alone runs locally
@@ -235,7 +240,8 @@ def plan_run(kind: str, cfg, r: dict, step_folder: str) -> RunPlan:
     port = cfg.master_port or (rendezvous_port(cfg.hostfile) if multi_node else free_port())
     data_cache = f"/tmp/rlhf-overlay-data/{run_dir.name}" if multi_node else str(run_dir / "data_cache")
     return RunPlan(run_dir=run_dir, port=port, data_cache=data_cache,
-                   launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port, flags), cwd=folder)
+                   launcher=launcher_prefix(r["num_gpus"], cfg.hostfile, port, flags), cwd=folder,
+                   resume_from=resume_from)
 
 
 def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved: dict,
@@ -247,16 +253,22 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
         from rlhf_overlay.settings import print_dry_run
         print_dry_run(kind, resolved, cmd, plan.cwd)
         return 0
-    record_invocation(plan.run_dir, argv_for_record or [sys.executable, "-m", module, *config_to_argv(cfg)],
-                      dict(resolved, requested=asdict(cfg)))
+    argv = argv_for_record or [sys.executable, "-m", module, *config_to_argv(cfg)]
+    if plan.resume_from:  # command.txt keeps both invocations; training.log (appended) says where it continues
+        from rlhf_overlay.dschat_jobs.resume import record
+        record(plan.run_dir, argv, dict(resolved, requested=asdict(cfg)))
+        print(f"[{kind}] resuming {plan.run_dir} from {Path(plan.resume_from).name}", flush=True)
+    else:
+        record_invocation(plan.run_dir, argv, dict(resolved, requested=asdict(cfg)))
     env = launch_env(cpu=not resolved["cuda"], offline=offline, run_dir=plan.run_dir, hostfile=cfg.hostfile)
     from rlhf_overlay.runtime.waits import check_torch_extensions
     check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
     for note in resolved.get("cpu_notes") or []:
         print(f"[{kind}] note (CPU): {note}", flush=True)
     print(f"[{kind}] run folder: {plan.run_dir}  ({summary})", flush=True)
-    from rlhf_overlay.runtime import status   # status.json: running -> completed / failed (exit code, signal); no checkpoints
-    status.start(plan.run_dir, kind, module, None, resumable=False)
+    from rlhf_overlay.runtime import status   # status.json: running -> completed / failed / interrupted (exit code, signal)
+    status.start(plan.run_dir, kind, module, None, resumed=bool(plan.resume_from),
+                 resumable="checkpoint_every" in resolved)  # entries that pass the checkpoint flags to main.py
     with status.interrupt_finishes(plan.run_dir):
         rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
     status.finish(plan.run_dir, rc)

@@ -38,6 +38,7 @@ from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, check
                                         free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
 from rlhf_overlay import settings
+from rlhf_overlay.dschat_jobs import resume as dschat_resume
 from rlhf_overlay.errors import main_guard
 from rlhf_overlay.settings import to_argv as config_to_argv
 
@@ -78,6 +79,16 @@ class RewardModelConfig:
     eval_interval: int | None = field(default=None, metadata={"help": "evaluate every N steps, 0 = only per epoch "
                                                                       "(default: the recipe's)"})
     seed: int = field(default=1234, metadata={"help": "training seed"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "resumable checkpoint into <run>/checkpoints/step-N every N optimizer steps (CHECKPOINT_EVERY; 0: by "
+                "time only; default: 20 on the tiny recipe, 0 on llama2-7b)"})
+    checkpoint_minutes: float | None = field(default=None, metadata={
+        "help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES; 0: by "
+                "steps only; default: 30)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first "
+                                                               "(KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete "
+                                                      "checkpoint (RESUME); other settings default to the run's"})
     allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
                                                               "(ALLOW_ARCH=1)"})
     master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
@@ -106,13 +117,13 @@ class RewardModelConfig:
 LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=8, eval_batch_size=8, max_seq_len=512,
                  learning_rate=9.65e-6, weight_decay=0.1, epochs=1, max_steps=0, zero_stage=3, offload=True,
                  gradient_checkpointing=True, lora_dim=0, lora_module_name="layers.", eval_interval=0, eval_iters=100,
-                 print_interval=10, num_warmup_steps=0)
+                 print_interval=10, num_warmup_steps=0, checkpoint_every=0, checkpoint_minutes=30.0)
 # The embedded tiny LLaMA on CPU: the first MAX_STEPS batches of its 4000 pairs, evaluated every 20 steps on
 # 160 held-out pairs (the tiny data's longest pair is 30 tokens).
 TINY = dict(data="", data_split="0,1,0", batch_size=8, eval_batch_size=16, max_seq_len=48, learning_rate=5e-4,
             weight_decay=0.0, epochs=1, max_steps=60, zero_stage=0, offload=False, gradient_checkpointing=False,
             lora_dim=0, lora_module_name="layers.", eval_interval=20, eval_iters=10, print_interval=10,
-            num_warmup_steps=0)
+            num_warmup_steps=0, checkpoint_every=20, checkpoint_minutes=30.0)
 
 
 def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
@@ -127,6 +138,7 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
             r[name] = value
     if not cfg.data_split and cfg.data and local_data_files(cfg.data) is not None:
         r["data_split"] = "0,1,0"   # the user's own files: all of them train this step (train/eval files split)
+    dschat_resume.resolve_schedule(r, cfg)
     return cpu_adjust(r, cfg, cuda)
 
 
@@ -165,9 +177,15 @@ def build_parser():
 config_from_args = partial(settings.config_from_args, RewardModelConfig)
 
 
-def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int:
-    """Train a reward model as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError."""
+def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None, given: set[str] | None = None) -> int:
+    """Train a reward model as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError.
+    With cfg.resume, `given` names the settings given now (default: those that differ from the defaults)."""
     from rlhf_overlay.runtime.runs import has_cuda
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = dschat_resume.resume_config(cfg, given, KIND)
+        if changed:
+            print(f"[{KIND}] resume: changed settings {', '.join(changed)}", flush=True)
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
@@ -180,15 +198,16 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
     from rlhf_overlay.runtime import preflight   # upstream tree, MODEL, DATA, OUTPUT: before anything is created
     checked = preflight.dschat(KIND, cfg, r, [("MODEL", cfg.model, (preflight.CAUSAL_LM,))])
     model, data = preflight.absolute(checked, "MODEL", model), preflight.absolute(checked, "DATA", data)
-    plan = plan_run(KIND, cfg, r, STEP_FOLDER)
+    plan = plan_run(KIND, cfg, r, STEP_FOLDER, resume_dir=resume_dir)
     model_dir = plan.run_dir / "model"
     partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
     cmd = plan.launcher + ["main.py"] + main_py_args(
-        r, model, data, partial, plan.data_cache, plan.run_dir / "tensorboard") + list(cfg.extra)
+        r, model, data, partial, plan.data_cache, plan.run_dir / "tensorboard") + dschat_resume.main_py_flags(
+        r, plan.run_dir, plan.resume_from) + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (model, data))
     resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir), model_dir=str(model_dir),
                     master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd), extra=list(cfg.extra),
-                    hf_hub_offline=offline)
+                    hf_hub_offline=offline, resume_from=plan.resume_from)
     summary = (f"recipe {r['recipe']}, model {model}, data {data}, dtype {r['dtype']}, ZeRO {r['zero_stage']}, "
                f"LoRA {r['lora_dim']}")
     rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
@@ -203,8 +222,10 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None) -> int
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(build_parser().parse_args(argv))
-    return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
+    ns = build_parser().parse_args(argv)
+    return run(config_from_args(ns), argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None
+                                                                                   else argv)],
+               given=set(ns.settings_given))
 
 
 if __name__ == "__main__":

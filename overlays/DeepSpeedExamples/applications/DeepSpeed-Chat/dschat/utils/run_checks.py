@@ -1,9 +1,11 @@
-# rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Checks and defaults shared by our step-2 and step-3
-# main.py overlays, so a wrong setting fails at start with a message that says what to change, instead of deep
-# inside DeepSpeed (hybrid engine / fp16 on CPU, a mistyped local model folder, OPT-only padding).
+# rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Checks and defaults shared by our patches to the step-2
+# and step-3 main.py (0011, 0019), so a wrong setting fails at start with a message that says what to change, instead
+# of deep inside DeepSpeed (hybrid engine / fp16 on CPU, a mistyped local model folder, OPT-only padding).
 """Start-up checks and model-dependent defaults for DeepSpeed-Chat steps 2 and 3."""
 import json
+import math
 import os
+from datetime import timedelta
 
 from dschat.utils.ds_utils import SUPPORTED_DTYPES  # fp32 added by patch 0001-fp32-dtype.patch
 
@@ -72,6 +74,23 @@ def default_num_padding_at_beginning(name):
     if model_type is None:
         model_type = "opt" if "opt-" in name.lower() else None
     return 1 if model_type == "opt" else 0
+
+
+def dist_timeout():
+    """The process-group timeout (rendezvous and every collective) for deepspeed.init_distributed: RLHF_DIST_TIMEOUT
+    seconds, which rlhf-overlay's launches always set (rlhf_overlay/runtime/waits.py: 300 on CPU, 1800 on GPU);
+    else DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, else 10). DEEPSPEED_TIMEOUT alone has only whole minutes."""
+    raw = os.environ.get("RLHF_DIST_TIMEOUT", "").strip()
+    if not raw:
+        from deepspeed.constants import default_pg_timeout
+        return default_pg_timeout
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or math.isinf(seconds):
+        raise SettingError(f"RLHF_DIST_TIMEOUT={raw!r}: give a number of seconds > 0 (e.g. 300)")
+    return timedelta(seconds=math.ceil(seconds))
 
 
 def resolve_dtype(dtype):

@@ -1,0 +1,109 @@
+"""Resumable checkpoints of the DeepSpeed-Chat targets (`make rm-llama2 RESUME=<run>`, CHECKPOINT_EVERY, ...).
+
+The training loop's side lives in the DeepSpeed-Chat tree (dschat/utils/checkpointing.py, DeepSpeedExamples patch
+0020): DeepSpeed's save_checkpoint/load_checkpoint of every engine, every rank's RNG states and the data position,
+into `<run>/checkpoints/step-<N>/` (temporary folder + rename; rlhf_overlay.runtime.checkpoints). This module is the
+launcher's side: the settings, the main.py flags, and what RESUME=<run> means:
+
+- the run's own settings (config.json "requested") with the flags given now; a change that matters (model, data,
+  batch size, ranks, ZeRO stage, seed, ...) is refused naming the setting; MAY_CHANGE may change;
+- the newest complete checkpoint of the run folder (half-written ones are removed and never used);
+- the same run folder: command.txt gets this invocation after the first, config.json says where it continued from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from rlhf_overlay.errors import ConfigError
+
+# Settings a resume may change; every other one must be the run's (it decides what the checkpoint means).
+# max_steps / epochs: the run may be made longer or shorter (the LR schedule then follows the new length).
+MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_interval",
+              "master_port", "dry_run"}
+IGNORED = {"resume", "output", "overwrite", "extra"}
+MAKE_NAMES = {"model": "MODEL", "data": "DATA", "zero_stage": "ZERO_STAGE", "lora_dim": "LORA_DIM",
+              "num_gpus": "NUM_GPUS", "hostfile": "HOSTFILE", "checkpoint_every": "CHECKPOINT_EVERY",
+              "checkpoint_minutes": "CHECKPOINT_MINUTES", "keep_checkpoints": "KEEP_CHECKPOINTS"}
+
+
+def resolve_schedule(r: dict, cfg) -> dict:
+    """The checkpoint schedule into the resolved settings `r`: the user's values, else the recipe's."""
+    for name in ("checkpoint_every", "checkpoint_minutes"):
+        value = getattr(cfg, name)
+        if value is not None:
+            r[name] = value
+    r["keep_checkpoints"] = cfg.keep_checkpoints
+    from rlhf_overlay.runtime.checkpoints import validate_schedule
+    validate_schedule(r["checkpoint_every"], r["checkpoint_minutes"], r["keep_checkpoints"])
+    return r
+
+
+def main_py_flags(r: dict, run_dir: Path, resume_from: str | None) -> list[str]:
+    """The checkpoint flags of a step's main.py (dschat/utils/checkpointing.py)."""
+    flags = ["--checkpoint_dir", str(Path(run_dir) / "checkpoints"),
+             "--checkpoint_every", str(r["checkpoint_every"]), "--checkpoint_minutes", str(r["checkpoint_minutes"]),
+             "--keep_checkpoints", str(r["keep_checkpoints"])]
+    if resume_from:
+        flags += ["--resume_from", str(resume_from)]
+    return flags
+
+
+def given_fields(cfg) -> set[str]:
+    """For a config built in Python (no command line): the fields that differ from their defaults."""
+    out = set()
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if getattr(cfg, f.name) != default:
+            out.add(f.name)
+    return out
+
+
+def resume_config(cfg, given: set[str] | None, kind: str):
+    """RESUME=<run>: the run's own settings with the ones given now (`given`: names of the fields set by a flag or
+    a --config file; None = those that differ from the defaults). Refuses a change that matters, naming the setting.
+    Returns (config, run folder, changed settings)."""
+    run_dir = Path(cfg.resume).expanduser().resolve()
+    try:
+        old = json.loads((run_dir / "config.json").read_text())["requested"]
+        assert isinstance(old, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise ConfigError(f"RESUME={cfg.resume}: not the run folder of a `make {kind}` run (no config.json with its "
+                          f"settings in {run_dir})") from None
+    if cfg.overwrite:
+        raise ConfigError("RESUME and OVERWRITE=1 contradict each other: RESUME continues a run in its folder, "
+                          "OVERWRITE=1 starts a new one; pass one of them")
+    if cfg.output and Path(cfg.output).expanduser().resolve() != run_dir:
+        raise ConfigError(f"OUTPUT={cfg.output}: a resume continues in its own folder ({run_dir}); drop OUTPUT")
+    given = given_fields(cfg) if given is None else set(given)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    new = {k: v for k, v in old.items() if k in names}
+    for name in given & names:
+        new[name] = getattr(cfg, name)
+    from rlhf_overlay.runtime.checkpoints import check_resume_settings
+    changed = check_resume_settings({k: v for k, v in old.items() if k not in IGNORED},
+                                    {k: v for k, v in new.items() if k not in IGNORED and k in old},
+                                    MAY_CHANGE, MAKE_NAMES)
+    # output "": the run folder is `run_dir` (taken by open_run, not made anew); extra: main.py arguments, the run's
+    # unless given now
+    new.update(resume=str(run_dir), output="", overwrite=False, extra=list(cfg.extra or old.get("extra") or []))
+    return type(cfg)(**new), run_dir, changed
+
+
+def open_run(run_dir: Path) -> tuple[Path, str]:
+    """Take the resumed run folder (refused while another process runs in it) and find its newest complete
+    checkpoint (half-written ones are removed). Returns (run folder, checkpoint folder)."""
+    from rlhf_overlay.trlx_jobs.checkpoints import open_resume_dir, resolve_resume
+    open_resume_dir(run_dir)
+    return run_dir, str(resolve_resume(run_dir))
+
+
+def record(run_dir: Path, argv: list[str], resolved: dict) -> None:
+    """A resume's record: command.txt gets this invocation after the first; config.json the settings it runs with
+    and the checkpoint it continued from."""
+    from rlhf_overlay.runtime.runs import _atomic_write_text
+    from rlhf_overlay.trlx_jobs.checkpoints import append_command
+    append_command(run_dir, argv)
+    _atomic_write_text(Path(run_dir) / "config.json",
+                       json.dumps(dict(resolved), indent=2, sort_keys=True, default=str) + "\n")
