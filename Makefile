@@ -70,13 +70,15 @@ PYTEST_ARGS ?=
 MEGATRON_SFT ?=
 TOKENIZER  ?=
 RESUME     ?=
+# 1 = rm-/ppo-/dpo-llama2 run the llama2-7b recipe's DeepSpeed settings on the tiny LLaMA, 2 CPU ranks
+RECIPE_AT_TINY_SCALE ?=
 
 # Every value a user gives reaches the programs through the environment (recipes say "$$MODEL", never $(MODEL)),
 # so the shell never parses it: `;`, quotes, backticks, spaces and newlines arrive as they were typed. List
 # variables (RUN, CONVERT_FLAGS, PYTEST_ARGS) are split by rlhf_overlay.runtime.make_args, not by the shell. make itself
 # expands `$` in command-line and environment values (`DATA='$(x)'` would arrive empty), so such values are
 # refused here, before anything runs.
-USER_VARS := PYTHON VENV BASE_PYTHON UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM \
+USER_VARS := PYTHON VENV BASE_PYTHON UPSTREAM_MIRROR FORCE MODEL ACTOR CRITIC RM REWARD DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM RECIPE_AT_TINY_SCALE \
              NUM_GPUS HOSTFILE RANK_REPORT ALLOW_ARCH MACHINE_RANK BASE OUT PROMPT RUN PYTEST_ARGS SOURCE TARGET TP PP MODEL_NAME \
              EXTRA_VOCAB_SIZE CONVERT_FLAGS MEGATRON_SFT TOKENIZER RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS ON_UNHEALTHY
 $(foreach v,$(.VARIABLES),$(if $(or $(filter command line,$(origin $(v))),$(and $(filter $(v),$(USER_VARS)),$(filter \
@@ -130,10 +132,10 @@ upstream-tests: ## The upstreams' own test suites (trlx tests/, DeepSpeed-Chat t
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
 TRAINING_TARGETS := rm-llama2 ppo-llama2 rm-bloom rm-gptj ppo-bloom ppo-gptj ppo-smoke-test dpo-llama2 eval-rm chat
 .PHONY: $(TRAINING_TARGETS) ppo-join accelerate-config
-## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE
 rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model
 	@bash training_scripts/run.sh rm_llama2
-## vars: ACTOR CRITIC DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+## vars: ACTOR CRITIC DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE
 ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA
 	@bash training_scripts/run.sh ppo_llama2
 ## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
@@ -159,7 +161,7 @@ ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first ho
 accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
 	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
 	"$$PYTHON" -m rlhf_overlay.runtime.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
-## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE
 dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2
 	@bash training_scripts/run.sh dpo_llama2
 ## vars: RM DATA OUTPUT OVERWRITE

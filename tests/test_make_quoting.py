@@ -218,7 +218,8 @@ def test_list_variables_split_like_shell_words_without_expansion(tmp_path, stub)
 
 # `make help` prints each target's `## vars:` line; here every one is checked against what reaches the program.
 DECLARED = {t: v.split() for v, t in re.findall(r"^## vars:(.*)\n([a-zA-Z0-9_-]+):", MAKEFILE, flags=re.M)}
-SWITCHES = {"OVERWRITE": "--overwrite", "ALLOW_ARCH": "--allow-arch"}   # VAR=1 -> the flag
+SWITCHES = {"OVERWRITE": "--overwrite", "ALLOW_ARCH": "--allow-arch",
+            "RECIPE_AT_TINY_SCALE": "--recipe-at-tiny-scale"}   # VAR=1 -> the flag
 # a target refuses these when set (targets without resumable checkpoints; ppo-llama2 takes ACTOR, not MODEL)
 REFUSALS = {"does not write resumable checkpoints": {"RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES",
                                                      "KEEP_CHECKPOINTS"},

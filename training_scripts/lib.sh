@@ -60,6 +60,7 @@ run_dschat() {
     case "$module" in reward_model|dpo) resumable=1 ;; esac   # DeepSpeed-Chat targets with resumable checkpoints
     common_flags --num-gpus
     opt LORA_DIM --lora-dim
+    switch RECIPE_AT_TINY_SCALE --recipe-at-tiny-scale
     cd "$root" || exit 2
     exec "$py" -m "rlhf_overlay.dschat_jobs.$module" "${args[@]}" "$@"
 }

@@ -38,6 +38,7 @@ from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, check
                                         free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
 from rlhf_overlay import settings
+from rlhf_overlay.dschat_jobs import tiny_scale
 from rlhf_overlay.dschat_jobs import resume as dschat_resume
 from rlhf_overlay.errors import main_guard
 from rlhf_overlay.settings import to_argv as config_to_argv
@@ -57,6 +58,10 @@ class RewardModelConfig:
     overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
     recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --model, llama2-7b "
                                                       "with one)"})
+    recipe_at_tiny_scale: bool = field(default=False, metadata={"help": "the llama2-7b recipe's DeepSpeed settings "
+                                                                       "(ZeRO, offload, gradient checkpointing, LoRA) on "
+                                                                       "the tiny LLaMA, 2 CPU ranks "
+                                                                       "(RECIPE_AT_TINY_SCALE=1; see tiny_scale.py)"})
     zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage (ZERO_STAGE; default: 0 on CPU, the "
                                                                    "recipe's on GPU; 2 and 3 run on CPU too)"})
     lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank, 0 = full fine-tuning (LORA_DIM; default: "
@@ -130,6 +135,8 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
     """The settings this run will use: the recipe, then the user's values, then CPU adjustments."""
     recipe = cfg.recipe or ("llama2-7b" if cfg.model else "tiny")
     r = dict(LLAMA2_7B if recipe == "llama2-7b" else TINY)
+    if cfg.recipe_at_tiny_scale:
+        recipe, r = tiny_scale.start(KIND, cfg, LLAMA2_7B)
     r["recipe"] = recipe
     for name in ("data", "data_split", "zero_stage", "lora_dim", "epochs", "max_steps", "batch_size", "max_seq_len",
                  "learning_rate", "eval_interval"):
@@ -139,7 +146,8 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
     if not cfg.data_split and cfg.data and local_data_files(cfg.data) is not None:
         r["data_split"] = "0,1,0"   # the user's own files: all of them train this step (train/eval files split)
     dschat_resume.resolve_schedule(r, cfg)
-    return cpu_adjust(r, cfg, cuda)
+    r = cpu_adjust(r, cfg, cuda)
+    return tiny_scale.finish(KIND, r, cfg, cuda, LLAMA2_7B) if cfg.recipe_at_tiny_scale else r
 
 
 def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
