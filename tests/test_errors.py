@@ -27,7 +27,6 @@ def test_user_errors_share_one_base():
         assert issubclass(cls, errors.UserError), cls
     assert dschat_launch.ConfigError is trlx_common.ConfigError is errors.ConfigError
     assert issubclass(errors.ConfigError, ValueError)          # callers that caught ValueError still do
-    assert trlx_common.user_errors() == (errors.UserError,)
 
 
 # ---------------------------------------------------------------------------------------------- main_guard
@@ -68,6 +67,9 @@ ENTRY_MODULES = [
     ("rlhf_overlay.dschat_jobs.reward_model", [], ["--model", "/nonexistent/sft"], "no such model folder"),
     ("rlhf_overlay.dschat_jobs.ppo", [], ["--critic", "/nonexistent/rm"], "no such folder"),
     ("rlhf_overlay.dschat_jobs.dpo", [], ["--model", "/nonexistent/sft"], "no such model folder"),
+    ("rlhf_overlay.trlx_jobs.reward_model", [], ["--model", "/nonexistent/sft"], "MODEL)='/nonexistent/sft': no such"),
+    ("rlhf_overlay.trlx_jobs.ppo", [], ["--model", "/nonexistent/sft"], "MODEL)='/nonexistent/sft': no such"),
+    ("rlhf_overlay.trlx_jobs.smoke_test", [], ["--model", "/nonexistent/sft"], "MODEL)='/nonexistent/sft': no such"),
     ("rlhf_overlay.tools.chat", ["--model", "m"], ["--model", "/nonexistent/actor", "--prompt", "hi"],
      "/nonexistent/actor"),
     ("rlhf_overlay.tools.eval_rm", [], ["--rm", "/nonexistent/rm"], "does not exist"),
@@ -133,12 +135,13 @@ def test_bad_input_is_one_error_line_exit_2(module, args, word, tmp_path, monkey
 
 
 @pytest.mark.parametrize("module, needed, key", [("rlhf_overlay.dschat_jobs.reward_model", [], "seed"),
+                                                 ("rlhf_overlay.trlx_jobs.ppo", [], "steps"),
                                                  ("rlhf_overlay.tools.eval_rm", [], "batch_size"),
                                                  ("rlhf_overlay.tools.chat", ["--model", "m"], "seed")])
 def test_a_bad_settings_file_is_one_error_line_exit_2(module, needed, key, tmp_path, monkeypatch, capsys):
-    (tmp_path / "settings.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "settings.yaml").write_text("no_such_key: 0.1\n")
     _assert_contract(*_main(module, needed + ["--config", "settings.yaml"], tmp_path, monkeypatch, capsys),
-                     "settings.yaml: unknown key 'lr'", "known keys:")
+                     "settings.yaml: unknown key 'no_such_key'", "known keys:")
     (tmp_path / "settings.yaml").write_text(f"{key}: eight\n")
     _assert_contract(*_main(module, needed + ["--config", "settings.yaml"], tmp_path, monkeypatch, capsys),
                      f"settings.yaml: key '{key}': must be an integer, got 'eight'")
