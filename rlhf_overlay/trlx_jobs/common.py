@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -88,6 +89,44 @@ def import_trlx():
     import trlx  # noqa: F401
 
     return trlx
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class RunSettings:
+    """The settings both trlx jobs (reward_model, ppo) take alike: the run folder, checkpoints and RESUME, ranks.
+    Each job's config dataclass adds its own (listed first by --help) and calls resolve_run/validate_run."""
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
+    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
+    num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
+
+    @property
+    def tiny(self) -> bool:
+        """No MODEL: the embedded tiny default (its own defaults); else the seed's recipe for own models."""
+        return not self.model
+
+    def resolve_run(self, checkpoint_every_tiny: int) -> None:
+        """In place: checkpoint_every -1 = `checkpoint_every_tiny` tiny / 0 own model; checkpoint_minutes -1 = 30;
+        on_unhealthy auto = warn tiny (demos are read to their end) / stop own model; then the schedule is checked."""
+        from rlhf_overlay.runtime.checkpoints import validate_schedule
+
+        if self.checkpoint_every < 0:
+            self.checkpoint_every = checkpoint_every_tiny if self.tiny else 0
+        self.checkpoint_minutes = 30.0 if self.checkpoint_minutes < 0 else self.checkpoint_minutes
+        if self.on_unhealthy == "auto":
+            self.on_unhealthy = "warn" if self.tiny else "stop"
+        if self.on_unhealthy not in ("stop", "warn"):
+            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={self.on_unhealthy!r}: must be stop, warn or auto")
+        validate_schedule(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
+
+    def validate_run(self) -> None:
+        if self.num_processes < 0:
+            raise ConfigError(f"num_processes (NUM_GPUS)={self.num_processes!r}: must be >= 1 (or empty for the default)")
+        if self.hostfile and not Path(self.hostfile).is_file():
+            raise ConfigError(f"hostfile (HOSTFILE)={self.hostfile!r}: file does not exist")
 
 
 # ----------------------------------------------------------------------------------------------- models

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,13 +40,13 @@ from typing import Sequence
 from rlhf_overlay import settings
 from rlhf_overlay.errors import UsageError, main_guard
 from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, write_json
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, RunSettings, tiny_model_path, write_json
 
 REWARDS = ("model", "rule")
 
 
 @dataclass
-class PPORunConfig:
+class PPORunConfig(RunSettings):
     arch: str = field(default="bloom", metadata={"help": "bloom | gptj | llama: picks the embedded tiny default model and the run name"})
     model: str = field(default="", metadata={"help": "policy = SFT model folder or hub id (MODEL); empty = the embedded tiny model of --arch"})
     reward: str = field(default="model", metadata={"help": "model: a value-head reward model (RM) | rule: the learnable rule of rlhf_overlay.data.synthetic"})
@@ -57,7 +56,6 @@ class PPORunConfig:
     rm_device: str = field(default="auto", metadata={"help": "auto | cpu | policy | cuda:N: where the reward model runs (auto: a spare GPU, else the policy's GPU, else CPU)"})
     data: str = field(default="", metadata={"help": "prompt JSONL {prompt, reference} file, or folder with train.jsonl [+ eval.jsonl] (DATA); empty = embedded"})
     output: str = field(default="", metadata={"help": "run folder (OUTPUT); empty = a new runs/ppo-<arch>-<time>"})
-    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
     steps: int = field(default=0, metadata={"help": "PPO steps = rollout + update rounds; 0 = 40 tiny / 50 (seed) own model"})
     rollouts: int = field(default=0, metadata={"help": "generated samples per PPO step and process (trlx num_rollouts); 0 = 32 tiny / 128 (seed)"})
     chunk_size: int = field(default=0, metadata={"help": "prompts generated at once (trlx chunk_size); 0 = 32 tiny / 16 (seed)"})
@@ -82,9 +80,6 @@ class PPORunConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate (trlx table of samples) every N PPO steps; 0 = only before and after"})
     eval_prompts: int = field(default=0, metadata={"help": "eval prompts used (0 = 16 tiny / 256 own model)"})
     checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N PPO steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 10 tiny / 0 own model"})
-    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
-    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
     on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn when a health guard trips (ON_UNHEALTHY; rlhf_overlay.runtime.health); auto = warn tiny / stop own model"})
     max_kl_per_token: float = field(default=1.0, metadata={"help": "health: KL(policy || reference) per answer token above this (nats) is unhealthy"})
     max_degenerate: float = field(default=0.5, metadata={"help": "health: share of empty or looping answers above this is unhealthy"})
@@ -94,16 +89,10 @@ class PPORunConfig:
     summary_window: int = field(default=3, metadata={"help": "steps averaged for the closing `mean reward: first -> last` line"})
     accelerate_config: str = field(default="auto", metadata={"help": "accelerate config file; auto: none for 1 CPU process, configs/accelerate/zero2.yaml with DeepSpeed, cpu.yaml / multi_gpu.yaml otherwise"})
     zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE): 0 = no DeepSpeed, 2 = ZeRO-2; -1 = 0 on CPU, 2 on GPU"})
-    num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
-    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
     precision: str = field(default="auto", metadata={"help": "auto | no | bf16 | fp16 mixed precision (auto: no on CPU, bf16/fp16 on GPU)"})
     seed: int = field(default=1000, metadata={"help": "random seed"})
     allow_arch: bool = field(default=False, metadata={"help": "use a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
     run_kind: str = field(default="", metadata={"help": "run folder prefix (default ppo-<arch>)"})
-
-    @property
-    def tiny(self) -> bool:
-        return not self.model
 
     def resolve(self) -> "PPORunConfig":
         """Fill every 0/-1 'auto' default (tiny default vs. the seed recipe for own models), then validate."""
@@ -124,12 +113,7 @@ class PPORunConfig:
         c.eval_prompts = c.eval_prompts or (16 if t else 256)
         if c.normalize_reward == "auto":
             c.normalize_reward = "running" if t else "none"
-        c.checkpoint_every = (10 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
-        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
-        if c.on_unhealthy == "auto":  # tiny CPU demos are read to their end (their verdict judges them); real runs stop
-            c.on_unhealthy = "warn" if t else "stop"
-        if c.on_unhealthy not in ("stop", "warn"):
-            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
+        c.resolve_run(checkpoint_every_tiny=10)
         c.run_kind = c.run_kind or f"ppo-{c.arch}"
         c.validate()
         return c
@@ -187,16 +171,11 @@ class PPORunConfig:
             bad("temperature", self.temperature, "must be > 0")
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             bad("zero_stage (ZERO_STAGE)", self.zero_stage, "must be 0-3 (or empty for the default)")
-        if self.num_processes < 0:
-            bad("num_processes (NUM_GPUS)", self.num_processes, "must be >= 1 (or empty for the default)")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             bad("precision", self.precision, "must be auto, no, bf16 or fp16")
         if self.accelerate_config != "auto" and not Path(self.accelerate_config).is_file():
             bad("accelerate_config", self.accelerate_config, "file does not exist")
-        if self.hostfile and not Path(self.hostfile).is_file():
-            bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
-        from rlhf_overlay.runtime.checkpoints import validate_schedule
-        validate_schedule(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
+        self.validate_run()
 
     @property
     def optimizer_steps_per_round(self) -> int:
@@ -375,39 +354,24 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
         worker=None, dry_run: bool = False, given: set[str] | None = None) -> tuple[int, Path | None]:
     """Validate, prepare the run folder, train a tiny RM if needed, launch the workers. (exit code, run folder; None
     for a dry run.) `given`: the settings set by a flag or --config file (a RESUME keeps the run's others)."""
-    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged
+    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, run_logged
+    from rlhf_overlay.trlx_jobs.checkpoints import open_resume_dir, resolve_resume
     from rlhf_overlay.trlx_jobs.common import check_trlx, needs_hub, trlx_env
+    from rlhf_overlay.trlx_jobs.launcher import (check_ranks, record_run, refuse_under_launcher, start_workers,
+                                                 take_resume)
     from rlhf_overlay.trlx_jobs.value_head import is_reward_model_dir
 
-    from rlhf_overlay.runtime import status
-    from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
-
-    resume_dir = None
-    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        if given is None:
-            given = set(build_parser().parse_args(list(argv if argv is not None else sys.argv[1:])).settings_given)
-        cfg, resume_dir, changed = resume_config(cfg, given, PPORunConfig)
-        if changed:
-            print(f"resume: changed settings {', '.join(changed)}", flush=True)
+    cfg, resume_dir = take_resume(cfg, argv, given, PPORunConfig, build_parser)
     cfg = cfg.resolve()
-    if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
-        raise ConfigError(f"started under a distributed launcher: run `python -m {module}` (or the make target) "
-                          f"directly; it starts accelerate itself (NUM_GPUS / HOSTFILE / --accelerate-config)")
+    refuse_under_launcher(module, "(or the make target) directly; it starts accelerate itself (NUM_GPUS / HOSTFILE "
+                                  "/ --accelerate-config)")
     cuda = has_cuda()
     gpu_count = 0
     if cuda:
         import torch
 
         gpu_count = torch.cuda.device_count()
-    from rlhf_overlay.runtime.runs import rank_count_problem
-
-    problem = rank_count_problem(cfg.num_processes or None, cuda, gpu_count, what="num_processes (NUM_GPUS)")
-    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
-        from rlhf_overlay.runtime.hostfile import local_slots_problem
-
-        problem = local_slots_problem(cfg.hostfile, cuda, gpu_count)
-    if problem:
-        raise ConfigError(problem)
+    check_ranks(cfg, cuda, gpu_count)
     hostfile_hosts(cfg)  # hostfile problems before anything is created
     train_rows, eval_rows, sources = load_prompts(cfg.data)  # validates every row before anything starts
     baseline = cfg.reward_baseline
@@ -486,14 +450,7 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
                 "reward_baseline": baseline, "data_arg": cfg.data, "data": sources,
                 "train_prompts": len(train_rows), "eval_prompts": min(len(eval_rows), cfg.eval_prompts),
                 "launch": launch, "tty": sys.stdout.isatty(), "optimizer_steps": cfg.steps * cfg.optimizer_steps_per_round}
-    invocation = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]
-    if resume_from is None:
-        record_invocation(run_dir, invocation, resolved)
-    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
-        resolved["resume_from"] = str(resume_from)
-        write_json(run_dir / "config.json", resolved)
-        append_command(run_dir, invocation)
-        print(f"resuming {run_dir} from {resume_from.name}", flush=True)
+    record_run(run_dir, module, argv, resolved, resume_from)
     reward_desc = {"rule": "learnable rule (rlhf_overlay.data.synthetic.rule_reward)",
                    "model": f"reward model {rm_path}" + (" minus the reference's score" if baseline == "reference" else "")}[cfg.reward]
     print(f"policy ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {policy_path}\n"
@@ -511,15 +468,10 @@ def run(cfg: PPORunConfig, argv: Sequence[str] | None, module: str = "rlhf_overl
     if launch["zero_stage"] or "DEEPSPEED" in config_text:
         from rlhf_overlay.runtime.waits import check_torch_extensions
         check_torch_extensions(env["TORCH_EXTENSIONS_DIR"])  # a stale op-build lock would hang DeepSpeed silently
-    status.start(run_dir, cfg.run_kind, module, cfg.steps, resumed=resume_dir is not None)
     t0 = time.time()
-    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
-        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)  # worker: seed_launch
-    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
+    rc = start_workers(run_dir, cfg.run_kind, module, cfg.steps, resume_dir is not None, "PPO",   # worker: seed_launch
+                       lambda: worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env))
     if rc != 0:
-        print(f"error: PPO {st['state']} ({status.describe_exit(rc)[0]}); see {run_dir / 'training.log'}", file=sys.stderr)
-        if st.get("checkpoint"):
-            print(f"resume with: {st['resume_command']}", file=sys.stderr)
         return rc, run_dir
     m = json.loads((run_dir / "metrics.json").read_text())
     m["wall_seconds"] = round(time.time() - t0, 1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,18 +33,17 @@ from typing import Sequence
 from rlhf_overlay import settings
 from rlhf_overlay.errors import main_guard
 from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, tiny_model_path, write_json
+from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, RunSettings, tiny_model_path
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(RunSettings):
     arch: str = field(default="bloom", metadata={"help": "bloom | gptj | llama: picks the embedded tiny default model and the run name"})
     model: str = field(default="", metadata={"help": "base/SFT model folder or hub id (MODEL); empty = the embedded tiny model of --arch"})
     data: str = field(default="", metadata={"help": "preference JSONL file, or folder with train.jsonl [+ eval.jsonl] (DATA); empty = embedded data"})
     eval_data: str = field(default="", metadata={"help": "eval JSONL; default: DATA/eval.jsonl, else the last --eval-fraction of the training rows"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of a single DATA file held out for eval when there is no eval file"})
     output: str = field(default="", metadata={"help": "run folder (OUTPUT); empty = a new runs/rm-<arch>-<time>"})
-    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
     separator: str = field(default="\n", metadata={"help": "text put between prompt and response (the seed's '\\n')"})
     max_length: int = field(default=0, metadata={"help": "tokens per prompt+response+eos, truncated on the left; 0 = 128 tiny / 550 (seed) own model"})
     epochs: float = field(default=0.0, metadata={"help": "passes over the training pairs; 0 = 1 tiny / 2 (seed) own model"})
@@ -63,19 +61,10 @@ class RewardModelConfig:
     zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE); -1 = none on CPU, 2 on GPU; ignored with --deepspeed"})
     offload: bool = field(default=False, metadata={"help": "DeepSpeed: offload optimizer states to CPU (the seed recipe for 7B)"})
     deepspeed: str = field(default="", metadata={"help": "your own DeepSpeed JSON config (overrides --zero-stage); needs a launcher, which we start"})
-    num_processes: int = field(default=0, metadata={"help": "processes on this node (NUM_GPUS); 0 = all GPUs, or 1 on CPU"})
-    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile (`host slots=N` per line) for several nodes (HOSTFILE)"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, value-head init)"})
     allow_arch: bool = field(default=False, metadata={"help": "train a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
     checkpoint_every: int = field(default=-1, metadata={"help": "resumable checkpoint into <run>/checkpoints/step-N every N optimizer steps (CHECKPOINT_EVERY); 0 = by time only; -1 = 100 tiny / 0 own model"})
-    checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
-    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete checkpoint (RESUME); other settings default to the run's"})
     on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn on NaN/inf in the loss or gradient norm (ON_UNHEALTHY; rlhf_overlay.runtime.health); auto = warn tiny / stop own model"})
-
-    @property
-    def tiny(self) -> bool:
-        return not self.model
 
     def resolve(self) -> "RewardModelConfig":
         """Fill every `auto`/0 default (tiny default vs. the seed recipe for own models), then validate."""
@@ -92,14 +81,7 @@ class RewardModelConfig:
         c.eval_steps = c.eval_steps or (50 if t else 0)
         if c.eval_before == "auto":
             c.eval_before = "yes" if t else "no"
-        c.checkpoint_every = (100 if t else 0) if c.checkpoint_every < 0 else c.checkpoint_every
-        c.checkpoint_minutes = 30.0 if c.checkpoint_minutes < 0 else c.checkpoint_minutes
-        if c.on_unhealthy == "auto":
-            c.on_unhealthy = "warn" if t else "stop"
-        if c.on_unhealthy not in ("stop", "warn"):
-            raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={c.on_unhealthy!r}: must be stop, warn or auto")
-        from rlhf_overlay.runtime.checkpoints import validate_schedule
-        validate_schedule(c.checkpoint_every, c.checkpoint_minutes, c.keep_checkpoints)
+        c.resolve_run(checkpoint_every_tiny=100)
         c.validate()
         return c
 
@@ -131,8 +113,6 @@ class RewardModelConfig:
         if self.zero_stage not in (-1, 0, 1, 2):
             bad("zero_stage (ZERO_STAGE)", self.zero_stage, "must be 0, 1 or 2 (or empty for the default); ZeRO-3 "
                 "partitions the weights and the reward-model export does not gather them")
-        if self.num_processes < 0:
-            bad("num_processes (NUM_GPUS)", self.num_processes, "must be >= 1 (or empty for the default)")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             bad("deepspeed", self.deepspeed, "file does not exist")
         if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
@@ -143,10 +123,10 @@ class RewardModelConfig:
             if v and not Path(v).expanduser().exists():
                 bad(f"{name} (DATA)" if name == "data" else name, v, "no such file or folder — pass a .json/.jsonl "
                     "file or a folder with train.jsonl (a relative path is taken from the current folder)")
-        if self.hostfile and not Path(self.hostfile).is_file():
-            bad("hostfile (HOSTFILE)", self.hostfile, "file does not exist")
+        self.validate_run()
 
 
+MODULE = "rlhf_overlay.trlx_jobs.reward_model"
 # Settings a resume (RESUME=<run>) may change; everything else must be the run's.
 RM_MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_steps",
                  "logging_steps", "on_unhealthy"}
@@ -260,25 +240,16 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, 
     """Validate, prepare the run folder, launch the workers; `worker(run_dir)` instead runs them in this process
     (rlhf_overlay.tools.seed_launch: the seed's `deepspeed train_reward_model_*.py` started the ranks already).
     `given`: the settings set by a flag or --config file (a RESUME keeps the run's others); default: from argv."""
-    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, record_invocation, run_logged, runtime_env
+    from rlhf_overlay.runtime.runs import RunDirError, has_cuda, prepare_run_dir, run_logged, runtime_env
+    from rlhf_overlay.trlx_jobs.checkpoints import open_resume_dir, resolve_resume
     from rlhf_overlay.trlx_jobs.common import needs_hub, trainer_command
+    from rlhf_overlay.trlx_jobs.launcher import (check_ranks, record_run, refuse_under_launcher, start_workers,
+                                                 take_resume)
 
-    from rlhf_overlay.runtime import status
-    from rlhf_overlay.trlx_jobs.checkpoints import append_command, open_resume_dir, resolve_resume, resume_config
-
-    resume_dir = None
-    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        if given is None:
-            given = set(build_parser().parse_args(list(argv if argv is not None else sys.argv[1:])).settings_given)
-        cfg, resume_dir, changed = resume_config(cfg, given, RewardModelConfig, key="reward_model",
-                                                 what="a reward-model run (make rm-bloom / rm-gptj)",
-                                                 may_change=RM_MAY_CHANGE)
-        if changed:
-            print(f"resume: changed settings {', '.join(changed)}", flush=True)
+    cfg, resume_dir = take_resume(cfg, argv, given, RewardModelConfig, build_parser, key="reward_model",
+                                  what="a reward-model run (make rm-bloom / rm-gptj)", may_change=RM_MAY_CHANGE)
     cfg = cfg.resolve()
-    if os.environ.get("LOCAL_RANK") is not None and os.environ.get("RLHF_OVERLAY_WORKER") is None:
-        raise ConfigError("started under a distributed launcher: run `python -m rlhf_overlay.trlx_jobs.reward_model` (or "
-                          "`make rm-bloom`) directly; it starts its own launcher (NUM_GPUS / HOSTFILE)")
+    refuse_under_launcher(MODULE, "(or `make rm-bloom`) directly; it starts its own launcher (NUM_GPUS / HOSTFILE)")
     cuda = has_cuda()
     precision = resolve_precision(cfg.precision, cuda)
     if cfg.zero_stage < 0:
@@ -290,15 +261,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, 
         problem = deepspeed_cpu_problem(ds, f"deepspeed={cfg.deepspeed}" if cfg.deepspeed else "zero_stage")
         if problem:
             raise ConfigError(problem)
-    from rlhf_overlay.runtime.runs import rank_count_problem
-
-    problem = rank_count_problem(cfg.num_processes or None, cuda, what="num_processes (NUM_GPUS)")
-    if not problem and cfg.hostfile and not cfg.num_processes and Path(cfg.hostfile).is_file():
-        from rlhf_overlay.runtime.hostfile import local_slots_problem
-
-        problem = local_slots_problem(cfg.hostfile, cuda)
-    if problem:
-        raise ConfigError(problem)
+    check_ranks(cfg, cuda)
     if cfg.num_processes == 0:
         if cuda:
             import torch
@@ -318,7 +281,7 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, 
     train, ev, sources = load_train_eval(cfg)
     if dry_run:
         run_dir = resume_dir or Path(cfg.output or f"runs/rm-{cfg.arch}-<time>").expanduser().absolute()
-        cmd = trainer_command("rlhf_overlay.trlx_jobs.reward_model", ["--worker", str(run_dir)],
+        cmd = trainer_command(MODULE, ["--worker", str(run_dir)],
                               num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
         settings.print_dry_run(f"rm-{cfg.arch}", {
             "reward_model": dataclasses.asdict(cfg), "model_path": model_path, "precision": precision,
@@ -332,18 +295,11 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, 
         raise ConfigError(str(e)) from None
     resolved = {"reward_model": dataclasses.asdict(cfg), "model_path": model_path, "precision": precision,
                 "deepspeed_config": ds, "data": sources, "train_pairs": len(train), "eval_pairs": len(ev)}
-    invocation = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.reward_model", *(argv if argv is not None else sys.argv[1:])]
-    if resume_dir is None:
-        record_invocation(run_dir, invocation, resolved)
-    else:  # command.txt gets this invocation after the first; config.json says where the run continues from
-        resolved["resume_from"] = str(resolve_resume(run_dir))
-        write_json(run_dir / "config.json", resolved)
-        append_command(run_dir, invocation)
-        print(f"resuming {run_dir} from {Path(resolved['resume_from']).name}", flush=True)
+    record_run(run_dir, MODULE, argv, resolved, resolve_resume(run_dir) if resume_dir is not None else None)
     print(f"reward model ({cfg.arch}{', embedded tiny model' if cfg.tiny else ''}): {model_path}\n"
           f"data: {len(train)} train / {len(ev)} eval pairs (train: {sources['train']}; eval: {sources['eval']})\n"
           f"run folder: {run_dir}  (log: {run_dir / 'training.log'})", flush=True)
-    cmd = trainer_command("rlhf_overlay.trlx_jobs.reward_model", ["--worker", str(run_dir)],
+    cmd = trainer_command(MODULE, ["--worker", str(run_dir)],
                           num_processes=cfg.num_processes, deepspeed=ds is not None, hostfile=cfg.hostfile or None)
     env = runtime_env(cpu=not cuda, offline=not needs_hub(model_path))  # online only for a hub id
     env["RLHF_OVERLAY_WORKER"] = "1"
@@ -355,15 +311,9 @@ def run(cfg: RewardModelConfig, argv: Sequence[str] | None = None, worker=None, 
         from rlhf_overlay.runtime.hostfile import remote_env
 
         env = remote_env(env, run_dir)  # what the ranks that DeepSpeed's launcher starts over ssh need
-    status.start(run_dir, f"rm-{cfg.arch}", "rlhf_overlay.trlx_jobs.reward_model", None, resumed=resume_dir is not None)
-    with status.interrupt_finishes(run_dir):  # Ctrl-C: the failure line still reaches training.log and status.json
-        rc = worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env)
-    st = status.finish(run_dir, rc)   # completed, or failed / interrupted with the exit code or signal
+    rc = start_workers(run_dir, f"rm-{cfg.arch}", MODULE, None, resume_dir is not None, "reward model training",
+                       lambda: worker(run_dir) if worker is not None else run_logged(cmd, run_dir, env=env))
     if rc != 0:
-        print(f"error: reward model training {st['state']} ({status.describe_exit(rc)[0]}); see "
-              f"{run_dir / 'training.log'}", file=sys.stderr)
-        if st.get("checkpoint"):
-            print(f"resume with: {st['resume_command']}", file=sys.stderr)
         return rc
     m = json.loads((run_dir / "metrics.json").read_text())
     before = f"{m['eval_accuracy_before']:.3f} -> " if m.get("eval_accuracy_before") is not None else ""
