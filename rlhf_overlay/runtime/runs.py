@@ -238,6 +238,8 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
     long run shows progress live and the log holds the same text. Returns the exit code.
     """
     log_path = Path(run_dir) / log_name
+    from rlhf_overlay.runtime.shm import sweep
+    sweep()  # what killed runs left in /dev/shm (RAM) before this one adds its own
     with open(log_path, "ab") as log:
         header = f"$ (cd {cwd or os.getcwd()} && {shlex.join([str(c) for c in cmd])})\n".encode()
         log.write(header)
@@ -277,4 +279,7 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        return proc.wait()
+        rc = proc.wait()
+    from rlhf_overlay.runtime.shm import sweep
+    sweep()  # DeepSpeed's CPU comm leaves 69 MB of /dev/shm per rank behind (rlhf_overlay/runtime/shm.py)
+    return rc
