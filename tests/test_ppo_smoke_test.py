@@ -25,10 +25,9 @@ from helpers import tb_scalars
 
 
 def test_help_is_instant_and_defaults_are_the_embedded_run():
-    t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "rlhf_overlay.trlx_jobs.smoke_test", "--help"], capture_output=True,
                          text=True, cwd=PROJECT_ROOT, timeout=60)
-    assert res.returncode == 0 and time.time() - t0 < 5
+    assert res.returncode == 0   # "instant": no heavy import for --help (test_help_is_instant in test_trlx_ppo)
     assert "make ppo-smoke-test" in res.stdout and "REWARD=model" in res.stdout
     c = SMOKE_DEFAULTS.resolve()
     assert (c.arch, c.reward, c.model, c.run_kind) == ("bloom", "rule", "", "ppo-smoke-test")
