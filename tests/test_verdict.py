@@ -107,3 +107,12 @@ def test_trlx_run_folder_is_judged_only_for_the_tiny_default(tmp_path, capsys, s
     assert ("FAIL: ppo-bloom: the mean reward did not clearly rise" in err) == judged
     assert ("note: not judged" in out) == (not judged)
     assert json.loads((tmp_path / "metrics.json").read_text())["verdict_of_run"]["judged"] == judged
+
+
+def test_a_run_shorter_than_the_tiny_default_is_measured_not_judged():
+    bad = _steps([0.5] * 6, std=0.1, kl=0.9)                        # flat reward, KL past the bound
+    short = vd.judge(bad, window=3, tiny=True, full_length=40)
+    assert not short["judged"] and "shorter than the tiny default's 40" in short["not_judged"]
+    assert short["would_fail"] and short["failed"] == []
+    full = vd.judge(bad, window=3, tiny=True, full_length=6)
+    assert full["judged"] and full["failed"]

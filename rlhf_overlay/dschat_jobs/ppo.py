@@ -294,7 +294,8 @@ def judge_run(run_dir: Path, tiny: bool) -> int:
     tensorboard scalars, recorded in ppo_results.json; the embedded tiny default is judged by them (exit 1 naming
     what failed), a run on your own actor / critic / data only measured (rlhf_overlay.runtime.verdict)."""
     from rlhf_overlay.runtime import verdict
-    result = verdict.judge(verdict.dschat_steps(run_dir / "tensorboard"), window=3, tiny=tiny)
+    result = verdict.judge(verdict.dschat_steps(run_dir / "tensorboard"), window=3, tiny=tiny,
+                           full_length=TINY["max_steps"])
     verdict.record(run_dir / "ppo_results.json", result)
     return verdict.report(result, KIND, log=run_dir / "training.log")
 

@@ -89,13 +89,17 @@ def failures(v: dict, h: dict | None) -> list[str]:
     return out
 
 
-def judge(steps: list[dict], window: int, tiny: bool) -> dict:
+def judge(steps: list[dict], window: int, tiny: bool, full_length: int = 0) -> dict:
     """verdict + health + failures of one run. Judged: a tiny-world run (embedded model, reward and data) of at
-    least 2 * window steps (fewer leave no separate first and last steps to compare). Otherwise measured only, and
-    `not_judged` says why."""
+    least 2 * window steps (fewer leave no separate first and last steps to compare) and at least `full_length`
+    steps, the tiny default's own length (the bounds are a promise about the default run; a shortened one — a test's
+    or a user's quick try — is measured, not judged). Otherwise measured only, and `not_judged` says why."""
     v, h = verdict(steps, window), health(steps, window)
     fails = failures(v, h)
     why = ("" if len(steps) >= 2 * window else f"{len(steps)} PPO steps are too few to judge (needs >= {2 * window})")
+    if not why and len(steps) < full_length:
+        why = (f"{len(steps)} PPO steps, shorter than the tiny default's {full_length}: the bounds judge the default "
+               f"run, a shortened one is only measured")
     if not tiny:
         why = ("these bounds describe the embedded tiny world (tiny base, synthetic language, tiny reward), not a run "
                "on your own model, reward model or data")
@@ -166,12 +170,12 @@ def dschat_steps(tensorboard_dir: Path) -> list[dict]:
     return steps
 
 
-def judge_trlx_run(run_dir: Path, what: str) -> int:
+def judge_trlx_run(run_dir: Path, what: str, full_length: int = 0) -> int:
     """`make ppo-bloom` / `make ppo-gptj`: the run's three numbers and, for the tiny default (no MODEL, RM or DATA
     in its config.json), the verdict; recorded in its metrics.json. 0 = passed or not judged, 1 = failed."""
     settings = json.loads((run_dir / "config.json").read_text())["ppo"]
     m = json.loads((run_dir / "metrics.json").read_text())
     tiny = not (settings.get("model") or settings.get("rm") or settings.get("data"))
-    result = judge(m["steps"], m.get("summary_window") or settings.get("summary_window", 3), tiny)
+    result = judge(m["steps"], m.get("summary_window") or settings.get("summary_window", 3), tiny, full_length)
     record(run_dir / "metrics.json", result)
     return report(result, what, log=run_dir / "training.log", reward_line=False)

@@ -45,6 +45,9 @@ from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, RunSettings, tiny
 REWARDS = ("model", "rule")
 
 
+TINY_STEPS = 40  # PPO steps of the tiny default (ppo-bloom / ppo-gptj); the tiny-world verdict judges runs this long
+
+
 @dataclass
 class PPORunConfig(RunSettings):
     arch: str = field(default="bloom", metadata={"help": "bloom | gptj | llama: picks the embedded tiny default model and the run name"})
@@ -98,7 +101,7 @@ class PPORunConfig(RunSettings):
         """Fill every 0/-1 'auto' default (tiny default vs. the seed recipe for own models), then validate."""
         c = dataclasses.replace(self)
         t = c.tiny
-        c.steps = c.steps or (40 if t else 50)
+        c.steps = c.steps or (TINY_STEPS if t else 50)
         c.rollouts = c.rollouts or (32 if t else 128)
         c.chunk_size = c.chunk_size or (32 if t else 16)
         c.batch_size = c.batch_size or (16 if t else 4)
@@ -503,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rc == 0 and run_dir is not None:
         print_summary(run_dir)
         from rlhf_overlay.runtime.verdict import judge_trlx_run
-        rc = judge_trlx_run(run_dir, json.loads((run_dir / "config.json").read_text())["ppo"]["run_kind"])
+        rc = judge_trlx_run(run_dir, json.loads((run_dir / "config.json").read_text())["ppo"]["run_kind"],
+                            full_length=TINY_STEPS)
     return rc
 
 
