@@ -191,6 +191,30 @@ def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
     assert "arrived: 0 (" in r.stderr
 
 
+def test_deepspeed_chat_rank_that_never_arrives_is_named(dschat_dir, tiny_assets, tmp_path):
+    """DeepSpeed-Chat's step 2 as DeepSpeed's launcher starts rank 0 of 2 (patch 0019: run_checks.roll_call before
+    deepspeed.init_distributed); rank 1 never starts. Rank 0 stops after RLHF_DIST_TIMEOUT naming rank 1, instead of
+    torch's anonymous "1/2 clients joined" (the subprocess timeout would catch a hang)."""
+    import shlex
+    from rlhf_overlay.runtime.runs import free_port, runtime_env
+    dry = subprocess.run([PY, "-m", "rlhf_overlay.dschat_jobs.reward_model", "--dry-run", "--output",
+                          str(tmp_path / "run")], env=env_with(), capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    launch = shlex.split(dry.stdout.strip().splitlines()[-1])
+    step = Path(dry.stdout.strip().splitlines()[-2].split("(in ", 1)[1].rstrip(")"))
+    main_args = launch[launch.index("main.py") + 1:]
+    port = free_port()
+    env = dict(runtime_env(cpu=True), RLHF_DIST_TIMEOUT="3", WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(dschat_dir)])
+    r = subprocess.run([PY, "main.py", "--local_rank", "0", *main_args], cwd=step, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "distributed rendezvous: rank(s) 1 of 2 never arrived within 3 s (RLHF_DIST_TIMEOUT)" in r.stderr, \
+        (r.stdout + r.stderr)[-3000:]
+    assert "Traceback" not in r.stderr
+
+
 LATER_GROUP = r"""
 import os, sys, time
 import torch.distributed as dist

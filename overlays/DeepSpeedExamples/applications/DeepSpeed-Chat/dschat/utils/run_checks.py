@@ -93,6 +93,21 @@ def dist_timeout():
     return timedelta(seconds=math.ceil(seconds))
 
 
+def roll_call():
+    """Before deepspeed.init_distributed: every rank signs in at MASTER_ADDR:MASTER_PORT; a rank that has not arrived
+    within the timeout is named, with the ranks that did (rlhf_overlay.runtime.waits.roll_call, which also gives
+    DeepSpeed's later process groups the same timeout). A no-op for one process, and when rlhf-overlay is not
+    importable (upstream's script run by hand)."""
+    try:
+        from rlhf_overlay.runtime.waits import WaitTimeout, roll_call as sign_in
+    except ImportError:
+        return
+    try:
+        sign_in(dist_timeout().total_seconds())
+    except WaitTimeout as e:
+        raise SettingError(str(e)) from None
+
+
 def resolve_dtype(dtype):
     """`None` = upstream's fp16 on GPU; fp32 on CPU (fp16 training is unsupported there, and fp32 ran the tiny
     LLaMA ~2x faster than bf16 on a CPU without native bf16 matmul)."""
