@@ -58,7 +58,8 @@ def zero3_run(dschat_dir, tmp_path_factory):
     def get(kind: str, offload: bool) -> Path:
         if (kind, offload) not in done:
             out = tmp_path_factory.mktemp(f"{kind}-z3{'-offload' if offload else ''}") / "run"
-            args = ["--critic", str(get("rm", offload) / "model")] if kind == "ppo" else []
+            # 8 PPO steps (the tiny default is 40 since the LoRA-lr fix): enough to check the partitioning at ZeRO-3
+            args = ["--critic", str(get("rm", offload) / "model"), "--max-steps", "8"] if kind == "ppo" else []
             module = {"rm": "reward_model", "ppo": "ppo", "dpo": "dpo"}[kind]
             run_module(f"rlhf_overlay.dschat_jobs.{module}", out, *args, offload=offload)
             done[kind, offload] = out
