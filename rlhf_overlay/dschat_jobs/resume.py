@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from rlhf_overlay.errors import ConfigError
+from rlhf_overlay.runtime.checkpoints import check_resume_folder
 
 # Settings a resume may change; every other one must be the run's (it decides what the checkpoint means).
 # max_steps / epochs: the run may be made longer or shorter (the LR schedule then follows the new length).
@@ -71,11 +72,7 @@ def resume_config(cfg, given: set[str] | None, kind: str):
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise ConfigError(f"RESUME={cfg.resume}: not the run folder of a `make {kind}` run (no config.json with its "
                           f"settings in {run_dir})") from None
-    if cfg.overwrite:
-        raise ConfigError("RESUME and OVERWRITE=1 contradict each other: RESUME continues a run in its folder, "
-                          "OVERWRITE=1 starts a new one; pass one of them")
-    if cfg.output and Path(cfg.output).expanduser().resolve() != run_dir:
-        raise ConfigError(f"OUTPUT={cfg.output}: a resume continues in its own folder ({run_dir}); drop OUTPUT")
+    check_resume_folder(cfg, run_dir)
     given = given_fields(cfg) if given is None else set(given)
     names = {f.name for f in dataclasses.fields(cfg)}
     new = {k: v for k, v in old.items() if k in names}

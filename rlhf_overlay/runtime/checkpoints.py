@@ -171,3 +171,12 @@ def check_resume_settings(old: dict, new: dict, may_change: set[str], names: dic
                               f"resume continues the same run, so this setting cannot change (omit it to use the "
                               f"run's, or start a new run)")
     return changed
+
+
+def check_resume_folder(cfg, run_dir: Path) -> None:
+    """RESUME=<run> continues in that folder: refuse OVERWRITE=1, and an OUTPUT that names another folder."""
+    if cfg.overwrite:
+        raise ConfigError("RESUME and OVERWRITE=1 contradict each other: RESUME continues a run in its folder, "
+                          "OVERWRITE=1 starts a new one; pass one of them")
+    if cfg.output and Path(cfg.output).expanduser().resolve() != run_dir:
+        raise ConfigError(f"OUTPUT={cfg.output}: a resume continues in its own folder ({run_dir}); drop OUTPUT")

@@ -344,11 +344,8 @@ def resume_config(cfg, given, cls, key: str = "ppo", what: str = "a trlx PPO run
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"RESUME={cfg.resume}: not the run folder of {what} (no config.json with its settings in "
                           f"{run_dir})") from None
-    if cfg.overwrite:
-        raise ConfigError("RESUME and OVERWRITE=1 contradict each other: RESUME continues a run in its folder, "
-                          "OVERWRITE=1 starts a new one; pass one of them")
-    if cfg.output and Path(cfg.output).expanduser().resolve() != run_dir:
-        raise ConfigError(f"OUTPUT={cfg.output}: a resume continues in its own folder ({run_dir}); drop OUTPUT")
+    from rlhf_overlay.runtime.checkpoints import check_resume_folder
+    check_resume_folder(cfg, run_dir)
     fields = dataclasses.fields(cls)
     new = dict(old)
     for name in set(given) & {f.name for f in fields}:
