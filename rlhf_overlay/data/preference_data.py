@@ -193,7 +193,7 @@ def _take_chosen_alias(file, line, row: dict) -> bool:
 
 def _warn_alias(file, line) -> None:
     warnings.warn(f"{file}:{line}: rows use the misspelt field 'choosen' (the seed's spelling); reading it as "
-                  f"'chosen' — rename the field to 'chosen' to silence this warning", UserWarning, stacklevel=3)
+                  f"'chosen' — rename the field to 'chosen' to silence this warning", UserWarning, stacklevel=4)
 
 
 def load_preference_rows(path, split: str | None = None) -> list[dict]:
@@ -204,25 +204,14 @@ def load_preference_rows(path, split: str | None = None) -> list[dict]:
 
 def preference_rows_with_lines(path, split: str | None = None) -> list[tuple[int, dict]]:
     """load_preference_rows with the line each row starts on: [(line, row)]."""
-    file = resolve_data_file(path, split)
-    example = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
-    rows, alias_line = [], None
-    for line, value in _objects(file):
-        if not isinstance(value, dict):
-            raise _not_an_object(file, line, value, example)
-        row = dict(value)
-        if _take_chosen_alias(file, line, row) and alias_line is None:
-            alias_line = line
+    def pair(file, line, row: dict) -> dict:
         prompt, chosen, rejected = (_text_field(file, line, row, k, PREFERENCE_FIELDS) for k in PREFERENCE_FIELDS)
         if chosen.strip() == rejected.strip():
             raise _error(file, line, "'chosen' and 'rejected' are the same text",
                          "a preference pair needs two different answers: fix or drop this row")
-        rows.append((line, {"prompt": prompt, "chosen": chosen, "rejected": rejected}))
-    if alias_line is not None:
-        _warn_alias(file, alias_line)
-    if not rows:
-        raise _error(file, 1, "no rows", f"a preference file needs at least one row {example}")
-    return rows
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    return _rows_with_lines(path, split, "preference", '{"prompt": "...", "chosen": "...", "rejected": "..."}', pair)
 
 
 def load_prompt_rows(path, split: str | None = None) -> list[dict]:
@@ -233,8 +222,21 @@ def load_prompt_rows(path, split: str | None = None) -> list[dict]:
 
 def prompt_rows_with_lines(path, split: str | None = None) -> list[tuple[int, dict]]:
     """load_prompt_rows with the line each row starts on: [(line, row)]."""
+    def prompt(file, line, row: dict) -> dict:
+        out = {"prompt": _text_field(file, line, row, "prompt", ("prompt",))}
+        if row.get("reference") is not None:
+            out["reference"] = _text_field(file, line, row, "reference", ("prompt",))
+        elif "chosen" in row:
+            out["reference"] = _text_field(file, line, row, "chosen", ("prompt",))
+        return out
+
+    return _rows_with_lines(path, split, "prompt", '{"prompt": "...", "reference": "..."}', prompt)
+
+
+def _rows_with_lines(path, split: str | None, kind: str, example: str, make_row) -> list[tuple[int, dict]]:
+    """The rows of a `kind` data file, each an object turned into our row by make_row(file, line, row) (which
+    validates it), the seed's 'choosen' read as 'chosen' (one warning per file); [(line, row)], at least one."""
     file = resolve_data_file(path, split)
-    example = '{"prompt": "...", "reference": "..."}'
     rows, alias_line = [], None
     for line, value in _objects(file):
         if not isinstance(value, dict):
@@ -242,16 +244,11 @@ def prompt_rows_with_lines(path, split: str | None = None) -> list[tuple[int, di
         row = dict(value)
         if _take_chosen_alias(file, line, row) and alias_line is None:
             alias_line = line
-        out = {"prompt": _text_field(file, line, row, "prompt", ("prompt",))}
-        if row.get("reference") is not None:
-            out["reference"] = _text_field(file, line, row, "reference", ("prompt",))
-        elif "chosen" in row:
-            out["reference"] = _text_field(file, line, row, "chosen", ("prompt",))
-        rows.append((line, out))
+        rows.append((line, make_row(file, line, row)))
     if alias_line is not None:
         _warn_alias(file, alias_line)
     if not rows:
-        raise _error(file, 1, "no rows", f"a prompt file needs at least one row {example}")
+        raise _error(file, 1, "no rows", f"a {kind} file needs at least one row {example}")
     return rows
 
 
