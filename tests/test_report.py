@@ -119,3 +119,30 @@ def test_smoke_test_ends_with_a_report_showing_reward_rising(trlx_dir, tiny_asse
     assert row, (out / "summary.md").read_text()[:2000]
     points, start, end = int(row.group(1)), float(row.group(2)), float(row.group(3))
     assert points >= 20 and end > start + 0.1, (points, start, end)
+
+
+def test_run_sh_reports_a_completed_run_also_when_the_job_fails_after_it(tmp_path):
+    """training_scripts/run.sh writes report.png + summary.md into every run folder whose training completed, also
+    when the job then exits non-zero (a PPO run that failed its tiny-world verdict exits 1 after a finished run),
+    and keeps the job's exit code; a run that did not complete (crashed, status failed) gets no report."""
+    import os
+    import shutil
+
+    from rlhf_overlay import PROJECT_ROOT
+    scripts = tmp_path / "project" / "training_scripts"   # run.sh + lib.sh beside a stand-in job script
+    scripts.mkdir(parents=True)
+    for name in ("run.sh", "lib.sh"):
+        shutil.copy(PROJECT_ROOT / "training_scripts" / name, scripts / name)
+    done, crashed = _fake_run(tmp_path / "done"), _fake_run(tmp_path / "crashed")
+    (done / "status.json").write_text(json.dumps({"state": "completed", "exit_code": 0}))
+    (crashed / "status.json").write_text(json.dumps({"state": "failed", "exit_code": 1}))
+    (scripts / "verdict_fails.sh").write_text(
+        f'printf "%s\\n" "{done}" "{crashed}" >> "$RLHF_OVERLAY_RUN_DIRS_FILE"\n'
+        'echo "FAIL: no clear rise" >&2\nexit 1\n')
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(PROJECT_ROOT))
+    res = subprocess.run(["bash", str(scripts / "run.sh"), "verdict_fails"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"report: wrote {done}/report.png" in res.stdout, res.stdout + res.stderr
+    assert (done / "report.png").is_file() and "| ppo/reward_mean | 5 |" in (done / "summary.md").read_text()
+    assert not (crashed / "report.png").exists() and not (crashed / "summary.md").exists()

@@ -230,6 +230,26 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None, max_panels: 
     return png, md
 
 
+def report_job_runs(run_dirs_file: Path, job_rc: int) -> None:
+    """report.png + summary.md for every top-level run folder a job made (listed one a line in `run_dirs_file` by
+    rlhf_overlay.runtime.runs; a folder inside another one is part of that one's report): training_scripts/run.sh
+    and the seed's commands call this after the job. After a job that failed (job_rc != 0) only folders whose
+    training completed (status.json `completed`: e.g. a PPO run that finished but failed its tiny-world verdict,
+    exit 1) are reported; a crashed or interrupted run is not. A folder without event files is skipped."""
+    from rlhf_overlay.runtime.status import read_status
+
+    dirs = sorted({line.strip() for line in Path(run_dirs_file).read_text().splitlines() if line.strip()})
+    for d in dirs:
+        if any(d != o and d.startswith(o + os.sep) for o in dirs) or not Path(d).is_dir():
+            continue
+        if job_rc != 0 and (read_status(Path(d)) or {}).get("state") != "completed":
+            continue
+        if next(Path(d).rglob("events.out.tfevents.*"), None) is not None:
+            if main([d]) != 0:
+                print(f"warning: the run {'succeeded' if job_rc == 0 else 'finished'} but its report could not be "
+                      f"written (see above)", file=sys.stderr)
+
+
 @dataclass
 class ReportConfig:
     runs: list[str] = field(default_factory=list, metadata={"help": "run folder(s); several are overlaid panel by "
@@ -237,6 +257,10 @@ class ReportConfig:
     out: str = field(default="", metadata={"help": "output folder (default: the run folder for one run, "
                                                    "runs/compare-<time> for several)"})
     max_panels: int = field(default=MAX_PANELS, metadata={"help": "most panels to draw"})
+    after_job: str = field(default="", metadata={"help": "instead of RUN: report the run folders a job made, listed "
+                                                         "in this file (training_scripts/run.sh)"})
+    job_exit_code: int = field(default=0, metadata={"help": "with --after-job: the job's exit code (after a failed "
+                                                            "job only folders whose training completed)"})
 
 
 def build_parser() -> settings.SettingsParser:
@@ -247,6 +271,9 @@ def build_parser() -> settings.SettingsParser:
 @main_guard
 def main(argv=None) -> int:
     args = settings.config_from_args(ReportConfig, build_parser().parse_args(argv))
+    if args.after_job:
+        report_job_runs(Path(args.after_job), args.job_exit_code)
+        return 0
     png, md = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.max_panels)
     for r in args.runs:
         state = status_line(Path(r))

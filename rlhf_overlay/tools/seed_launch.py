@@ -403,19 +403,6 @@ def launcher_hidden():
         os.environ.update(saved)
 
 
-def announce_reports(run_dirs_file: Path) -> None:
-    """report.png + summary.md for every top-level run folder the job made (as training_scripts/run.sh)."""
-    from rlhf_overlay.tools.report import main as report_main
-
-    dirs = sorted({line.strip() for line in run_dirs_file.read_text().splitlines() if line.strip()})
-    for d in dirs:
-        if any(d != o and d.startswith(o + os.sep) for o in dirs) or not Path(d).is_dir():
-            continue
-        if next(Path(d).rglob("events.out.tfevents.*"), None) is not None:
-            if report_main([d]) != 0:
-                print("warning: the run succeeded but its report could not be written (see above)", file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def _worker_fn(seed: Seed) -> Callable[[Path], int]:
     if seed.module == "rlhf_overlay.trlx_jobs.reward_model":
@@ -479,8 +466,9 @@ def seed_main(name: str, script: str, argv: Sequence[str] | None = None) -> int:
             rc = _run_entry(seed, flags)
         else:
             rc = _as_rank(seed, script, flags, ranks, cuda)
-        if rc == 0 and reports:
-            announce_reports(Path(reports))
+        if reports:
+            from rlhf_overlay.tools.report import report_job_runs
+            report_job_runs(Path(reports), rc)
         return rc
     finally:
         if reports:
