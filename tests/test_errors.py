@@ -81,6 +81,7 @@ ENTRY_MODULES = [
      "RLHF_LOCK_TIMEOUT='abc'"),
     ("rlhf_overlay.engine.hub_standins", [], ["--texts-from", "/nonexistent/test_x.py"], "no such file"),
     ("rlhf_overlay.data.preference_data", ["prefs.jsonl"], ["/nonexistent/prefs"], "no such file or folder"),
+    ("rlhf_overlay.data.tiny_assets", [], ["--out", "/proc/no-such/assets"], "cannot create the assets folder"),
     ("rlhf_overlay.runtime.hostfile", ["accelerate-config", "--hostfile", "h", "--out", "o"],
      ["accelerate-config", "--hostfile", "/nonexistent/hosts", "--out", "o"], "HOSTFILE=/nonexistent/hosts"),
     ("rlhf_overlay.engine.upstream_tests", [], ["--suite", "nope", "--out", "out"], "--suite nope: unknown suite"),

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rlhf_overlay.data import synthetic
-from rlhf_overlay.errors import UserError
+from rlhf_overlay.errors import ArgumentParser, UserError, main_guard
 
 # Bump when a builder below changes what it writes: the stamp only knows settings and versions, so without a
 # bump existing assets/ folders keep the old output. 2: LLaMA tokenizer legacy=True, add_prefix_space=True.
@@ -553,7 +553,7 @@ def ensure_tiny_assets(out_dir: str | os.PathLike | None = None, force: bool = F
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rlhf_overlay.data.tiny_assets", description=__doc__,
+    p = ArgumentParser(prog="python -m rlhf_overlay.data.tiny_assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", default=None,
                    help="assets folder (default: $RLHF_OVERLAY_ASSETS or <repo>/assets)")
@@ -564,17 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@main_guard   # AssetsError (an edit a rebuild would overwrite, a folder it cannot write) or a bad flag -> `error: ...`, 2
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Building never needs the hub; make sure nothing below tries.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
-    try:
-        root = ensure_tiny_assets(args.out, force=args.force, random_init=args.random_init)
-    except AssetsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    root = ensure_tiny_assets(args.out, force=args.force, random_init=args.random_init)
     stamp = _read_stamp(root)
     print(f"{root}  ({time.perf_counter() - t0:.1f}s)")
     for name, entry in sorted(stamp["parts"].items()):
