@@ -505,8 +505,8 @@ def test_target_inside_source_is_refused(hf_models, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- entry points
-def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd: list, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300, **kwargs)
 
 
@@ -519,6 +519,28 @@ def test_cli_help_shows_examples_without_importing_torch():
     probe = run([sys.executable, "-c", "import sys, toolkits.megatron_hf.convert as c; c.build_parser(); "
                  "print('torch' in sys.modules)"], cwd=PROJECT_ROOT)
     assert probe.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv, words", [(["mg2hf", "--model", "llama2", "--source", "s", "--target", "t", "--nope"],
+                                          ["unrecognized arguments: --nope"]),
+                                         (["hf2mg", "--model", "bloom", "--source", "s", "--target", "t", "--tp", "x"],
+                                          ["--tp: invalid int value: 'x'", "hf2mg --help"]),
+                                         (["mg2hf"], ["required: --model, --source, --target"]),
+                                         ([], ["required: {mg2hf,hf2mg}"])])
+def test_a_bad_command_line_is_one_error_line_exit_2(argv, words, tmp_path):
+    """As for every entry module of the project (rlhf_overlay.errors): one `error:` line, exit 2, no usage block,
+    nothing created; the converter and the seed's wrappers alike."""
+    res = run([sys.executable, "-m", "toolkits.megatron_hf.convert", *argv], cwd=tmp_path,
+              env_extra={"PYTHONPATH": str(PROJECT_ROOT)})
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert all(w in res.stderr for w in words) and res.stdout == "" and not any(tmp_path.iterdir()), res.stderr
+
+
+@pytest.mark.parametrize("wrapper, n", [("LLAMA_WRAPPER", 8), ("BLOOM_WRAPPER", 6)])
+def test_wrappers_with_too_few_arguments_say_so_in_one_error_line(wrapper, n):
+    res = run(["bash", globals()[wrapper], "only-one-argument"])
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"needs at least {n} arguments" in res.stderr and "got 1" in res.stderr
 
 
 # every shell script of the project: setup.sh, the make targets' scripts, the converter wrappers, CI's entry
@@ -567,8 +589,6 @@ def test_bloom_wrapper_and_make_target(hf_models, tmp_path):
                  f"TARGET={tmp_path / 'hf'}"])
     assert to_hf.returncode == 0, to_hf.stderr
     assert_same_tensors(hf_tensors(source), hf_tensors(tmp_path / "hf"))
-    usage = run(["bash", BLOOM_WRAPPER, "only-one-argument"])
-    assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
 def test_make_help_lists_the_converter_targets():

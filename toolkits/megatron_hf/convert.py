@@ -28,14 +28,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from toolkits.megatron_hf.errors import ArgumentParser, ConversionError
+
 FAMILIES = ("llama2", "bloom")
 ALIASES = {"llama": "llama2", "llama3": "llama2", "qwen2": "llama2"}  # one LLaMA-family converter
 DTYPES = ("fp32", "fp16", "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m toolkits.megatron_hf.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m toolkits.megatron_hf.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="direction", required=True, metavar="{mg2hf,hf2mg}")
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -107,11 +109,14 @@ def release_freed_memory_promptly() -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConversionError as exc:   # a bad command line: one line, like any other bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import torch  # heavy imports here so that --help is instant
 
     from toolkits.megatron_hf import bloom, llama2
-    from toolkits.megatron_hf.errors import ConversionError
     from toolkits.megatron_hf.hf_format import DTYPE_NAMES, parse_size
 
     family = ALIASES.get(args.model, args.model)

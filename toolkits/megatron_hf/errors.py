@@ -5,8 +5,20 @@ it without a traceback and exits with status 2.
 """
 
 
+import argparse
+
+
 class ConversionError(Exception):
     """Input that cannot be converted as asked (missing ranks, shapes that do not fit, unsafe pickles, ...)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose command-line errors (unknown flag, missing argument, bad value) are ConversionError, printed
+    by the CLI as one `error:` line with exit status 2 like any other bad input, instead of argparse's usage block.
+    Subparsers made with add_subparsers() are of this class too."""
+
+    def error(self, message: str):
+        raise ConversionError(f"{message} (see `{self.prog} --help`)")
 
 
 def note(message: str) -> None:

@@ -11,7 +11,7 @@
 # e.g. --overwrite, --tokenizer DIR, --vocab-size N (see its --help).
 set -euo pipefail
 if [[ $# -lt 6 ]]; then
-    echo "usage: $0 MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]" >&2
+    echo "error: $0 needs at least 6 arguments (MEGATRON_PATH SOURCE TARGET TP PP MG2HF [convert flags...]), got $#; see the comment at its top" >&2
     exit 2
 fi
 # shellcheck source=../common.sh

@@ -12,7 +12,7 @@
 # --overwrite, --tokenizer DIR, --dtype bf16 (see its --help).
 set -euo pipefail
 if [[ $# -lt 8 ]]; then
-    echo "usage: $0 MEGATRON_PATH SOURCE TARGET TP PP MODEL_NAME EXTRA_VOCAB_SIZE MG2HF [convert flags...]" >&2
+    echo "error: $0 needs at least 8 arguments (MEGATRON_PATH SOURCE TARGET TP PP MODEL_NAME EXTRA_VOCAB_SIZE MG2HF [convert flags...]), got $#; see the comment at its top" >&2
     exit 2
 fi
 # shellcheck source=../common.sh
