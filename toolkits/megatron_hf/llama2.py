@@ -251,30 +251,21 @@ def _megatron_rope_scaling(scaling: dict | None) -> dict | None:
 
 # ----------------------------------------------------------------------------- configs written
 def hf_config(d: ModelDims, dtype: torch.dtype) -> dict:
-    if d.qkv_bias:  # Qwen2: the only LLaMA-family HF model with bias on q/k/v alone
-        return {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": d.hidden_size, "intermediate_size": d.ffn_hidden_size,
-            "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
-            "num_key_value_heads": d.num_query_groups, "hidden_act": "silu",
-            "max_position_embeddings": d.max_position_embeddings, "rms_norm_eps": d.norm_epsilon,
-            "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling, "attention_dropout": 0.0,
-            "use_sliding_window": False, "sliding_window": d.max_position_embeddings,
-            "max_window_layers": d.num_layers, "initializer_range": 0.02, "use_cache": True,
-            "vocab_size": d.hf_vocab_size, "tie_word_embeddings": d.tie_word_embeddings,
-            "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    shared = {
         "hidden_size": d.hidden_size, "intermediate_size": d.ffn_hidden_size,
         "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_attention_heads,
         "num_key_value_heads": d.num_query_groups, "hidden_act": "silu",
         "max_position_embeddings": d.max_position_embeddings, "rms_norm_eps": d.norm_epsilon,
-        "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling, "attention_bias": False, "attention_dropout": 0.0,
-        "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
+        "rope_theta": d.rope_theta, "rope_scaling": d.rope_scaling, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True,
         "vocab_size": d.hf_vocab_size, "tie_word_embeddings": d.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."), **d.special_tokens(),
     }
+    if d.qkv_bias:  # Qwen2: the only LLaMA-family HF model with bias on q/k/v alone
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **shared, "use_sliding_window": False,
+                "sliding_window": d.max_position_embeddings, "max_window_layers": d.num_layers}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared, "attention_bias": False,
+            "mlp_bias": False, "pretraining_tp": 1}
 
 
 def megatron_args(d: ModelDims) -> dict:
