@@ -24,20 +24,22 @@ def causal_lm(tiny_assets: Path, out: Path, arch: str = "llama") -> Path:
     return out
 
 
-def dschat_actor(tiny_assets: Path, out: Path) -> Path:
+def _dschat_folder(tiny_assets: Path, out: Path, weights: dict) -> Path:
+    """A DeepSpeed-Chat save_hf_format folder: the tiny LLaMA's config.json + pytorch_model.bin with these keys."""
     out.mkdir(parents=True)
     shutil.copy(tiny_assets / "models" / "tiny-llama" / "config.json", out / "config.json")
-    torch.save({"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)},
-               out / "pytorch_model.bin")
+    torch.save(weights, out / "pytorch_model.bin")
     return out
+
+
+def dschat_actor(tiny_assets: Path, out: Path) -> Path:
+    return _dschat_folder(tiny_assets, out, {"model.embed_tokens.weight": torch.zeros(4, 2),
+                                             "lm_head.weight": torch.zeros(4, 2)})
 
 
 def dschat_critic(tiny_assets: Path, out: Path) -> Path:
-    out.mkdir(parents=True)
-    shutil.copy(tiny_assets / "models" / "tiny-llama" / "config.json", out / "config.json")
-    torch.save({"rwtransformer.embed_tokens.weight": torch.zeros(4, 2), "v_head.weight": torch.zeros(1, 2)},
-               out / "pytorch_model.bin")
-    return out
+    return _dschat_folder(tiny_assets, out, {"rwtransformer.embed_tokens.weight": torch.zeros(4, 2),
+                                             "v_head.weight": torch.zeros(1, 2)})
 
 
 def trlx_rm(tiny_assets: Path, out: Path) -> Path:

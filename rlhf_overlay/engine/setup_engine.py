@@ -147,20 +147,14 @@ def collect_overlays(name: str, overlays_root: Path | None = None) -> OverlaySet
 def check_overlay_digests(spec: UpstreamSpec, ov: OverlaySet, lock_path: Path) -> list[str]:
     """Differences between overlays/<name>/ and the digests in the lock (empty = all recorded)."""
     problems = []
-    for rel, f in ov.files.items():
-        rec = spec.overlays.get(rel)
-        actual = sha256_file(f)
-        if rec is None:
-            problems.append(f"overlay {f} is not recorded in {lock_path}")
-        elif rec.sha256 != actual:
-            problems.append(f"overlay {f}: sha256 expected {rec.sha256} (lock), actual {actual}")
-    for pname, pfile in ov.patches:
-        rec = spec.patches.get(pname)
-        actual = sha256_file(pfile)
-        if rec is None:
-            problems.append(f"patch {pfile} is not recorded in {lock_path}")
-        elif rec.sha256 != actual:
-            problems.append(f"patch {pfile}: sha256 expected {rec.sha256} (lock), actual {actual}")
+    for kind, files, recorded in (("overlay", ov.files.items(), spec.overlays), ("patch", ov.patches, spec.patches)):
+        for name, f in files:
+            rec = recorded.get(name)
+            actual = sha256_file(f)
+            if rec is None:
+                problems.append(f"{kind} {f} is not recorded in {lock_path}")
+            elif rec.sha256 != actual:
+                problems.append(f"{kind} {f}: sha256 expected {rec.sha256} (lock), actual {actual}")
     for rel in sorted(set(spec.overlays) - set(ov.files)):
         problems.append(f"{lock_path} records overlay {rel} but overlays/{spec.name}/{rel} does not exist")
     for pname in sorted(set(spec.patches) - {p for p, _ in ov.patches}):
