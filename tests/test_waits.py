@@ -10,6 +10,7 @@ Bounds below are generous "finished at all" limits (subprocess timeouts), not ti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -177,14 +179,19 @@ print("process group ready", flush=True)
 """
 
 
-def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
+def two_ranks(tmp_path: Path, worker: str, timeout: int) -> subprocess.CompletedProcess:
+    """`worker` (python source) as 2 CPU ranks under torchrun, RLHF_DIST_TIMEOUT=3 s."""
+    from rlhf_overlay.runtime.runs import free_port
     script = tmp_path / "worker.py"
-    script.write_text(NEVER_JOINS)
-    from rlhf_overlay.trlx_jobs.common import free_port
+    script.write_text(worker)
     cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(script)]
-    r = subprocess.run(cmd, env=env_with(RLHF_DIST_TIMEOUT=3, CUDA_VISIBLE_DEVICES=""), capture_output=True,
-                       text=True, timeout=300)
+    return subprocess.run(cmd, env=env_with(RLHF_DIST_TIMEOUT=3, CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_rank_that_never_joins_is_named_within_the_timeout(tmp_path):
+    r = two_ranks(tmp_path, NEVER_JOINS, timeout=300)
     assert r.returncode != 0 and "process group ready" not in r.stdout
     assert "distributed rendezvous: rank(s) 1 of 2 never arrived within 3 s (RLHF_DIST_TIMEOUT)" in r.stderr, \
         r.stderr[-3000:]
@@ -237,13 +244,7 @@ def test_a_group_made_after_the_roll_call_is_bounded_too(tmp_path):
     """DeepSpeed's own groups (new_group without a timeout) wait RLHF_DIST_TIMEOUT for a hung peer, not torch's
     30-minute default: rank 0 gives up on its own while rank 1 is still asleep (the subprocess timeout would
     catch a hang)."""
-    script = tmp_path / "worker.py"
-    script.write_text(LATER_GROUP)
-    from rlhf_overlay.trlx_jobs.common import free_port
-    cmd = [PY, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(script)]
-    r = subprocess.run(cmd, env=env_with(RLHF_DIST_TIMEOUT=3, CUDA_VISIBLE_DEVICES=""), capture_output=True,
-                       text=True, timeout=240)
+    r = two_ranks(tmp_path, LATER_GROUP, timeout=240)
     assert "later group gave up:" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert "Timed out waiting 3000ms" in r.stdout, "the group's own timeout is RLHF_DIST_TIMEOUT (3 s)"
     assert "barrier passed" not in r.stdout
@@ -280,17 +281,25 @@ sys.stdin.readline()
 """
 
 
-def test_run_folder_in_use_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
-    out = tmp_path / "run"
-    holder = subprocess.Popen([PY, "-c", HOLD_RUN_DIR, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env_with())
+@contextlib.contextmanager
+def holding(script: str, arg) -> Iterator[subprocess.Popen]:
+    """A process that runs `script` (it takes a lock on `arg`, prints `holding`, waits), once it holds the lock;
+    SIGKILLed at the end of the block, so what it held is freed only by its death."""
+    holder = subprocess.Popen([PY, "-c", script, str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env_with())
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(runs.RunDirError, match=rf"is in use by a running job \(pid {holder.pid} \("):
-            runs.prepare_run_dir("test", output=out, overwrite=True)
+        yield holder
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_run_folder_in_use_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_path):
+    out = tmp_path / "run"
+    with holding(HOLD_RUN_DIR, out) as holder:
+        with pytest.raises(runs.RunDirError, match=rf"is in use by a running job \(pid {holder.pid} \("):
+            runs.prepare_run_dir("test", output=out, overwrite=True)
     assert runs.prepare_run_dir("test", output=out) == out.resolve()   # dead holder: nothing stale to clean
     runs.unlock_run_dir(out.resolve())
 
@@ -350,18 +359,12 @@ sys.stdin.readline()
 
 def test_our_lock_names_its_live_holder_and_gives_up_at_the_limit(tmp_path):
     path = tmp_path / ".build.lock"
-    holder = subprocess.Popen([PY, "-c", HOLD_FLOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env_with())
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with holding(HOLD_FLOCK, path) as holder:
         import io
         log = io.StringIO()
         with open(path, "a+") as f, pytest.raises(waits.WaitTimeout, match=rf"held by pid {holder.pid} on "):
             waits.acquire_flock(f, "the tiny-asset build lock", timeout=1, log=log)
         assert log.getvalue().startswith(f"waiting for the tiny-asset build lock (held by pid {holder.pid}")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     with open(path, "a+") as f:
         waits.acquire_flock(f, "the tiny-asset build lock", timeout=1)   # the kernel dropped the dead holder's lock
 
@@ -369,16 +372,10 @@ def test_our_lock_names_its_live_holder_and_gives_up_at_the_limit(tmp_path):
 def test_tiny_asset_build_waits_for_a_live_builder_then_stops_naming_it(tmp_path, monkeypatch):
     from rlhf_overlay.data.tiny_assets import LOCK_FILE, AssetsError, ensure_tiny_assets
     tmp_path.mkdir(exist_ok=True)
-    holder = subprocess.Popen([PY, "-c", HOLD_FLOCK, str(tmp_path / LOCK_FILE)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env_with())
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with holding(HOLD_FLOCK, tmp_path / LOCK_FILE) as holder:
         monkeypatch.setenv("RLHF_LOCK_TIMEOUT", "1")
         with pytest.raises(AssetsError, match=rf"tiny-asset build lock .* \(held by pid {holder.pid} on "):
             ensure_tiny_assets(tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]   # nothing was built while it waited
 
 
@@ -415,13 +412,9 @@ def test_hf_datasets_cache_lock_is_a_kernel_lock_that_dies_with_its_holder(tmp_p
     from filelock import Timeout, UnixFileLock
     assert issubclass(FileLock, UnixFileLock)
     path = str(tmp_path / "cache_builder.lock")
-    holder = subprocess.Popen([PY, "-c", HOLD_DATASETS_LOCK, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=env_with())
-    assert holder.stdout.readline().strip() == "holding"
-    with pytest.raises(Timeout):
-        FileLock(path, timeout=0.5).acquire()
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    with holding(HOLD_DATASETS_LOCK, path):
+        with pytest.raises(Timeout):
+            FileLock(path, timeout=0.5).acquire()
     lock = FileLock(path, timeout=5)
     lock.acquire()                                   # the file is still there, the lock is not
     lock.release()
