@@ -113,8 +113,7 @@ def write_jsonfile_data(dschat: Path, source_folder: Path) -> None:
 
 
 def timed_run(dschat: Path, step_folder: str, args: list[str], work: Path, label: str) -> dict:
-    from rlhf_overlay.dschat_jobs.reward_model import free_port
-    from rlhf_overlay.runtime.runs import runtime_env
+    from rlhf_overlay.runtime.runs import free_port, runtime_env
     env = runtime_env(cpu=True)
     stub = work / "stub"
     stub.mkdir(exist_ok=True)
@@ -137,6 +136,22 @@ def timed_run(dschat: Path, step_folder: str, args: list[str], work: Path, label
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     return {"label": label, "steps": len(stamps), "median_step_s": statistics.median(intervals),
             "mean_step_s": statistics.fmean(intervals), "median_cpu_step_s": statistics.median(cpu), "wall_s": wall}
+
+
+def ours_and_upstream(kind: str, step_folder: str, data: Path, common: list[str], reps: int, ours: Path,
+                      upstream: Path, work: Path) -> dict[str, list[dict]]:
+    """`reps` timed runs of each side, alternating (upstream first): the same arguments, each side's data format
+    (ours reads the JSONL folder, upstream local/jsonfile). {"<kind>_ours": [...], "<kind>_upstream": [...]}."""
+    results: dict[str, list[dict]] = {f"{kind}_ours": [], f"{kind}_upstream": []}
+    for rep in range(reps):
+        write_jsonfile_data(upstream, data)
+        for side, short, tree, data_path in (("upstream", "up", upstream, "local/jsonfile"),
+                                             ("ours", "ours", ours, str(data))):
+            results[f"{kind}_{side}"].append(timed_run(
+                tree, step_folder, ["--data_path", data_path, *common, "--data_output_path",
+                                    str(work / f"data-{short}-{kind}-{rep}"), "--output_dir",
+                                    str(work / f"{kind}-{short}-{rep}")], work, f"{kind}-{side}-{rep}"))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,19 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                      "--per_device_eval_batch_size", "8", "--max_seq_len", "48", "--learning_rate", "5e-4",
                      "--num_padding_at_beginning", "0", "--dtype", "bf16", "--zero_stage", "0", "--eval_iters", "2",
                      "--deepspeed", "--seed", "1234"]
-        results: dict[str, list[dict]] = {"rm_ours": [], "rm_upstream": [], "ppo_ours": [], "ppo_upstream": []}
+        results = ours_and_upstream("rm", "training/step2_reward_model_finetuning", preference, rm_common, a.reps,
+                                    ours, upstream, work)
         rm_dir = work / "rm-ours-0"
-        for rep in range(a.reps):
-            write_jsonfile_data(upstream, preference)
-            results["rm_upstream"].append(timed_run(
-                upstream, "training/step2_reward_model_finetuning",
-                ["--data_path", "local/jsonfile", *rm_common, "--data_output_path", str(work / f"data-up-rm-{rep}"),
-                 "--output_dir", str(work / f"rm-up-{rep}")], work, f"rm-upstream-{rep}"))
-            results["rm_ours"].append(timed_run(
-                ours, "training/step2_reward_model_finetuning",
-                ["--data_path", str(preference), *rm_common, "--data_output_path",
-                 str(work / f"data-ours-rm-{rep}"), "--output_dir", str(work / f"rm-ours-{rep}")],
-                work, f"rm-ours-{rep}"))
         ppo_common = ["--data_split", "0,0,1", "--actor_model_name_or_path", str(model),
                       "--critic_model_name_or_path", str(rm_dir), "--num_padding_at_beginning", "0",
                       "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
@@ -194,17 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--critic_lora_dim", "8", "--actor_lora_module_name", "layers.",
                       "--critic_lora_module_name", "layers.", "--only_optimize_lora", "--num_warmup_steps", "0",
                       "--enable_test_mode", "--test_stop_step", str(a.ppo_steps), "--deepspeed", "--seed", "1234"]
-        for rep in range(a.reps):
-            write_jsonfile_data(upstream, prompts)
-            results["ppo_upstream"].append(timed_run(
-                upstream, "training/step3_rlhf_finetuning",
-                ["--data_path", "local/jsonfile", *ppo_common, "--data_output_path", str(work / f"data-up-ppo-{rep}"),
-                 "--output_dir", str(work / f"ppo-up-{rep}")], work, f"ppo-upstream-{rep}"))
-            results["ppo_ours"].append(timed_run(
-                ours, "training/step3_rlhf_finetuning",
-                ["--data_path", str(prompts), *ppo_common, "--data_output_path",
-                 str(work / f"data-ours-ppo-{rep}"), "--output_dir", str(work / f"ppo-ours-{rep}")],
-                work, f"ppo-ours-{rep}"))
+        results.update(ours_and_upstream("ppo", "training/step3_rlhf_finetuning", prompts, ppo_common, a.reps,
+                                         ours, upstream, work))
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
