@@ -17,10 +17,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NoReturn, Sequence
 
 from rlhf_overlay import PROJECT_ROOT
-from rlhf_overlay.paths import trlx_dir
+from rlhf_overlay.paths import looks_local, trlx_dir
 from rlhf_overlay.errors import ConfigError, UserError  # ConfigError is re-exported for the entry modules
 from rlhf_overlay.runtime.runs import free_port  # noqa: F401  (re-exported: launch commands, seed_launch, tests)
 
@@ -92,10 +92,16 @@ def import_trlx():
 
 
 # ----------------------------------------------------------------------------------------------- settings
+def bad(name: str, value, why: str) -> NoReturn:
+    """Refuse one setting: `name=value: why` (printed as one `error:` line, exit 2)."""
+    raise ConfigError(f"{name}={value!r}: {why}")
+
+
 @dataclass
 class RunSettings:
     """The settings both trlx jobs (reward_model, ppo) take alike: the run folder, checkpoints and RESUME, ranks.
-    Each job's config dataclass adds its own (listed first by --help) and calls resolve_run/validate_run."""
+    Each job's config dataclass adds its own (listed first by --help; it declares `arch` and `model`) and calls
+    resolve_run, check_arch, check_inputs and validate_run."""
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty OUTPUT (OVERWRITE=1)"})
     checkpoint_minutes: float = field(default=-1.0, metadata={"help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES); 0 = by steps only; -1 = 30"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first (KEEP_CHECKPOINTS)"})
@@ -121,6 +127,21 @@ class RunSettings:
         if self.on_unhealthy not in ("stop", "warn"):
             raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={self.on_unhealthy!r}: must be stop, warn or auto")
         validate_schedule(self.checkpoint_every, self.checkpoint_minutes, self.keep_checkpoints)
+
+    def check_arch(self) -> None:
+        if self.arch not in ARCHES:
+            bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
+
+    def check_inputs(self, *data_fields: str) -> None:
+        """MODEL is an existing folder or a hub id; each of `data_fields` (DATA, eval data) is empty or exists."""
+        if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
+            bad("model (MODEL)", self.model, "no such folder — give a model folder, a run folder holding one, or a hub "
+                "id such as bigscience/bloom-560m (a relative path is taken from the current folder)")
+        for name in data_fields:
+            v = getattr(self, name)
+            if v and not Path(v).expanduser().exists():
+                bad(f"{name} (DATA)" if name == "data" else name, v, "no such file or folder — pass a .json/.jsonl "
+                    "file or a folder with train.jsonl (a relative path is taken from the current folder)")
 
     def validate_run(self) -> None:
         if self.num_processes < 0:

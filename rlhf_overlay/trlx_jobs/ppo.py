@@ -39,8 +39,7 @@ from typing import Sequence
 
 from rlhf_overlay import settings
 from rlhf_overlay.errors import UsageError, main_guard
-from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, RunSettings, tiny_model_path, write_json
+from rlhf_overlay.trlx_jobs.common import ConfigError, RunSettings, bad, tiny_model_path, write_json
 
 REWARDS = ("model", "rule")
 
@@ -122,17 +121,8 @@ class PPORunConfig(RunSettings):
         return c
 
     def validate(self) -> None:
-        def bad(name, value, why):
-            raise ConfigError(f"{name}={value!r}: {why}")
-
-        if self.arch not in ARCHES:
-            bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
-        if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
-            bad("model (MODEL)", self.model, "no such folder — give a model folder, a run folder holding one, or a hub "
-                "id such as bigscience/bloom-560m (a relative path is taken from the current folder)")
-        if self.data and not Path(self.data).expanduser().exists():
-            bad("data (DATA)", self.data, "no such file or folder — pass a .json/.jsonl file or a folder with "
-                "train.jsonl (a relative path is taken from the current folder)")
+        self.check_arch()
+        self.check_inputs("data")
         if self.reward not in REWARDS:
             bad("reward (REWARD)", self.reward, "must be `model` (a reward model) or `rule` (the learnable rule)")
         if self.normalize_reward not in ("auto", "running", "none"):

@@ -32,8 +32,7 @@ from typing import Sequence
 
 from rlhf_overlay import settings
 from rlhf_overlay.errors import main_guard
-from rlhf_overlay.paths import looks_local
-from rlhf_overlay.trlx_jobs.common import ARCHES, ConfigError, RunSettings, tiny_model_path
+from rlhf_overlay.trlx_jobs.common import ConfigError, RunSettings, bad, tiny_model_path
 
 
 @dataclass
@@ -86,11 +85,7 @@ class RewardModelConfig(RunSettings):
         return c
 
     def validate(self) -> None:
-        def bad(name, value, why):
-            raise ConfigError(f"{name}={value!r}: {why}")
-
-        if self.arch not in ARCHES:
-            bad("arch", self.arch, f"must be one of {', '.join(ARCHES)}")
+        self.check_arch()
         if self.max_length < 8:
             bad("max_length", self.max_length, "must be >= 8 tokens")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -115,14 +110,7 @@ class RewardModelConfig(RunSettings):
                 "partitions the weights and the reward-model export does not gather them")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             bad("deepspeed", self.deepspeed, "file does not exist")
-        if self.model and looks_local(self.model) and not Path(self.model).expanduser().exists():
-            bad("model (MODEL)", self.model, "no such folder — give a model folder, a run folder holding one, or a hub "
-                "id such as bigscience/bloom-560m (a relative path is taken from the current folder)")
-        for name in ("data", "eval_data"):
-            v = getattr(self, name)
-            if v and not Path(v).expanduser().exists():
-                bad(f"{name} (DATA)" if name == "data" else name, v, "no such file or folder — pass a .json/.jsonl "
-                    "file or a folder with train.jsonl (a relative path is taken from the current folder)")
+        self.check_inputs("data", "eval_data")
         self.validate_run()
 
 
