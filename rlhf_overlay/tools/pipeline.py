@@ -272,24 +272,15 @@ class Pipeline:
     def reward_model_command(self, folder: Path, model: Path, probe: Path | None = None) -> list[str]:
         """`probe`: a model that exists now, to work out the tiny flags before `model` is written (--dry-run)."""
         out = folder / "run"
-        if self.cfg.family == "llama2":
-            cmd = _python() + ["rlhf_overlay.dschat_jobs.reward_model", "--model", str(model), "--output", str(out)]
-            if self.cfg.tiny:
-                cmd += ["--recipe", "tiny"]
-            if self.cfg.num_gpus:
-                cmd += ["--num-gpus", str(self.cfg.num_gpus)]
-        else:
-            from rlhf_overlay.trlx_jobs.reward_model import RewardModelConfig
 
-            cmd = _python() + ["rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--model", str(model),
-                               "--output", str(out)]
-            if self.cfg.tiny:
-                cmd += tiny_flags(RewardModelConfig, "bloom", probe or model)
-            if self.cfg.num_gpus:
-                cmd += ["--num-processes", str(self.cfg.num_gpus)]
-        if self.cfg.data:
-            cmd += ["--data", str(Path(self.cfg.data).expanduser().resolve())]
-        return cmd
+        def trlx_tiny() -> list[str]:
+            from rlhf_overlay.trlx_jobs.reward_model import RewardModelConfig
+            return tiny_flags(RewardModelConfig, "bloom", probe or model)
+
+        return self._job_command(
+            ["rlhf_overlay.dschat_jobs.reward_model", "--model", str(model), "--output", str(out)],
+            ["rlhf_overlay.trlx_jobs.reward_model", "--arch", "bloom", "--model", str(model), "--output", str(out)],
+            trlx_tiny)
 
     def reward_model(self, folder: Path, model: Path) -> dict:
         out = folder / "run"
@@ -308,22 +299,25 @@ class Pipeline:
         """`rm`: the reward model folder of stage 2 (DeepSpeed-Chat critic / trlx value-head RM); `probe` as in
         reward_model_command."""
         out = folder / "run"
-        if self.cfg.family == "llama2":
-            cmd = _python() + ["rlhf_overlay.dschat_jobs.ppo", "--actor", str(model), "--critic", rm,
-                               "--output", str(out)]
-            if self.cfg.tiny:
-                cmd += ["--recipe", "tiny"]
-            if self.cfg.num_gpus:
-                cmd += ["--num-gpus", str(self.cfg.num_gpus)]
-        else:
-            from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
 
-            cmd = _python() + ["rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--model", str(model),
-                               "--rm", rm, "--output", str(out)]
-            if self.cfg.tiny:
-                cmd += tiny_flags(PPORunConfig, "bloom", probe or model, rm=str(probe) if probe else rm)
-            if self.cfg.num_gpus:
-                cmd += ["--num-processes", str(self.cfg.num_gpus)]
+        def trlx_tiny() -> list[str]:
+            from rlhf_overlay.trlx_jobs.ppo import PPORunConfig
+            return tiny_flags(PPORunConfig, "bloom", probe or model, rm=str(probe) if probe else rm)
+
+        return self._job_command(
+            ["rlhf_overlay.dschat_jobs.ppo", "--actor", str(model), "--critic", rm, "--output", str(out)],
+            ["rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--model", str(model), "--rm", rm, "--output", str(out)],
+            trlx_tiny)
+
+    def _job_command(self, dschat: list[str], trlx: list[str], trlx_tiny) -> list[str]:
+        """A training stage: the DeepSpeed-Chat job (llama2) or the trlx one (bloom), each with its own spelling of
+        the tiny recipe (trlx: trlx_tiny(), its tiny settings as flags) and of the ranks, and DATA."""
+        if self.cfg.family == "llama2":
+            cmd, ranks = _python() + dschat + (["--recipe", "tiny"] if self.cfg.tiny else []), "--num-gpus"
+        else:
+            cmd, ranks = _python() + trlx + (trlx_tiny() if self.cfg.tiny else []), "--num-processes"
+        if self.cfg.num_gpus:
+            cmd += [ranks, str(self.cfg.num_gpus)]
         if self.cfg.data:
             cmd += ["--data", str(Path(self.cfg.data).expanduser().resolve())]
         return cmd
