@@ -78,19 +78,28 @@ def default_num_padding_at_beginning(name):
 
 def dist_timeout():
     """The process-group timeout (rendezvous and every collective) for deepspeed.init_distributed: RLHF_DIST_TIMEOUT
-    seconds, which rlhf-overlay's launches always set (rlhf_overlay/runtime/waits.py: 300 on CPU, 1800 on GPU);
-    else DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, else 10). DEEPSPEED_TIMEOUT alone has only whole minutes."""
+    seconds, which rlhf-overlay's launches always set (rlhf_overlay.runtime.waits.dist_timeout parses it: 300 on CPU,
+    1800 on GPU by default); without it, DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, else 10). DEEPSPEED_TIMEOUT
+    alone has only whole minutes."""
     raw = os.environ.get("RLHF_DIST_TIMEOUT", "").strip()
     if not raw:
         from deepspeed.constants import default_pg_timeout
         return default_pg_timeout
     try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0 or math.isinf(seconds):
-        raise SettingError(f"RLHF_DIST_TIMEOUT={raw!r}: give a number of seconds > 0 (e.g. 300)")
-    return timedelta(seconds=math.ceil(seconds))
+        from rlhf_overlay.errors import UserError
+        from rlhf_overlay.runtime import waits
+    except ImportError:  # upstream's script run by hand, without rlhf-overlay importable: the same rule, here
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0 or math.isinf(seconds):
+            raise SettingError(f"RLHF_DIST_TIMEOUT={raw!r}: give a number of seconds > 0 (e.g. 300)")
+        return timedelta(seconds=math.ceil(seconds))
+    try:
+        return timedelta(seconds=waits.dist_timeout(cuda=not on_cpu()))
+    except UserError as e:
+        raise SettingError(str(e)) from None
 
 
 def roll_call():
