@@ -220,10 +220,8 @@ def test_list_variables_split_like_shell_words_without_expansion(tmp_path, stub)
 DECLARED = {t: v.split() for v, t in re.findall(r"^## vars:(.*)\n([a-zA-Z0-9_-]+):", MAKEFILE, flags=re.M)}
 SWITCHES = {"OVERWRITE": "--overwrite", "ALLOW_ARCH": "--allow-arch",
             "RECIPE_AT_TINY_SCALE": "--recipe-at-tiny-scale"}   # VAR=1 -> the flag
-# a target refuses these when set (targets without resumable checkpoints; ppo-llama2 takes ACTOR, not MODEL)
-REFUSALS = {"does not write resumable checkpoints": {"RESUME", "CHECKPOINT_EVERY", "CHECKPOINT_MINUTES",
-                                                     "KEEP_CHECKPOINTS"},
-            "not MODEL=": {"MODEL"}}
+# a target refuses these when set (ppo-llama2 takes ACTOR, not MODEL)
+REFUSALS = {"not MODEL=": {"MODEL"}}
 # read from the environment by the program, not passed as an argument
 FROM_ENV = {"RANK_REPORT": "rlhf_overlay/runtime/runs.py prepare_run_dir", "OUTPUT": "upstream_tests --out default"}
 # these run setup.sh for real: their variables are setup.sh's (bash setup.sh --help), checked there by name only

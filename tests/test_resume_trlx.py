@@ -158,13 +158,6 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path):
         resolve_resume(tmp_path)
 
 
-def test_make_targets_without_checkpoints_refuse_the_checkpoint_variables(tmp_path):
-    env = dict(_env(), RESUME=str(tmp_path))
-    res = subprocess.run(["bash", "training_scripts/ppo_llama2.sh"], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)   # rm-llama2 and dpo-llama2 resume since b3522f3; ppo-llama2 not yet
-    assert res.returncode == 2 and "make ppo-llama2 does not write resumable checkpoints yet" in res.stderr, res.stderr
-
-
 @pytest.mark.upstream
 @pytest.mark.slow
 def test_two_rank_zero2_resume_restores_each_ranks_optimizer_shard(trlx_dir, tiny_assets, tmp_path):

@@ -8,10 +8,9 @@
 #   opt VAR FLAG            append FLAG "$VAR" to `args` when VAR is set
 #   switch VAR FLAG         append FLAG when VAR is 1
 #   common_flags NUM_FLAG   add to `args` from MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH
-#                           (and RESUME CHECKPOINT_* KEEP_CHECKPOINTS when resumable=1); NUM_FLAG is how the module
+#                           RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS; NUM_FLAG is how the module
 #                           calls ranks per node (--num-gpus or --num-processes)
-#   run_dschat MODULE [FLAG...]      exec rlhf_overlay.dschat_jobs.MODULE (rm-llama2, ppo-llama2, dpo-llama2;
-#                                    resumable: reward_model, dpo)
+#   run_dschat MODULE [FLAG...]      exec rlhf_overlay.dschat_jobs.MODULE (rm-llama2, ppo-llama2, dpo-llama2)
 #   run_trlx MODULE [FLAG...]        exec rlhf_overlay.trlx_jobs.MODULE, resumable (rm-*, ppo-*, ppo-smoke-test)
 #   run_pipeline FAMILY [FLAG...]    exec rlhf_overlay.tools.pipeline run --family FAMILY (pipeline-*)
 # FLAGs (e.g. the script's arguments) go after the ones made from the variables.
@@ -33,12 +32,6 @@ switch() {
 }
 
 common_flags() {
-    if [[ "${resumable:-0}" != 1 && -n "${RESUME:-}${CHECKPOINT_EVERY:-}${CHECKPOINT_MINUTES:-}${KEEP_CHECKPOINTS:-}" ]]; then
-        local target; target="$(basename "$0" .sh)"
-        echo "error: RESUME / CHECKPOINT_EVERY / CHECKPOINT_MINUTES / KEEP_CHECKPOINTS: make ${target//_/-} does not write" \
-             "resumable checkpoints yet (ppo-smoke-test, ppo-bloom, ppo-gptj, rm-bloom, rm-gptj, rm-llama2 and dpo-llama2 do); drop them" >&2
-        exit 2
-    fi
     opt MODEL --model
     opt DATA --data
     opt OUTPUT --output
@@ -47,17 +40,14 @@ common_flags() {
     opt NUM_GPUS "$1"
     opt HOSTFILE --hostfile
     switch ALLOW_ARCH --allow-arch
-    if [[ "${resumable:-0}" == 1 ]]; then   # targets with resumable checkpoints (README: Long runs)
-        opt RESUME --resume
-        opt CHECKPOINT_EVERY --checkpoint-every
-        opt CHECKPOINT_MINUTES --checkpoint-minutes
-        opt KEEP_CHECKPOINTS --keep-checkpoints
-    fi
+    opt RESUME --resume   # every training target writes resumable checkpoints (README: Long runs)
+    opt CHECKPOINT_EVERY --checkpoint-every
+    opt CHECKPOINT_MINUTES --checkpoint-minutes
+    opt KEEP_CHECKPOINTS --keep-checkpoints
 }
 
 run_dschat() {
     local module=$1; shift
-    case "$module" in reward_model|dpo) resumable=1 ;; esac   # DeepSpeed-Chat targets with resumable checkpoints
     common_flags --num-gpus
     opt LORA_DIM --lora-dim
     switch RECIPE_AT_TINY_SCALE --recipe-at-tiny-scale
@@ -67,7 +57,6 @@ run_dschat() {
 
 run_trlx() {
     local module=$1; shift
-    resumable=1
     common_flags --num-processes
     opt ON_UNHEALTHY --on-unhealthy   # health guards: stop | warn
     exec "$py" -m "rlhf_overlay.trlx_jobs.$module" "${args[@]}" "$@"

@@ -2,7 +2,8 @@
 # make ppo-llama2: DeepSpeed-Chat step 3 (LLaMA2 PPO with LoRA) through rlhf_overlay.dschat_jobs.ppo.
 # Make variables arrive as environment variables; empty ones mean "the recipe's default":
 #   ACTOR (empty: embedded tiny LLaMA on CPU), CRITIC (empty with no ACTOR: trains the tiny reward model first),
-#   DATA (prompts), OUTPUT (empty: runs/ppo-llama2-<time>), OVERWRITE=1, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE.
+#   DATA (prompts), OUTPUT (empty: runs/ppo-llama2-<time>), OVERWRITE=1, ZERO_STAGE, LORA_DIM, NUM_GPUS, HOSTFILE,
+#   RESUME=<run folder>, CHECKPOINT_EVERY, CHECKPOINT_MINUTES, KEEP_CHECKPOINTS.
 #   More flags after the script name go to the entry module, e.g.
 #   bash training_scripts/ppo_llama2.sh --max-steps 20 -- --print_answers
 set -euo pipefail

@@ -270,12 +270,39 @@ def launch(kind: str, module: str, cfg, plan: RunPlan, cmd: list[str], resolved:
     status.start(plan.run_dir, kind, module, None, resumed=bool(plan.resume_from),
                  resumable="checkpoint_every" in resolved)  # entries that pass the checkpoint flags to main.py
     with status.interrupt_finishes(plan.run_dir):
-        rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd)
+        rc = run_logged(cmd, plan.run_dir, env=env, cwd=plan.cwd, on_sigterm=None if cfg.hostfile else signal_ranks)
     status.finish(plan.run_dir, rc)
     if rc != 0:
         print(f"[{kind}] failed with exit code {rc}; see {plan.run_dir / 'training.log'}", file=sys.stderr,
               flush=True)
     return rc
+
+
+def signal_ranks(proc) -> None:
+    """SIGTERM to the ranks of a one-node `deepspeed` launch (the children of deepspeed.launcher.launch). The runner
+    does not forward it on one node (it would die, leaving its ranks unaware), and launch.py would kill the ranks 30 s
+    later; told directly, each rank checkpoints at its next step boundary and exits 143, and the launchers end with
+    that code. Several nodes: DeepSpeed's runner handles the signal itself (pdsh), as before."""
+    import signal
+
+    import psutil
+    ranks = []
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "deepspeed.launcher.launch" in " ".join(p.parent().cmdline()):
+                    ranks.append(p)
+            except (psutil.Error, AttributeError):
+                continue
+    except psutil.Error:
+        pass
+    for p in ranks:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    if not ranks:  # not started yet, or already gone: the launcher itself
+        proc.send_signal(signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------------------------- command line

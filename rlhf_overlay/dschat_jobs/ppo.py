@@ -42,6 +42,7 @@ from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_mo
 from rlhf_overlay.dschat_jobs.reward_model import RewardModelConfig
 from rlhf_overlay import settings
 from rlhf_overlay.dschat_jobs import tiny_scale
+from rlhf_overlay.dschat_jobs import resume as dschat_resume
 from rlhf_overlay.errors import main_guard
 
 KIND = "ppo-llama2"
@@ -88,6 +89,16 @@ class PPOConfig:
     hybrid_engine: bool | None = field(default=None, metadata={"help": "DeepSpeed hybrid engine, GPU only (default: "
                                                                        "the recipe's on GPU)"})
     seed: int = field(default=1234, metadata={"help": "training seed"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "resumable checkpoint into <run>/checkpoints/step-N every N PPO steps (CHECKPOINT_EVERY; 0: by time "
+                "only; default: 10 on the tiny recipe, 0 on llama2-7b)"})
+    checkpoint_minutes: float | None = field(default=None, metadata={
+        "help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES; 0: by "
+                "steps only; default: 30)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first "
+                                                               "(KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete "
+                                                      "checkpoint (RESUME); other settings default to the run's"})
     allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
                                                               "(ALLOW_ARCH=1)"})
     master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
@@ -142,7 +153,7 @@ LLAMA2_7B = dict(data="Dahoas/rm-static", data_split="2,4,4", batch_size=1, gene
                  max_prompt_len=256, max_answer_len=256, actor_lr=9.65e-6, critic_lr=5e-6, weight_decay=0.1,
                  epochs=1, num_warmup_steps=100, zero_stage=3, hybrid_engine=True, offload_reference_model=True,
                  gradient_checkpointing=True, lora_dim=64, lora_module_name="layers.", only_optimize_lora=False,
-                 actor_dropout="0.0", max_steps=0)
+                 actor_dropout="0.0", max_steps=0, checkpoint_every=0, checkpoint_minutes=30.0)
 # The embedded tiny LLaMA on CPU: LoRA-only actor and critic with gradient checkpointing (the combination
 # patch 0002 fixes), 40 PPO steps of 4 prompts (the tiny prompts are at most 13 tokens), actor LoRA lr 2e-3: upstream's
 # 5e-4 left the reward flat (8 and 60 steps); 5e-3, or 1e-3 over 100 steps, let the KL per answer token run past 0.5
@@ -152,7 +163,7 @@ TINY = dict(data="", data_split="0,0,1", batch_size=4, generation_batches=1, ppo
             max_answer_len=16, actor_lr=1e-5, critic_lr=1e-5, weight_decay=0.0, epochs=1, num_warmup_steps=0,
             zero_stage=0, hybrid_engine=False, offload_reference_model=False, gradient_checkpointing=True,
             lora_dim=8, lora_module_name="layers.", only_optimize_lora=True, actor_dropout="0.0", max_steps=40,
-            actor_lora_lr=2e-3)
+            actor_lora_lr=2e-3, checkpoint_every=10, checkpoint_minutes=30.0)
 
 
 def resolve(cfg: PPOConfig, cuda: bool) -> dict:
@@ -178,6 +189,7 @@ def resolve(cfg: PPOConfig, cuda: bool) -> dict:
             r.setdefault("cpu_notes", []).append("--offload_reference_model dropped: nothing to offload to on CPU")
         r["hybrid_engine"] = False
         r["offload_reference_model"] = False
+    dschat_resume.resolve_schedule(r, cfg)
     r = cpu_adjust(r, cfg, cuda)
     return tiny_scale.finish(KIND, r, cfg, cuda, LLAMA2_7B) if cfg.recipe_at_tiny_scale else r
 
@@ -227,9 +239,15 @@ def build_parser():
 config_from_args = partial(settings.config_from_args, PPOConfig)
 
 
-def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
-    """PPO as `cfg` says (training the tiny reward model first when no critic is given); returns the exit code."""
+def run(cfg: PPOConfig, argv_for_record: list[str] | None = None, given: set[str] | None = None) -> int:
+    """PPO as `cfg` says (training the tiny reward model first when no critic is given); returns the exit code.
+    With cfg.resume, `given` names the settings given now (default: those that differ from the defaults)."""
     from rlhf_overlay.runtime.runs import has_cuda
+    resume_dir = None
+    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
+        cfg, resume_dir, changed = dschat_resume.resume_config(cfg, given, KIND)
+        if changed:
+            print(f"[{KIND}] resume: changed settings {', '.join(changed)}", flush=True)
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
@@ -243,10 +261,13 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
     checked = preflight.dschat(KIND, cfg, r, [("ACTOR", cfg.actor, (preflight.CAUSAL_LM,)),
                                               ("CRITIC", cfg.critic, (preflight.DSCHAT_CRITIC,))])
     actor, data = preflight.absolute(checked, "ACTOR", actor), preflight.absolute(checked, "DATA", data)
-    plan = plan_run(KIND, cfg, r, STEP_FOLDER)
+    critic = str(resolve_critic(cfg.critic)) if cfg.critic else ""
+    if resume_dir is not None:  # the frozen models are made anew from their folders: they must be the run's
+        critic = critic or str(resume_dir / "reward_model" / "model")   # the tiny reward model the run trained first
+        dschat_resume.check_models_unchanged(resume_dir, {"ACTOR": actor, "CRITIC": critic})
+    plan = plan_run(KIND, cfg, r, STEP_FOLDER, resume_dir=resume_dir)
     run_dir = plan.run_dir
 
-    critic = str(resolve_critic(cfg.critic)) if cfg.critic else ""
     rm_cfg = None
     if not critic:
         # The embedded default: train the tiny reward model for the tiny actor first, inside this run folder.
@@ -257,11 +278,14 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
 
     partial = run_dir / ".ppo.partial"   # main.py writes actor/, critic/, ppo_results.json here; moved on success
     cmd = plan.launcher + ["main.py"] + main_py_args(
-        r, actor, critic, data, partial, plan.data_cache, run_dir / "tensorboard") + list(cfg.extra)
+        r, actor, critic, data, partial, plan.data_cache, run_dir / "tensorboard") + dschat_resume.main_py_flags(
+        r, run_dir, plan.resume_from) + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (actor, critic, data))
-    resolved = dict(r, actor=actor, critic=critic, critic_trained_here=rm_cfg is not None, data=data,
+    resolved = dict(r, actor=actor, critic=critic, critic_trained_here=rm_cfg is not None or (
+                    resume_dir is not None and not cfg.critic), data=data,
                     data_rows=n_rows, run_dir=str(run_dir), master_port=plan.port, launch_command=cmd,
-                    launch_cwd=str(plan.cwd), extra=list(cfg.extra), hf_hub_offline=offline)
+                    launch_cwd=str(plan.cwd), extra=list(cfg.extra), hf_hub_offline=offline,
+                    resume_from=plan.resume_from)
     if rm_cfg is not None:
         if cfg.dry_run:
             print(f"# first: the tiny reward model ({dschat_reward_model.MODULE})")
@@ -273,6 +297,8 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None) -> int:
             print(f"[{KIND}] the reward model failed (exit code {rc}); see {run_dir / 'reward_model' / 'training.log'}",
                   file=sys.stderr, flush=True)
             return rc
+    if not cfg.dry_run:  # size + mtime of the actor's and critic's files: a resume checks it reloads the same models
+        resolved["model_fingerprints"] = dschat_resume.fingerprints({"ACTOR": actor, "CRITIC": critic})
     summary = (f"recipe {r['recipe']}, actor {actor}, critic {critic}, data {data}, dtype {r['dtype']}, "
                f"ZeRO {r['zero_stage']}, LoRA {r['lora_dim']}")
     rc = launch(KIND, MODULE, cfg, plan, cmd, resolved, argv_for_record, offline, summary)
@@ -302,8 +328,10 @@ def judge_run(run_dir: Path, tiny: bool) -> int:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(build_parser().parse_args(argv))
-    return run(cfg, argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
+    ns = build_parser().parse_args(argv)
+    return run(config_from_args(ns), argv_for_record=[sys.executable, "-m", MODULE, *(sys.argv[1:] if argv is None
+                                                                                   else argv)],
+               given=set(ns.settings_given))
 
 
 if __name__ == "__main__":

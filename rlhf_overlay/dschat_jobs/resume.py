@@ -7,6 +7,8 @@ launcher's side: the settings, the main.py flags, and what RESUME=<run> means:
 
 - the run's own settings (config.json "requested") with the flags given now; a change that matters (model, data,
   batch size, ranks, ZeRO stage, seed, ...) is refused naming the setting; MAY_CHANGE may change;
+- the same frozen models: ppo-llama2 rebuilds its reference and reward models from ACTOR and CRITIC, so a folder
+  whose files changed since the run started (size, modification time) is refused;
 - the newest complete checkpoint of the run folder (half-written ones are removed and never used);
 - the same run folder: command.txt gets this invocation after the first, config.json says where it continued from.
 """
@@ -24,7 +26,7 @@ from rlhf_overlay.runtime.checkpoints import check_resume_folder
 MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_interval",
               "master_port", "dry_run"}
 IGNORED = {"resume", "output", "overwrite", "extra"}
-MAKE_NAMES = {"model": "MODEL", "data": "DATA", "zero_stage": "ZERO_STAGE", "lora_dim": "LORA_DIM",
+MAKE_NAMES = {"model": "MODEL", "actor": "ACTOR", "critic": "CRITIC", "data": "DATA", "zero_stage": "ZERO_STAGE", "lora_dim": "LORA_DIM",
               "num_gpus": "NUM_GPUS", "hostfile": "HOSTFILE", "checkpoint_every": "CHECKPOINT_EVERY",
               "checkpoint_minutes": "CHECKPOINT_MINUTES", "keep_checkpoints": "KEEP_CHECKPOINTS"}
 
@@ -88,12 +90,51 @@ def resume_config(cfg, given: set[str] | None, kind: str):
     return type(cfg)(**new), run_dir, changed
 
 
+def fingerprints(models: dict[str, str]) -> dict[str, dict]:
+    """{name: {file: [size, mtime_ns]}} of the files directly in each local model folder (hub ids: left out)."""
+    out = {}
+    for name, path in models.items():
+        folder = Path(path).expanduser()
+        if folder.is_dir():
+            out[name] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir())
+                         if p.is_file()}
+    return out
+
+
+def check_models_unchanged(run_dir: Path, models: dict[str, str]) -> None:
+    """Refuse a resume whose model folders are not what the run started with (config.json "model_fingerprints")."""
+    try:
+        old = json.loads((Path(run_dir) / "config.json").read_text()).get("model_fingerprints") or {}
+    except (OSError, ValueError):
+        old = {}
+    now = fingerprints(models)
+    for name, files in old.items():
+        if name in models and now.get(name) != files:
+            differ = sorted(set(files) ^ set(now.get(name, {})) | {f for f in set(files) & set(now.get(name, {}))
+                                                                   if files[f] != now[name][f]})
+            raise ConfigError(f"{name}={models[name]}: the model folder changed since the run started ({', '.join(differ)}"
+                              f" differ in size or time); a resume rebuilds the frozen models from it, so it must be "
+                              f"the same; start a new run to use this one")
+
+
 def open_run(run_dir: Path) -> tuple[Path, str]:
     """Take the resumed run folder (refused while another process runs in it) and find its newest complete
-    checkpoint (half-written ones are removed). Returns (run folder, checkpoint folder)."""
+    checkpoint (half-written ones are removed, and so are step-N folders without trainer_state.json). Returns (run
+    folder, checkpoint folder)."""
+    import shutil
+
+    from rlhf_overlay.runtime import checkpoints as ck
     from rlhf_overlay.trlx_jobs.checkpoints import open_resume_dir, resolve_resume
     open_resume_dir(run_dir)
-    return run_dir, str(resolve_resume(run_dir))
+    newest = resolve_resume(run_dir)
+    complete = {p for _, p in ck.complete_checkpoints(run_dir)}
+    incomplete = sorted(p for p in ck.checkpoints_dir(run_dir).glob("step-*") if p.is_dir() and p not in complete)
+    for p in incomplete:
+        shutil.rmtree(p, ignore_errors=True)
+    if incomplete:
+        print(f"resume: removed incomplete checkpoint folder(s) without {ck.STATE_FILE}: "
+              f"{', '.join(p.name for p in incomplete)}", flush=True)
+    return run_dir, str(newest)
 
 
 def record(run_dir: Path, argv: list[str], resolved: dict) -> None:

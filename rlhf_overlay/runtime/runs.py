@@ -231,8 +231,9 @@ def runtime_env(base: Mapping[str, str] | None = None, offline: bool = True, cpu
 
 
 def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None,
-               cwd: str | os.PathLike | None = None, log_name: str = "training.log") -> int:
-    """Run `cmd`, streaming its output to the terminal and appending it to `run_dir/log_name`.
+               cwd: str | os.PathLike | None = None, log_name: str = "training.log", on_sigterm=None) -> int:
+    """Run `cmd`, streaming its output to the terminal and appending it to `run_dir/log_name`. A SIGTERM to this
+    process is passed to the job: `on_sigterm(proc)` when given (a launcher that does not forward it), else to cmd.
 
     Output is passed through line by line (progress bars that use \\r pass through as they come), so a
     long run shows progress live and the log holds the same text. Returns the exit code.
@@ -268,7 +269,8 @@ def run_logged(cmd: Sequence[str], run_dir: Path, env: Mapping[str, str] | None 
         import threading
         previous = None
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: (on_sigterm or (
+                lambda p: p.send_signal(signal.SIGTERM)))(proc))
         try:
             pump()
         except KeyboardInterrupt:

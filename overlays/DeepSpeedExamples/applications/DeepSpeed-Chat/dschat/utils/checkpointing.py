@@ -1,12 +1,14 @@
-# rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Resumable checkpoints for the step-2 and step-3 main.py
-# (patches 0020-0022): DeepSpeedExamples #850 asks for a resume after a crash; upstream saves only the final model.
+# rlhf-overlay: NEW file (not in upstream DeepSpeed-Chat). Resumable checkpoints for the step-2 (reward model, DPO) and
+# step-3 (PPO) main.py (patches 0020, 0021, 0023): DeepSpeedExamples #850 asks for a resume after a crash; upstream
+# saves only the final model.
 """Resumable checkpoints for DeepSpeed-Chat training loops: `<run>/checkpoints/step-<N>/`, whole or absent.
 
 A checkpoint is DeepSpeed's own `engine.save_checkpoint` of every trained engine (weights, optimizer and LR
-scheduler state, ZeRO shards of every rank; one DeepSpeed tag per engine: `model`, or `actor` and `critic`), the
-RNG states of every rank (`rng-rank<r>.pt`: python, numpy, torch, the accelerator's) and, written last by rank 0,
-`trainer_state.json`: the optimizer step, the data position (epoch and the next batch; the samplers are
-deterministic per epoch), the tensorboard step and the loop's own values. It is written into
+scheduler state, ZeRO shards of every rank; one DeepSpeed tag per engine: `model`, or `actor`, `critic` and
+`actor_ema`), the RNG states of every rank (`rng-rank<r>.pt`: python, numpy, torch, the accelerator's), a rank's own
+loop state if it has one (`state-rank<r>.pt`, e.g. PPO's fallback experience) and, written last by rank 0,
+`trainer_state.json`: the step, the data position (epoch and the next batch of every loader; the samplers are
+deterministic per epoch), the tensorboard step and the loop's own values (PPO: reward averages, counters). It is written into
 `checkpoints/.tmp-step-<N>/` and renamed when complete (rlhf_overlay.runtime.checkpoints), so a folder killed
 half-written is never used; the newest --keep_checkpoints stay.
 
@@ -15,11 +17,12 @@ half-written is never used; the newest --keep_checkpoints stay.
     ...deepspeed.initialize...
     state = ckpt.resume({"model": engine})              # loads the engines; {} for a fresh run
     for step, batch in ckpt.batches(train_dataloader, epoch):   # skips what the resumed epoch already trained
-        ...train...
+        ...train...                                              # (a tuple of loaders: their batches zipped)
         ckpt.step_boundary(total_steps, epoch, step + 1, tensorboard_step, extra)  # save when due / asked to stop
 
 SIGINT / SIGTERM (a scheduler's notice) make every rank write a checkpoint at the next step boundary and stop with
-status.json `interrupted` and the resume command.
+status.json `interrupted` and the resume command. A loop that must stop for a reason of its own (e.g. a health
+guard) passes `stop_reason=`: checkpoint, status.json `failed` with that reason, exit 3, on every rank.
 """
 import os
 import random
@@ -133,6 +136,7 @@ class Checkpointer:
         self.enabled = bool(args.checkpoint_dir)
         self.state = {}
         self.engines = {}
+        self.rank_state = None  # this rank's own loop state of the resumed checkpoint (step_boundary's rank_state)
         self._rng = None
         if not self.enabled:
             if args.resume_from:
@@ -172,12 +176,16 @@ class Checkpointer:
         if not self.enabled or not self.resumed:
             return {}
         for tag, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(str(self.resume_from), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+            trained = engine.optimizer is not None  # e.g. PPO's EMA copy has no optimizer
+            path, _ = engine.load_checkpoint(str(self.resume_from), tag=tag, load_optimizer_states=trained,
+                                             load_lr_scheduler_states=trained)
             if path is None:
                 _fail(f"--resume_from {self.resume_from}: DeepSpeed found no checkpoint of {tag!r} there")
-            replay_adam_steps(engine)
+            if trained:
+                replay_adam_steps(engine)
         self._rng = torch.load(self.resume_from / f"rng-rank{_rank()}.pt", weights_only=False)
+        own = self.resume_from / f"state-rank{_rank()}.pt"
+        self.rank_state = torch.load(own, weights_only=False) if own.is_file() else None
         if _rank() == 0:
             print(f"resumed from step {self.state['step']} ({self.resume_from})", flush=True)
         return self.state
@@ -187,27 +195,43 @@ class Checkpointer:
         return int(self.state.get("epoch", 0))
 
     def batches(self, loader, epoch):
-        """enumerate(loader), starting at the resumed batch in the resumed epoch. The resumed RNG states are applied
-        after the epoch's iterator is made (making it draws a seed from the torch RNG), so the rest of the run draws
-        exactly what the uninterrupted run drew."""
-        it = iter(loader)
+        """enumerate(loader) — or enumerate(zip(*loader)) for a tuple of loaders, made in that order — starting at the
+        resumed batch in the resumed epoch. The resumed RNG states are applied after the epoch's iterators are made
+        (making one draws a seed from the torch RNG), so the rest of the run draws exactly what the uninterrupted
+        run drew."""
+        loaders = loader if isinstance(loader, tuple) else (loader,)
+        its = [iter(x) for x in loaders]
         start = int(self.state.get("batch", 0)) if self.resumed and epoch == self.start_epoch else 0
         for _ in range(start):
-            next(it)
+            for it in its:
+                next(it)
         if self._rng is not None:
             set_rng_state(self._rng)
             self._rng = None
-        return enumerate(it, start)
+        return enumerate(zip(*its) if isinstance(loader, tuple) else its[0], start)
 
-    def step_boundary(self, step, epoch, next_batch, tensorboard_step, extra=None):
-        """After optimizer step `step`; training continues at batch `next_batch` of `epoch`. Writes a checkpoint when
-        due or when a signal asked to stop (every rank takes part), then stops if asked."""
+    def step_boundary(self, step, epoch, next_batch, tensorboard_step, extra=None, rank_state=None,
+                      stop_reason=None):
+        """After step `step`; training continues at batch `next_batch` of `epoch`. Writes a checkpoint when due, when
+        a signal asked to stop, or when `stop_reason` is given (every rank takes part; `extra` goes into
+        trainer_state.json, this rank's `rank_state` into state-rank<r>.pt), then stops if asked: interrupted (a
+        signal) or failed with `stop_reason` (exit 3; the caller passes the same reason on every rank)."""
         if not self.enabled:
             return
-        due, stop = ck.agree([self.schedule.due(step), self.stop.signal is not None], device=self._device())
-        if due or stop:
+        due, stop, failed = ck.agree([self.schedule.due(step), self.stop.signal is not None, stop_reason is not None],
+                                     device=self._device())
+        if due or stop or failed:
             self.save(step, {"epoch": epoch, "batch": next_batch, "tensorboard_step": tensorboard_step,
-                             "extra": extra or {}})
+                             "extra": extra or {}}, rank_state)
+        if failed:
+            reason = stop_reason or "stopped by another rank"
+            if _rank() == 0:
+                st = status.write_status(self.run_dir, state="failed", last_step=step, reason=reason)
+                print(f"stopped after step {step}: {reason}; checkpoint {st.get('checkpoint')}\n"
+                      f"resume with: {st.get('resume_command')}", flush=True)
+            _barrier()
+            sys.stdout.flush()
+            raise SystemExit(3)
         if stop:
             sig = self.stop.signal or "a signal on another rank"
             if _rank() == 0:
@@ -224,7 +248,7 @@ class Checkpointer:
         name = get_accelerator().device_name()
         return torch.device(name, get_accelerator().current_device()) if name != "cpu" else torch.device("cpu")
 
-    def save(self, step, position):
+    def save(self, step, position, rank_state=None):
         t0 = time.time()
         rank = _rank()
         tmp = ck.tmp_dir(self.run_dir, step)
@@ -237,6 +261,8 @@ class Checkpointer:
         for tag, engine in self.engines.items():
             engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank_state is not None:
+            torch.save(rank_state, tmp / f"state-rank{rank}.pt")
         _barrier()
         if rank == 0:
             ck.write_state(tmp, dict(position, step=step, world_size=_world_size(), engines=sorted(self.engines),
