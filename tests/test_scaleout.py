@@ -58,18 +58,22 @@ def test_deepspeed_settings_that_fail_on_cpu():
     assert "ZeRO stage 3" in deepspeed_cpu_problem({"zero_stage": 3}, "accelerate")        # accelerate's key
     assert "hybrid engine" in deepspeed_cpu_problem({"hybrid_engine": {"enabled": True}}, "x")
     assert deepspeed_cpu_problem({"zero_optimization": {"stage": 2}}, "x") is None
+    assert deepspeed_cpu_problem({"zero_stage": 3}, "x", zero3=True) is None          # trlx PPO runs ZeRO-3 on CPU
     assert deepspeed_cpu_problem({}, "x") is None
 
 
-def test_trlx_ppo_refuses_zero3_on_cpu_also_from_a_user_accelerate_config(tmp_path):
+def test_trlx_ppo_runs_zero3_on_cpu_also_from_a_user_accelerate_config(tmp_path):
+    # tests/test_trlx_zero3.py runs it; ZeRO-1 has no config of ours and is refused
     run = tmp_path / "run"
-    with pytest.raises(TrlxConfigError, match="ZeRO stage 3 fails on CPU"):
-        ppo.plan_launch(ppo.PPORunConfig(reward="rule", zero_stage=3).resolve(), run, cuda=False, gpu_count=0)
+    _, launch = ppo.plan_launch(ppo.PPORunConfig(reward="rule", zero_stage=3).resolve(), run, cuda=False, gpu_count=0)
+    assert launch["accelerate_config"].endswith("configs/accelerate/zero3.yaml"), launch
     user = tmp_path / "mine.yaml"
     user.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\nnum_processes: 2\n")
-    with pytest.raises(TrlxConfigError, match=f"accelerate_config={user}: ZeRO stage 3"):
-        ppo.plan_launch(ppo.PPORunConfig(reward="rule", accelerate_config=str(user)).resolve(), run, cuda=False,
-                        gpu_count=0)
+    _, launch = ppo.plan_launch(ppo.PPORunConfig(reward="rule", accelerate_config=str(user)).resolve(), run,
+                                cuda=False, gpu_count=0)
+    assert launch["accelerate_config"] == str(user)
+    with pytest.raises(TrlxConfigError, match="our accelerate configs are ZeRO-2 and ZeRO-3"):
+        ppo.plan_launch(ppo.PPORunConfig(reward="rule", zero_stage=1).resolve(), run, cuda=False, gpu_count=0)
 
 
 def test_trlx_reward_model_refuses_a_zero3_deepspeed_json_on_cpu(tmp_path, capsys):
@@ -147,8 +151,8 @@ def test_run_folder_turns_on_the_rank_report_for_the_whole_job(monkeypatch, tmp_
 
 def test_trlx_ppo_refusals_leave_no_run_folder(trlx_dir, tmp_path, capsys):
     out = tmp_path / "ppo"
-    assert ppo.main(["--reward", "rule", "--zero-stage", "3", "--output", str(out)]) == 2
-    assert "ZeRO stage 3 fails on CPU" in capsys.readouterr().err
+    assert ppo.main(["--reward", "rule", "--zero-stage", "1", "--output", str(out)]) == 2
+    assert "our accelerate configs are ZeRO-2 and ZeRO-3" in capsys.readouterr().err
     assert not out.exists()
 
 

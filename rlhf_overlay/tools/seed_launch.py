@@ -310,7 +310,8 @@ def accelerate_ds_settings(cuda: bool) -> tuple[dict, list[str]]:
         notes += more
     elif not cuda and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "2"
-        notes.append(f"accelerate zero_stage 3 -> 2: {ZERO3_ON_CPU}")
+        notes.append("accelerate zero_stage 3 -> 2: the seed's accelerate commands run ZeRO-3 on GPUs only; on CPU, "
+                     "trlx PPO at ZeRO-3 is `make ppo-bloom ZERO_STAGE=3` (configs/accelerate/zero3.yaml)")
     if not cuda:
         for var in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
             if os.environ.get(var, "none") not in ("none", ""):

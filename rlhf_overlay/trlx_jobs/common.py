@@ -167,9 +167,9 @@ def needs_hub(*values: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ launch commands
-def default_accelerate_config(cuda: bool, deepspeed: bool) -> Path:
+def default_accelerate_config(cuda: bool, deepspeed: bool, zero_stage: int = 2) -> Path:
     if deepspeed:
-        return ACCELERATE_CONFIGS / "zero2.yaml"
+        return ACCELERATE_CONFIGS / ("zero3.yaml" if zero_stage == 3 else "zero2.yaml")
     return ACCELERATE_CONFIGS / ("multi_gpu.yaml" if cuda else "cpu.yaml")
 
 
@@ -250,16 +250,21 @@ def cpu_deepspeed_backend_fix() -> None:
         PartialState(cpu=True, **timeout)
 
 
-# Why the trlx jobs refuse (and the seed's launchers turn down) ZeRO stage 3 on CPU; one sentence for every message.
-ZERO3_ON_CPU = "ZeRO stage 3 fails on CPU with this DeepSpeed (measured)"
+# Why the trlx reward models refuse (and the seed's `deepspeed train_reward_model_*.py` turns down) ZeRO stage 3 on
+# CPU; one sentence for every message. trlx PPO runs ZeRO-3 on CPU (tests/test_trlx_zero3.py, trlx patch 0014).
+# Measured with the HF Trainer of transformers 4.44: one rank fails at the first backward ('NoneType' object has no
+# attribute 'backward': the evaluation before training made the model a DeepSpeed inference engine, train() then
+# has no training engine); two CPU ranks fail at any ZeRO stage in the evaluation's gather ("invalid output tensor
+# list": the Trainer's accelerate state counts one process on CPU under DeepSpeed).
+ZERO3_ON_CPU = "ZeRO stage 3 fails on CPU for the trlx reward models (HF Trainer; measured)"
 
 
-def deepspeed_cpu_problem(ds_config: Mapping, source: str) -> str | None:
-    """What in a DeepSpeed config fails on CPU (ZeRO-3, the hybrid engine), or None. `ds_config` is a DeepSpeed
-    JSON dict or an accelerate `deepspeed_config` section (zero_stage key)."""
+def deepspeed_cpu_problem(ds_config: Mapping, source: str, zero3: bool = False) -> str | None:
+    """What in a DeepSpeed config fails on CPU (the hybrid engine; ZeRO-3 unless `zero3`: trlx PPO runs it), or
+    None. `ds_config` is a DeepSpeed JSON dict or an accelerate `deepspeed_config` section (zero_stage key)."""
     zero = ds_config.get("zero_optimization", {}) if isinstance(ds_config.get("zero_optimization"), Mapping) else {}
     stage = zero.get("stage", ds_config.get("zero_stage"))
-    if str(stage) == "3":
+    if str(stage) == "3" and not zero3:
         return f"{source}: {ZERO3_ON_CPU}; use ZERO_STAGE=0 or 2 on CPU (stage 3 is for GPU runs)"
     hybrid = ds_config.get("hybrid_engine", {})
     if isinstance(hybrid, Mapping) and hybrid.get("enabled"):

@@ -90,7 +90,7 @@ class PPORunConfig(RunSettings):
     save_optimizer: bool = field(default=False, metadata={"help": "accepted for older command lines: checkpoints always hold the optimizer and scheduler state"})
     summary_window: int = field(default=3, metadata={"help": "steps averaged for the closing `mean reward: first -> last` line"})
     accelerate_config: str = field(default="auto", metadata={"help": "accelerate config file; auto: none for 1 CPU process, configs/accelerate/zero2.yaml with DeepSpeed, cpu.yaml / multi_gpu.yaml otherwise"})
-    zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE): 0 = no DeepSpeed, 2 = ZeRO-2; -1 = 0 on CPU, 2 on GPU"})
+    zero_stage: int = field(default=-1, metadata={"help": "DeepSpeed ZeRO stage (ZERO_STAGE): 0 = no DeepSpeed, 2 = ZeRO-2, 3 = ZeRO-3; -1 = 0 on CPU, 2 on GPU"})
     precision: str = field(default="auto", metadata={"help": "auto | no | bf16 | fp16 mixed precision (auto: no on CPU, bf16/fp16 on GPU)"})
     seed: int = field(default=1000, metadata={"help": "random seed"})
     allow_arch: bool = field(default=False, metadata={"help": "use a MODEL whose architecture is not --arch anyway (ALLOW_ARCH=1)"})
@@ -250,7 +250,7 @@ def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) ->
     if precision == "fp16" and not cuda:
         raise ConfigError("precision='fp16' needs a GPU (CPU training runs in fp32; use --precision no or bf16)")
     if not cuda:
-        problem = deepspeed_cpu_problem({"zero_stage": zero}, f"zero_stage (ZERO_STAGE)={zero}")
+        problem = deepspeed_cpu_problem({"zero_stage": zero}, f"zero_stage (ZERO_STAGE)={zero}", zero3=True)
         if problem:
             raise ConfigError(problem)
     if cfg.accelerate_config != "auto":
@@ -259,13 +259,15 @@ def plan_launch(cfg: PPORunConfig, run_dir: Path, cuda: bool, gpu_count: int) ->
             import yaml
 
             user = yaml.safe_load(config_file.read_text()) or {}
-            problem = deepspeed_cpu_problem(user.get("deepspeed_config") or {}, f"accelerate_config={config_file}")
+            problem = deepspeed_cpu_problem(user.get("deepspeed_config") or {}, f"accelerate_config={config_file}",
+                                            zero3=True)
             if problem:
                 raise ConfigError(problem)
     elif zero > 0:
-        config_file = default_accelerate_config(cuda, deepspeed=True)
-        if zero != 2:
-            raise ConfigError(f"zero_stage (ZERO_STAGE)={zero}: our accelerate config is ZeRO-2; pass your own "
+        config_file = default_accelerate_config(cuda, deepspeed=True, zero_stage=zero)
+        if zero not in (2, 3):
+            raise ConfigError(f"zero_stage (ZERO_STAGE)={zero}: our accelerate configs are ZeRO-2 and ZeRO-3; "
+                              f"pass your own "
                               f"--accelerate-config for stage {zero}")
     elif n > 1 or hosts:
         config_file = default_accelerate_config(cuda, deepspeed=False)
