@@ -17,13 +17,61 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from rlhf_overlay.errors import ConfigError  # ConfigError is re-exported for the entry modules
 
 RECIPES = ("tiny", "llama2-7b")
 DTYPES = ("bf16", "fp32", "fp16")
 DATA_SUFFIXES = (".jsonl", ".json")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class DSChatConfig:
+    """The settings every DeepSpeed-Chat job takes; each job's dataclass (reward_model.RewardModelConfig,
+    ppo.PPOConfig, dpo.DPOConfig) adds its own, which --help lists first (rlhf_overlay.settings)."""
+    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/<target>-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
+    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without a model of your own, "
+                                                      "llama2-7b with one)"})
+    recipe_at_tiny_scale: bool = field(default=False, metadata={"help": "the llama2-7b recipe's DeepSpeed settings "
+                                                                       "(ZeRO, offload, gradient checkpointing, LoRA) on "
+                                                                       "the tiny LLaMA, 2 CPU ranks "
+                                                                       "(RECIPE_AT_TINY_SCALE=1; see tiny_scale.py)"})
+    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage, of actor and critic in ppo-llama2 "
+                                                                   "(ZERO_STAGE; default: 0 on CPU, the recipe's on "
+                                                                   "GPU; 2 and 3 run on CPU too)"})
+    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
+                                                                 "1 on CPU, all GPUs on GPU)"})
+    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
+                                                        "(HOSTFILE)"})
+    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
+                                                     "upstream)"})
+    seed: int = field(default=1234, metadata={"help": "training seed"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "resumable checkpoint into <run>/checkpoints/step-N every N steps (optimizer steps; PPO steps in "
+                "ppo-llama2) (CHECKPOINT_EVERY; 0: by time only; default: 20 on the tiny recipe, 10 for ppo-llama2, "
+                "0 on llama2-7b)"})
+    checkpoint_minutes: float | None = field(default=None, metadata={
+        "help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES; 0: by "
+                "steps only; default: 30)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first "
+                                                               "(KEEP_CHECKPOINTS)"})
+    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete "
+                                                      "checkpoint (RESUME); other settings default to the run's"})
+    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
+                                                              "(ALLOW_ARCH=1)"})
+    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
+                                                                    "node, 29500 on several)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command(s); "
+                                                           "run nothing, create nothing"})
+    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
+                                                                     "unchanged", "rest": True})
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
+        return config_to_argv(self)
 
 
 # ---------------------------------------------------------------------------------------------- checks

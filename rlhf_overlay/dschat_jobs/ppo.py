@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
-from rlhf_overlay.dschat_jobs.launch import (ConfigError, check_common, check_model_folder, cpu_adjust,
+from rlhf_overlay.dschat_jobs.launch import (ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
                                         launch, local_data_files, looks_local, plan_run, tiny_paths,
                                         validate_local_data)
 from rlhf_overlay.dschat_jobs.reward_model import RewardModelConfig
@@ -51,32 +51,15 @@ STEP_FOLDER = "training/step3_rlhf_finetuning"
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(DSChatConfig):
     actor: str = field(default="", metadata={"help": "SFT actor folder or hub id (ACTOR; empty: the embedded tiny "
                                                      "LLaMA, recipe tiny)"})
     critic: str = field(default="", metadata={"help": "reward model of make rm-llama2: its run folder or model/ "
                                                       "(CRITIC; empty: train the tiny one first)"})
     data: str = field(default="", metadata={"help": "prompts: dataset name, .json/.jsonl file or folder with "
                                                     "train/eval files (DATA; empty: the recipe's)"})
-    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/ppo-llama2-<time>)"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
-    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --actor, llama2-7b "
-                                                      "with one)"})
-    recipe_at_tiny_scale: bool = field(default=False, metadata={"help": "the llama2-7b recipe's DeepSpeed settings "
-                                                                       "(ZeRO, offload, gradient checkpointing, LoRA) on "
-                                                                       "the tiny LLaMA, 2 CPU ranks "
-                                                                       "(RECIPE_AT_TINY_SCALE=1; see tiny_scale.py)"})
-    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage of actor and critic (ZERO_STAGE; "
-                                                                   "default: 0 on CPU, the recipe's on GPU; 2 and 3 "
-                                                                   "run on CPU too)"})
     lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank of actor and critic, 0 = full fine-tuning "
                                                                  "(default: the recipe's, 8 tiny, 64 7B)"})
-    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
-                                                                 "1 on CPU, all GPUs on GPU)"})
-    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
-                                                        "(HOSTFILE)"})
-    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
-                                                     "upstream)"})
     data_split: str = field(default="", metadata={"help": "phase shares a,b,c (default: 0,0,1 for local files, the "
                                                           "recipe's otherwise)"})
     epochs: int | None = field(default=None, metadata={"help": "passes over the prompts (default: the recipe's)"})
@@ -88,25 +71,6 @@ class PPOConfig:
                                                                   "the recipe's)"})
     hybrid_engine: bool | None = field(default=None, metadata={"help": "DeepSpeed hybrid engine, GPU only (default: "
                                                                        "the recipe's on GPU)"})
-    seed: int = field(default=1234, metadata={"help": "training seed"})
-    checkpoint_every: int | None = field(default=None, metadata={
-        "help": "resumable checkpoint into <run>/checkpoints/step-N every N PPO steps (CHECKPOINT_EVERY; 0: by time "
-                "only; default: 10 on the tiny recipe, 0 on llama2-7b)"})
-    checkpoint_minutes: float | None = field(default=None, metadata={
-        "help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES; 0: by "
-                "steps only; default: 30)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first "
-                                                               "(KEEP_CHECKPOINTS)"})
-    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete "
-                                                      "checkpoint (RESUME); other settings default to the run's"})
-    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
-                                                              "(ALLOW_ARCH=1)"})
-    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
-                                                                    "node, 29500 on several)"})
-    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command(s); "
-                                                           "run nothing, create nothing"})
-    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
-                                                                     "unchanged", "rest": True})
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""

@@ -33,15 +33,15 @@ from functools import partial
 from pathlib import Path
 
 # Shared with the other DeepSpeed-Chat entry modules (ppo, dpo); re-exported here for callers and tests.
-from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, check_common, check_data_split,  # noqa: F401
-                                        check_model_folder, check_upstream, cpu_adjust,
+from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, DSChatConfig, check_common,  # noqa: F401
+                                        check_data_split, check_model_folder, check_upstream, cpu_adjust,
                                         free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
 from rlhf_overlay import settings
 from rlhf_overlay.dschat_jobs import tiny_scale
 from rlhf_overlay.dschat_jobs import resume as dschat_resume
 from rlhf_overlay.errors import main_guard
-from rlhf_overlay.settings import to_argv as config_to_argv
+from rlhf_overlay.settings import to_argv as config_to_argv  # noqa: F401  (re-exported: tests, callers)
 
 KIND = "rm-llama2"
 MODULE = "rlhf_overlay.dschat_jobs.reward_model"
@@ -49,29 +49,13 @@ STEP_FOLDER = "training/step2_reward_model_finetuning"
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(DSChatConfig):
     model: str = field(default="", metadata={"help": "base model folder or hub id (MODEL; empty: the embedded tiny LLaMA, "
                                                      "recipe tiny)"})
     data: str = field(default="", metadata={"help": "preference data: dataset name, .json/.jsonl file or folder with "
                                                     "train/eval files (DATA; empty: the recipe's)"})
-    output: str = field(default="", metadata={"help": "run folder (OUTPUT; empty: a new runs/rm-llama2-<time>)"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty --output (OVERWRITE=1)"})
-    recipe: str = field(default="", metadata={"help": "tiny | llama2-7b (default: tiny without --model, llama2-7b "
-                                                      "with one)"})
-    recipe_at_tiny_scale: bool = field(default=False, metadata={"help": "the llama2-7b recipe's DeepSpeed settings "
-                                                                       "(ZeRO, offload, gradient checkpointing, LoRA) on "
-                                                                       "the tiny LLaMA, 2 CPU ranks "
-                                                                       "(RECIPE_AT_TINY_SCALE=1; see tiny_scale.py)"})
-    zero_stage: int | None = field(default=None, metadata={"help": "ZeRO stage (ZERO_STAGE; default: 0 on CPU, the "
-                                                                   "recipe's on GPU; 2 and 3 run on CPU too)"})
     lora_dim: int | None = field(default=None, metadata={"help": "LoRA rank, 0 = full fine-tuning (LORA_DIM; default: "
                                                                  "the recipe's)"})
-    num_gpus: int | None = field(default=None, metadata={"help": "ranks per node (NUM_GPUS; CPU: processes; default: "
-                                                                 "1 on CPU, all GPUs on GPU)"})
-    hostfile: str = field(default="", metadata={"help": "DeepSpeed hostfile for several nodes, `host slots=N` lines "
-                                                        "(HOSTFILE)"})
-    dtype: str = field(default="", metadata={"help": "bf16 | fp32 | fp16 (default: fp32 on CPU, fp16 on GPU as "
-                                                     "upstream)"})
     data_split: str = field(default="", metadata={"help": "phase shares a,b,c (default: 0,1,0 for local files, the "
                                                           "recipe's otherwise)"})
     epochs: int | None = field(default=None, metadata={"help": "training epochs (default: the recipe's)"})
@@ -83,29 +67,6 @@ class RewardModelConfig:
     learning_rate: float | None = field(default=None, metadata={"help": "learning rate (default: the recipe's)"})
     eval_interval: int | None = field(default=None, metadata={"help": "evaluate every N steps, 0 = only per epoch "
                                                                       "(default: the recipe's)"})
-    seed: int = field(default=1234, metadata={"help": "training seed"})
-    checkpoint_every: int | None = field(default=None, metadata={
-        "help": "resumable checkpoint into <run>/checkpoints/step-N every N optimizer steps (CHECKPOINT_EVERY; 0: by "
-                "time only; default: 20 on the tiny recipe, 0 on llama2-7b)"})
-    checkpoint_minutes: float | None = field(default=None, metadata={
-        "help": "also a checkpoint when this many minutes passed since the last one (CHECKPOINT_MINUTES; 0: by "
-                "steps only; default: 30)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept, newest first "
-                                                               "(KEEP_CHECKPOINTS)"})
-    resume: str = field(default="", metadata={"help": "continue the run in this run folder from its newest complete "
-                                                      "checkpoint (RESUME); other settings default to the run's"})
-    allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
-                                                              "(ALLOW_ARCH=1)"})
-    master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
-                                                                    "node, 29500 on several)"})
-    dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command; run "
-                                                           "nothing, create nothing"})
-    extra: list[str] = field(default_factory=list, metadata={"help": "after `--`: more main.py arguments, passed "
-                                                                     "unchanged", "rest": True})
-
-    def to_argv(self) -> list[str]:
-        """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
-        return config_to_argv(self)
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
