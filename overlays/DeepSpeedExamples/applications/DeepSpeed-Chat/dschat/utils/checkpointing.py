@@ -269,6 +269,6 @@ class Checkpointer:
                                      time=time.time()))
             final = ck.commit(self.run_dir, step, self.schedule.keep)
             status.write_status(self.run_dir, state="running", last_step=step, checkpoint=str(final))
-            print(f"checkpoint: step {step} -> {final} ({time.time() - t0:.2f} s)", flush=True)
+            print(f"checkpoint: step {step} -> {final} ({time.time() - t0:.3f} s)", flush=True)
         _barrier()
         self.schedule.saved()
