@@ -138,8 +138,9 @@ def test_a_degenerate_setting_fails_the_verdict(ppo_run, tmp_path, capsys):
     runs away from the reference and stops being fluent. With CRITIC given the run is measured, not judged (exit 0);
     judged as the tiny world it is (the fixture's tiny reward model), it fails and says why."""
     out = tmp_path / "ppo-degenerate"
+    # --on_unhealthy warn: read to its end and judged (with stop, the KL guard ends it at step 32: test_health_dschat)
     rc = dschat_ppo.main(["--critic", str(ppo_run / "reward_model"), "--max-steps", "60", "--output", str(out), "--",
-                          "--actor_lora_learning_rate", "5e-3"])
+                          "--actor_lora_learning_rate", "5e-3", "--on_unhealthy", "warn"])
     assert rc == 0, (out / "training.log").read_text()[-4000:]
     assert "note: not judged: these bounds describe the embedded tiny world" in capsys.readouterr().out
     assert dschat_ppo.judge_run(out, tiny=True) == 1
