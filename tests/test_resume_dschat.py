@@ -8,7 +8,8 @@ ZeRO-2 (rm-llama2): each rank's optimizer shard is written and restored, and the
 uninterrupted one does. ppo-llama2 (6 PPO steps against a tiny reward model trained once for the module): SIGKILL +
 RESUME ends with the uninterrupted run's actor and critic (max |Δ| = 0) and tensorboard points; SIGTERM stops at the
 next step with a checkpoint and status `interrupted`, and the printed resume command works as printed; a changed
-setting, CRITIC or critic folder is refused, naming it.
+setting, CRITIC or critic folder is refused, naming it; on 2 CPU ranks with ZeRO-2, SIGTERM reaches both ranks and the
+resume restores each rank's shard of actor and critic (max |Δ| = 0).
 """
 from __future__ import annotations
 
@@ -318,3 +319,33 @@ def test_ppo_resume_refuses_a_changed_setting_critic_or_critic_folder(ppo_critic
     assert re.search(rf"^error: CRITIC={re.escape(str(ppo_critic / 'model'))}: the model folder changed since the run "
                      rf"started \(pytorch_model.bin differ", res.stderr, re.M), res.stderr
     assert json.loads((ppo_reference / "status.json").read_text())["state"] == "completed"   # nothing was started
+
+
+@pytest.mark.slow
+def test_ppo_two_rank_zero2_sigterm_reaches_every_rank_and_resumes_each_shard(ppo_critic, tmp_path):
+    """2 CPU ranks, ZeRO-2: SIGTERM to the launching process reaches both ranks (DeepSpeed's runner does not forward
+    it), each writes its optimizer shard of actor and critic, and the resumed run ends where an uninterrupted one
+    does."""
+    args = ["--critic", str(ppo_critic), "--num-gpus", "2", "--zero-stage", "2", "--max-steps", "6",
+            "--checkpoint-every", "0", "--checkpoint-minutes", "0"]
+    ref = tmp_path / "ref"
+    res = subprocess.run(PPO + args + ["--output", str(ref)], cwd=PROJECT_ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out, log = tmp_path / "run", tmp_path / "first.log"
+    proc = _start_ppo(args, out, log)
+    _wait(proc, lambda: (out / "training.log").is_file() and "Initializing Actor" in (out / "training.log").read_text(),
+          log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 143, log.read_text()[-3000:]
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "interrupted" and st["last_step"] == 1, st
+    ck = Path(st["checkpoint"])
+    for model in ("actor", "critic"):
+        assert sorted(p.name for p in (ck / model).glob("*optim_states.pt")) == [
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(p.name for p in ck.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    res = subprocess.run(PPO + ["--resume", str(out)], cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _ppo_max_abs_diff(out, ref) == 0.0
