@@ -151,7 +151,10 @@ def test_a_bad_settings_file_is_one_error_line_exit_2(module, needed, key, tmp_p
 
 
 @pytest.mark.parametrize("module, args", [("rlhf_overlay.dschat_jobs.ppo", ["--batch-size", "many"]),
-                                          ("rlhf_overlay.tools.report", ["/nonexistent/run"])])
+                                          ("rlhf_overlay.tools.report", ["/nonexistent/run"]),
+                                          ("rlhf_overlay.data.tiny_assets", ["--out", "/proc/no-such/assets"]),
+                                          ("toolkits.megatron_hf.convert", ["hf2mg", "--model", "bloom", "--source",
+                                                                            "s", "--target", "t", "--tp", "x"])])
 def test_as_a_process_too(module, args, tmp_path):
     """`python -m ...` itself: exit code 2 from the process, one line on stderr, nothing on stdout."""
     res = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
