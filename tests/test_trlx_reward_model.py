@@ -254,3 +254,13 @@ def test_common_tensorboard_names(trained):
     assert {"rm/loss", "rm/acc"} <= set(tb)
     accs = [value for _, value in tb["rm/acc"]]
     assert accs[-1] >= 0.75 and len(accs) >= 2  # before training, then after each epoch
+
+
+def test_no_evaluation_before_training_under_deepspeed():
+    # transformers 4.44's Trainer.evaluate() before train() starts DeepSpeed for inference: ZeRO-1/2 raise "ZeRO
+    # inference only makes sense with ZeRO Stage 3", ZeRO-3 then trains with no engine ('NoneType' ... 'backward');
+    # measured: `make rm-bloom ZERO_STAGE=2` on the tiny default failed that way before auto became "no" here
+    assert rm.RewardModelConfig(zero_stage=2, offload=True).resolve().eval_before == "no"
+    assert rm.RewardModelConfig(zero_stage=0).resolve().eval_before == "yes"
+    with pytest.raises(rm.ConfigError, match="eval_before='yes': cannot be yes under DeepSpeed"):
+        rm.RewardModelConfig(zero_stage=2, eval_before="yes").resolve()

@@ -252,10 +252,9 @@ def cpu_deepspeed_backend_fix() -> None:
 
 # Why the trlx reward models refuse (and the seed's `deepspeed train_reward_model_*.py` turns down) ZeRO stage 3 on
 # CPU; one sentence for every message. trlx PPO runs ZeRO-3 on CPU (tests/test_trlx_zero3.py, trlx patch 0014).
-# Measured with the HF Trainer of transformers 4.44: one rank fails at the first backward ('NoneType' object has no
-# attribute 'backward': the evaluation before training made the model a DeepSpeed inference engine, train() then
-# has no training engine); two CPU ranks fail at any ZeRO stage in the evaluation's gather ("invalid output tensor
-# list": the Trainer's accelerate state counts one process on CPU under DeepSpeed).
+# Measured with the HF Trainer of transformers 4.44: two CPU ranks fail at any ZeRO stage in the evaluation's gather
+# ("invalid output tensor list": the Trainer's accelerate state counts one process on CPU under DeepSpeed), and one
+# rank partitions nothing (it trains at ZeRO-3 with --eval-before no: eval accuracy 1.000 on the tiny BLOOM).
 ZERO3_ON_CPU = "ZeRO stage 3 fails on CPU for the trlx reward models (HF Trainer; measured)"
 
 

@@ -78,8 +78,8 @@ class RewardModelConfig(RunSettings):
         c.unfrozen_fraction = c.unfrozen_fraction or (1.0 if t else 0.3)
         c.logging_steps = c.logging_steps or (5 if t else 10)
         c.eval_steps = c.eval_steps or (50 if t else 0)
-        if c.eval_before == "auto":
-            c.eval_before = "yes" if t else "no"
+        if c.eval_before == "auto":   # (not under DeepSpeed: see validate)
+            c.eval_before = "yes" if t and c.zero_stage <= 0 and not c.deepspeed else "no"
         c.resolve_run(checkpoint_every_tiny=100)
         c.validate()
         return c
@@ -103,6 +103,9 @@ class RewardModelConfig(RunSettings):
             bad("eval_fraction", self.eval_fraction, "must be in (0, 1)")
         if self.eval_before not in ("yes", "no", "auto"):
             bad("eval_before", self.eval_before, "must be auto, yes or no")
+        if self.eval_before == "yes" and (self.zero_stage > 0 or self.deepspeed):
+            bad("eval_before", self.eval_before, "cannot be yes under DeepSpeed: the HF Trainer's evaluate() before "
+                "train() starts DeepSpeed for inference (ZeRO-1/2 refuse it, ZeRO-3 then trains with no engine)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             bad("precision", self.precision, "must be auto, fp32, bf16 or fp16")
         if self.zero_stage not in (-1, 0, 1, 2):
