@@ -132,10 +132,10 @@ upstream-tests: ## The upstreams' own test suites (trlx tests/, DeepSpeed-Chat t
 # Each calls training_scripts/<name>.sh; a missing script means the target is not implemented yet.
 TRAINING_TARGETS := rm-llama2 ppo-llama2 rm-bloom rm-gptj ppo-bloom ppo-gptj ppo-smoke-test dpo-llama2 eval-rm chat
 .PHONY: $(TRAINING_TARGETS) ppo-join accelerate-config
-## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
 rm-llama2: ## DeepSpeed-Chat step 2: LLaMA2 reward model
 	@bash training_scripts/run.sh rm_llama2
-## vars: ACTOR CRITIC DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+## vars: ACTOR CRITIC DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
 ppo-llama2: ## DeepSpeed-Chat step 3: LLaMA2 PPO with LoRA
 	@bash training_scripts/run.sh ppo_llama2
 ## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
@@ -161,7 +161,7 @@ ppo-join: ## Join a several-node trlx PPO run (HOSTFILE) started on the first ho
 accelerate-config: ## One accelerate config per machine of HOSTFILE, into OUT (BASE=cpu|multi_gpu|zero2|file.yaml)
 	$(if $(HOSTFILE),,$(error accelerate-config needs HOSTFILE=<DeepSpeed hostfile>))$(if $(OUT),,$(error accelerate-config needs OUT=<folder>))
 	"$$PYTHON" -m rlhf_overlay.runtime.hostfile accelerate-config --hostfile "$$HOSTFILE" --base "$$BASE" --out "$$OUT"
-## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
+## vars: MODEL DATA OUTPUT OVERWRITE ZERO_STAGE LORA_DIM NUM_GPUS HOSTFILE ALLOW_ARCH RANK_REPORT RECIPE_AT_TINY_SCALE ON_UNHEALTHY RESUME CHECKPOINT_EVERY CHECKPOINT_MINUTES KEEP_CHECKPOINTS
 dpo-llama2: ## DeepSpeed-Chat DPO on LLaMA2
 	@bash training_scripts/run.sh dpo_llama2
 ## vars: RM DATA OUTPUT OVERWRITE

@@ -5,8 +5,9 @@ Each signal is provoked in a real tiny run through the entry modules, by fault i
 becomes NaN, the KL per token +10 nats, every answer its first token repeated, every answer gets U+FFFD, the reward
 falls by 3 per step); the guard must fire with its warning line, and with --on_unhealthy stop (the scripts' default)
 the run writes a checkpoint at that step, status.json says failed with the reason, no model folder appears and the
-job exits 3. --on_unhealthy warn only warns. The tiny ppo-llama2 default trips nothing: every health/* scalar of
-its 40 steps stays within its bound.
+job exits 3. --on_unhealthy warn only warns; ON_UNHEALTHY=auto (the default) is warn on the tiny recipe and stop with
+a model of your own. The tiny ppo-llama2 default trips nothing: every health/* scalar of its 40 steps stays within
+its bound.
 """
 from __future__ import annotations
 
@@ -52,10 +53,26 @@ def _assert_stopped(res, out: Path, signal: str, step: int, model_dirs: tuple[st
     return res.stdout.split(warning, 1)[1].split("\n", 1)[0]
 
 
+def test_on_unhealthy_auto_is_warn_tiny_and_stop_with_your_own_model(dschat_dir, tiny_assets, tmp_path):
+    def launched(module, args):
+        res = _run(module, [*args, "--dry-run"], tmp_path / "dry")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout
+    assert "--on_unhealthy warn --max_kl_per_token 1.0 --max_degenerate 0.5" in launched("ppo", [])
+    assert "--on_unhealthy stop" in launched("ppo", ["--on-unhealthy", "stop"])
+    own = ["--model", str(tiny_assets / "models" / "tiny-llama"), "--data", str(tiny_assets / "data" / "preference")]
+    assert "--on_unhealthy stop" in launched("reward_model", own)   # a model of your own: the llama2-7b recipe
+    assert "--on_unhealthy warn" in launched("dpo", [])
+    res = _run("dpo", ["--on-unhealthy", "maybe", "--dry-run"], tmp_path / "dry")
+    assert res.returncode == 2 and "error: on_unhealthy (ON_UNHEALTHY)='maybe': must be stop, warn or auto" in res.stderr
+    assert not (tmp_path / "dry").exists()
+
+
 @pytest.mark.parametrize("module,model_dir", [("reward_model", "model"), ("dpo", "model")])
 def test_rm_and_dpo_nan_loss_stop_with_a_checkpoint(module, model_dir, dschat_dir, tiny_assets, tmp_path):
     out = tmp_path / "run"
-    res = _run(module, ["--max-steps", "10", "--checkpoint-every", "0"], out, fault="nonfinite@5")
+    res = _run(module, ["--max-steps", "10", "--checkpoint-every", "0", "--on-unhealthy", "stop"], out,
+               fault="nonfinite@5")
     line = _assert_stopped(res, out, "nonfinite", 5, (model_dir,))
     assert line.startswith("1 (loss=nan) (bound 0)"), line
     points = tb_scalars(out / "tensorboard")["health/nonfinite"]
@@ -81,8 +98,8 @@ def critic(dschat_dir, tiny_assets, tmp_path_factory):
 ])
 def test_ppo_signal_stops_the_run(signal, at, stops_at, bound, critic, tmp_path):
     out = tmp_path / "run"
-    res = _run("ppo", ["--critic", str(critic), "--max-steps", "8", "--checkpoint-every", "0"], out,
-               fault=f"{signal}@{at}")
+    res = _run("ppo", ["--critic", str(critic), "--max-steps", "8", "--checkpoint-every", "0", "--on-unhealthy",
+                       "stop"], out, fault=f"{signal}@{at}")
     line = _assert_stopped(res, out, signal, stops_at, ("actor", "critic"))
     assert "DeepSpeedExamples #864/#794, DeepSpeed #4788" in line  # the ZeRO-3 + hybrid-engine issue is named
     scalars = tb_scalars(out / "tensorboard")
@@ -96,8 +113,8 @@ def test_ppo_signal_stops_the_run(signal, at, stops_at, bound, critic, tmp_path)
 @pytest.mark.slow
 def test_ppo_warn_only_warns(critic, tmp_path):
     out = tmp_path / "run"
-    res = _run("ppo", ["--critic", str(critic), "--max-steps", "3", "--checkpoint-every", "0", "--",
-                       "--on_unhealthy", "warn"], out, fault="degenerate@2")
+    res = _run("ppo", ["--critic", str(critic), "--max-steps", "3", "--checkpoint-every", "0", "--on-unhealthy",
+                       "warn"], out, fault="degenerate@2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("[health] WARNING unhealthy at step ") == 2  # steps 2 and 3
     assert json.loads((out / "status.json").read_text())["state"] == "completed"

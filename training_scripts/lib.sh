@@ -51,6 +51,7 @@ run_dschat() {
     common_flags --num-gpus
     opt LORA_DIM --lora-dim
     switch RECIPE_AT_TINY_SCALE --recipe-at-tiny-scale
+    opt ON_UNHEALTHY --on-unhealthy   # health guards: stop | warn (default auto: warn tiny, stop own model)
     cd "$root" || exit 2
     exec "$py" -m "rlhf_overlay.dschat_jobs.$module" "${args[@]}" "$@"
 }

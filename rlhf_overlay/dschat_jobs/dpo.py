@@ -42,7 +42,7 @@ from pathlib import Path
 
 from rlhf_overlay import settings
 from rlhf_overlay.dschat_jobs import tiny_scale
-from rlhf_overlay.dschat_jobs.launch import (ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
+from rlhf_overlay.dschat_jobs.launch import (health_flags, ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
                                         launch, local_data_files, looks_local, plan_run, tiny_paths,
                                         validate_local_data)
 from rlhf_overlay.dschat_jobs import resume as dschat_resume
@@ -200,7 +200,7 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None, given: set[str
     partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
     cmd = plan.launcher + ["main.py"] + main_py_args(r, model, data, partial, plan.data_cache,
                                                      plan.run_dir / "tensorboard") + dschat_resume.main_py_flags(
-        r, plan.run_dir, plan.resume_from) + list(cfg.extra)
+        r, plan.run_dir, plan.resume_from) + health_flags(cfg, r) + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (model, data))
     resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir),
                     model_dir=str(model_dir), master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd),

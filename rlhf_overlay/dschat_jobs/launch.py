@@ -62,6 +62,9 @@ class DSChatConfig:
                                                       "checkpoint (RESUME); other settings default to the run's"})
     allow_arch: bool = field(default=False, metadata={"help": "run a model that is not LLaMA-family anyway "
                                                               "(ALLOW_ARCH=1)"})
+    on_unhealthy: str = field(default="auto", metadata={"help": "stop | warn when a health guard trips (ON_UNHEALTHY; "
+                                                                "dschat/utils/health_guard.py); auto = warn tiny / "
+                                                                "stop own model"})
     master_port: int | None = field(default=None, metadata={"help": "rendezvous port (default: a free port on one "
                                                                     "node, 29500 on several)"})
     dry_run: bool = field(default=False, metadata={"help": "print the resolved settings and the launch command(s); "
@@ -72,6 +75,19 @@ class DSChatConfig:
     def to_argv(self) -> list[str]:
         """Command-line flags that reproduce this config (for command.txt of a run started from Python)."""
         return config_to_argv(self)
+
+
+def health_flags(cfg, r: dict) -> list[str]:
+    """main.py's health-guard flags (DeepSpeedExamples patch 0024). on_unhealthy auto = warn on the tiny recipe (a
+    demonstration, judged at its end by the verdict, better read to its end than cut at a noisy step) and stop with
+    a model of your own, as for trlx; PPO also passes its bounds. The resolved mode goes into `r` (config.json)."""
+    mode = cfg.on_unhealthy if cfg.on_unhealthy != "auto" else ("warn" if r.get("recipe") == "tiny" else "stop")
+    r["on_unhealthy"] = mode
+    flags = ["--on_unhealthy", mode]
+    for name in ("max_kl_per_token", "max_degenerate", "max_undecodable", "max_reward_drop"):
+        if hasattr(cfg, name):
+            flags += [f"--{name}", str(getattr(cfg, name))]
+    return flags
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -116,6 +132,8 @@ def check_common(cfg) -> None:
         raise ConfigError(f"lora_dim={cfg.lora_dim!r}: must be >= 0 (0 = no LoRA)")
     if has("max_steps") and cfg.max_steps < 0:
         raise ConfigError(f"max_steps={cfg.max_steps!r}: must be >= 0 (0 = all epochs)")
+    if has("on_unhealthy") and cfg.on_unhealthy not in ("auto", "stop", "warn"):
+        raise ConfigError(f"on_unhealthy (ON_UNHEALTHY)={cfg.on_unhealthy!r}: must be stop, warn or auto")
     for name in ("num_gpus", "epochs", "batch_size", "max_seq_len"):
         if has(name) and getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: must be >= 1")

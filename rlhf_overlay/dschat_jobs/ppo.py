@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from rlhf_overlay.dschat_jobs import reward_model as dschat_reward_model
-from rlhf_overlay.dschat_jobs.launch import (ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
+from rlhf_overlay.dschat_jobs.launch import (health_flags, ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
                                         launch, local_data_files, looks_local, plan_run, tiny_paths,
                                         validate_local_data)
 from rlhf_overlay.dschat_jobs.reward_model import RewardModelConfig
@@ -71,6 +71,14 @@ class PPOConfig(DSChatConfig):
                                                                   "the recipe's)"})
     hybrid_engine: bool | None = field(default=None, metadata={"help": "DeepSpeed hybrid engine, GPU only (default: "
                                                                        "the recipe's on GPU)"})
+    max_kl_per_token: float = field(default=1.0, metadata={"help": "health: KL(actor || reference) per answer token "
+                                                                   "above this (nats) is unhealthy"})
+    max_degenerate: float = field(default=0.5, metadata={"help": "health: share of empty or looping answers above "
+                                                                 "this is unhealthy"})
+    max_undecodable: float = field(default=0.2, metadata={"help": "health: share of answers with undecodable tokens "
+                                                                  "above this is unhealthy"})
+    max_reward_drop: float = field(default=1.0, metadata={"help": "health: reward mean falling by more than this many "
+                                                                  "start-of-run per-sample reward stds is a collapse"})
 
     def validate(self) -> None:
         """All checks in one place; each error names the field and the value it got."""
@@ -237,13 +245,13 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None, given: set[str
         # The embedded default: train the tiny reward model for the tiny actor first, inside this run folder.
         rm_cfg = RewardModelConfig(model=actor, output=str(run_dir / "reward_model"), overwrite=cfg.overwrite,
                                    recipe="tiny", dtype=cfg.dtype, num_gpus=cfg.num_gpus, seed=cfg.seed,
-                                   dry_run=cfg.dry_run)
+                                   on_unhealthy=cfg.on_unhealthy, dry_run=cfg.dry_run)
         critic = str(run_dir / "reward_model" / "model")
 
     partial = run_dir / ".ppo.partial"   # main.py writes actor/, critic/, ppo_results.json here; moved on success
     cmd = plan.launcher + ["main.py"] + main_py_args(
         r, actor, critic, data, partial, plan.data_cache, run_dir / "tensorboard") + dschat_resume.main_py_flags(
-        r, run_dir, plan.resume_from) + list(cfg.extra)
+        r, run_dir, plan.resume_from) + health_flags(cfg, r) + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (actor, critic, data))
     resolved = dict(r, actor=actor, critic=critic, critic_trained_here=rm_cfg is not None or (
                     resume_dir is not None and not cfg.critic), data=data,

@@ -24,7 +24,8 @@ from rlhf_overlay.runtime.checkpoints import check_resume_folder
 # Settings a resume may change; every other one must be the run's (it decides what the checkpoint means).
 # max_steps / epochs: the run may be made longer or shorter (the LR schedule then follows the new length).
 MAY_CHANGE = {"max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_interval",
-              "master_port", "dry_run"}
+              "master_port", "dry_run", "on_unhealthy", "max_kl_per_token", "max_degenerate", "max_undecodable",
+              "max_reward_drop"}
 IGNORED = {"resume", "output", "overwrite", "extra"}
 MAKE_NAMES = {"model": "MODEL", "actor": "ACTOR", "critic": "CRITIC", "data": "DATA", "zero_stage": "ZERO_STAGE", "lora_dim": "LORA_DIM",
               "num_gpus": "NUM_GPUS", "hostfile": "HOSTFILE", "checkpoint_every": "CHECKPOINT_EVERY",

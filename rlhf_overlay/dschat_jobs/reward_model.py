@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 # Shared with the other DeepSpeed-Chat entry modules (ppo, dpo); re-exported here for callers and tests.
-from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, DSChatConfig, check_common,  # noqa: F401
+from rlhf_overlay.dschat_jobs.launch import (health_flags, DTYPES, RECIPES, ConfigError, DSChatConfig, check_common,  # noqa: F401
                                         check_data_split, check_model_folder, check_upstream, cpu_adjust,
                                         free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
@@ -172,7 +172,7 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None, given:
     partial = plan.run_dir / ".model.partial"   # main.py writes here; renamed to model/ once the run succeeded
     cmd = plan.launcher + ["main.py"] + main_py_args(
         r, model, data, partial, plan.data_cache, plan.run_dir / "tensorboard") + dschat_resume.main_py_flags(
-        r, plan.run_dir, plan.resume_from) + list(cfg.extra)
+        r, plan.run_dir, plan.resume_from) + health_flags(cfg, r) + list(cfg.extra)
     offline = not any(x and not looks_local(x) for x in (model, data))
     resolved = dict(r, model=model, data=data, data_rows=n_rows, run_dir=str(plan.run_dir), model_dir=str(model_dir),
                     master_port=plan.port, launch_command=cmd, launch_cwd=str(plan.cwd), extra=list(cfg.extra),
