@@ -109,6 +109,18 @@ def start_job(cmd: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+def run_printed_resume(log_text: str, expected: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """The last `resume with: <command>` line of an interrupted run's output is `expected`; it runs as printed (a
+    shell, from the project folder) and succeeds. Returns its result."""
+    import re
+    printed = re.findall(r"^resume with: (.+)$", log_text, re.M)
+    assert printed and printed[-1] == expected, printed
+    res = subprocess.run(printed[-1], shell=True, cwd=PROJECT_ROOT, env=job_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
 def wait_for(proc: subprocess.Popen, what, timeout: float = 600) -> None:
     """Poll until what() is true; fails if the job ends first or after timeout seconds."""
     t0 = time.time()

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_overlay import PROJECT_ROOT
+from helpers import run_printed_resume
 
 pytestmark = pytest.mark.upstream
 RUN = [sys.executable, "-m", "rlhf_overlay.dschat_jobs.reward_model"]
@@ -282,11 +283,7 @@ def test_ppo_sigterm_checkpoints_stops_and_the_printed_resume_command_works(ppo_
     st = json.loads((out / "status.json").read_text())
     assert st["state"] == "interrupted" and 1 <= st["last_step"] < 6, st
     assert Path(st["checkpoint"]).name == f"step-{st['last_step']}" and not (out / "actor").exists()
-    printed = re.findall(r"^resume with: (.+)$", text, re.M)
-    assert printed and printed[-1] == f"make ppo-llama2 RESUME={out}"
-    res = subprocess.run(printed[-1], shell=True, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=1800)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_printed_resume(text, f"make ppo-llama2 RESUME={out}")
     assert f"resumed from step {st['last_step']}" in res.stdout
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
     # the resume keeps the run's settings (no scheduled checkpoints) and ends where the uninterrupted run does

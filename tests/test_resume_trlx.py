@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 
 from rlhf_overlay import PROJECT_ROOT
 from rlhf_overlay.errors import ConfigError
-from helpers import job_env as _env, start_job, tb_scalars, wait_for as _wait_for
+from helpers import job_env as _env, run_printed_resume, start_job, tb_scalars, wait_for as _wait_for
 
 STEPS = 5
 RUN = [sys.executable, "-m", "rlhf_overlay.trlx_jobs.ppo", "--arch", "bloom", "--reward", "rule", "--steps", str(STEPS)]
@@ -110,11 +109,7 @@ def test_sigterm_checkpoints_stops_and_the_printed_resume_command_works(referenc
     assert st["state"] == "interrupted" and st["signal"] == "SIGTERM" and 1 <= st["last_step"] < STEPS
     assert Path(st["checkpoint"]).name == f"step-{st['last_step']}" and not (out / "policy").exists()
     assert "run interrupted" in (out / "training.log").read_text()
-    printed = re.findall(r"^resume with: (.+)$", text, re.M)
-    assert printed and printed[-1] == f"make ppo-bloom RESUME={out}"
-    res = subprocess.run(printed[-1], shell=True, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_printed_resume(text, f"make ppo-bloom RESUME={out}", timeout=900)
     assert f"resumed from step {st['last_step']}" in res.stdout
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
     assert _max_abs_diff(out / "policy", reference / "policy") == 0.0
