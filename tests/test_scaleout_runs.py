@@ -23,6 +23,7 @@ import pytest
 from rlhf_overlay import PROJECT_ROOT
 
 from rlhf_overlay.runtime import rank_report
+from helpers import wait_for
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 TARGET_VARS = ("MODEL", "ACTOR", "CRITIC", "RM", "REWARD", "DATA", "OUTPUT", "OVERWRITE", "ZERO_STAGE", "LORA_DIM",
                "NUM_GPUS", "HOSTFILE", "RANK_REPORT", "RLHF_OVERLAY_RANK_REPORT", "RLHF_OVERLAY_RUN_DIRS_FILE")
@@ -324,11 +325,7 @@ def test_smoke_test_over_two_machines_joined_with_generated_accelerate_configs(t
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         config = out / "accelerate" / "machine-1.yaml"
-        for _ in range(300):
-            if config.is_file() or first.poll() is not None:
-                break
-            time.sleep(0.5)
-        assert config.is_file(), "the first machine writes the per-machine configs"
+        wait_for(first, config.is_file, timeout=150)   # the first machine writes the per-machine configs
         joined = subprocess.run(["make", "-s", "ppo-join", f"RUN={out}", "MACHINE_RANK=1"], cwd=PROJECT_ROOT,
                                 env=env, capture_output=True, text=True, timeout=600)
         stdout, _ = first.communicate(timeout=600)

@@ -30,6 +30,7 @@ import pytest
 from rlhf_overlay import PROJECT_ROOT
 
 from rlhf_overlay.runtime import cluster
+from helpers import wait_for
 from test_scaleout_runs import (TARGET_VARS, assert_disjoint_samples, assert_zero2_sharded, event_files, jsonl, ranks,
                                 unique, write_jsonl)
 
@@ -187,11 +188,7 @@ def test_ppo_smoke_test_as_two_accelerate_machines(nodes, shared, trlx_dir):
                              cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         config = out / "accelerate" / "machine-1.yaml"
-        for _ in range(600):
-            if config.is_file() or first.poll() is not None:
-                break
-            time.sleep(0.5)
-        assert config.is_file(), "machine 0 writes the per-machine configs"
+        wait_for(first, config.is_file, timeout=300)   # machine 0 writes the per-machine configs
         join = cluster.on_node("node-b", ["make", "-s", "ppo-join", f"RUN={out}", "MACHINE_RANK=1"], cwd=PROJECT_ROOT)
         assert join[:4] == ["ip", "netns", "exec", cluster.NETNS]
         joined = subprocess.run(join, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
