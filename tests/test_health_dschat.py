@@ -138,3 +138,21 @@ def test_tiny_ppo_default_trips_nothing(dschat_dir, tiny_assets, tmp_path):
         worst = max(v for _, v in points)
         print(f"health/{signal}: max {worst:.4g} over {len(points)} steps (bound {bound:g})")
         assert worst <= bound, (signal, points)
+
+
+@pytest.mark.slow
+def test_ppo_running_away_stops_itself_without_fault_injection(critic, tmp_path):
+    """A real runaway, nothing injected: LoRA lr 5e-3 (the degenerate-verdict setting of test_dschat_training) drives
+    the actor away from the reference; with ON_UNHEALTHY=stop the KL guard ends the run long before its 60 steps
+    (measured: step 33, 1.143 nats per answer token)."""
+    out = tmp_path / "run"
+    res = _run("ppo", ["--critic", str(critic), "--max-steps", "60", "--checkpoint-every", "0", "--on-unhealthy",
+                       "stop", "--", "--actor_lora_learning_rate", "5e-3"], out)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]
+    st = json.loads((out / "status.json").read_text())
+    step = st["last_step"]
+    assert st["state"] == "failed" and st["reason"].startswith(f"unhealthy at step {step}: kl_per_token = "), st
+    assert 1 < step < 60 and (out / "checkpoints" / f"step-{step}").is_dir()
+    assert not (out / "actor").exists()
+    kl = tb_scalars(out / "tensorboard")["health/kl_per_token"]
+    assert kl[-1][1] > DEFAULTS["max_kl_per_token"] >= max(v for _, v in kl[:-1])
