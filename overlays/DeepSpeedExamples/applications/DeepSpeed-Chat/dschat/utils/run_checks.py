@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import re
 from datetime import timedelta
 
 from dschat.utils.ds_utils import SUPPORTED_DTYPES  # fp32 added by patch 0001-fp32-dtype.patch
@@ -88,14 +89,10 @@ def dist_timeout():
     try:
         from rlhf_overlay.errors import UserError
         from rlhf_overlay.runtime import waits
-    except ImportError:  # upstream's script run by hand, without rlhf-overlay importable: the same rule, here
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = -1.0
-        if not seconds > 0 or math.isinf(seconds):
+    except ImportError:  # upstream's script run by hand, without rlhf-overlay importable: plain decimals only
+        if not re.fullmatch(r"\d*\.?\d+", raw) or float(raw) == 0:
             raise SettingError(f"RLHF_DIST_TIMEOUT={raw!r}: give a number of seconds > 0 (e.g. 300)")
-        return timedelta(seconds=math.ceil(seconds))
+        return timedelta(seconds=math.ceil(float(raw)))
     try:
         return timedelta(seconds=waits.dist_timeout(cuda=not on_cpu()))
     except UserError as e:
