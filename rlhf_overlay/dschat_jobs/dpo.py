@@ -42,9 +42,9 @@ from pathlib import Path
 
 from rlhf_overlay import settings
 from rlhf_overlay.dschat_jobs import tiny_scale
-from rlhf_overlay.dschat_jobs.launch import (health_flags, ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
-                                        launch, local_data_files, looks_local, plan_run, tiny_paths,
-                                        validate_local_data)
+from rlhf_overlay.dschat_jobs.launch import (ConfigError, DSChatConfig, check_common, check_model_folder, cpu_adjust,
+                                        health_flags, launch, local_data_files, looks_local, plan_run,
+                                        step2_main_py_args, tiny_paths, validate_local_data)
 from rlhf_overlay.dschat_jobs import resume as dschat_resume
 from rlhf_overlay.errors import main_guard
 
@@ -133,32 +133,11 @@ def resolve(cfg: DPOConfig, cuda: bool) -> dict:
 
 def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
                  tensorboard_dir: Path) -> list[str]:
-    """Arguments of the DPO step's main.py for resolved settings `r`."""
-    args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
-            "--model_name_or_path", model,
-            "--per_device_train_batch_size", str(r["batch_size"]),
-            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
-            "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
-            "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
-            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
-            "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]),
-            "--beta", str(r["beta"]),
-            "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
-            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
-            "--print_interval", str(r["print_interval"]),
-            "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
-    if r["gradient_checkpointing"]:
-        args.append("--gradient_checkpointing")
-    if r["offload"]:
-        args.append("--offload")
-    if r["lora_dim"]:
-        args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"],
-                 "--lora_learning_rate", str(r["lora_learning_rate"])]
-        if r["only_optimize_lora"]:
-            args.append("--only_optimize_lora")
-    if r["max_steps"]:
-        args += ["--max_steps", str(r["max_steps"])]
-    return args
+    """Arguments of the DPO step's main.py for resolved settings `r`: step 2's with DPO's own."""
+    lora_own = ("--lora_learning_rate", str(r["lora_learning_rate"])) + (
+        ("--only_optimize_lora",) if r["only_optimize_lora"] else ())
+    return step2_main_py_args(r, model, data, output_dir, data_cache, tensorboard_dir, own=("--beta", str(r["beta"])),
+                              lora_own=lora_own)
 
 
 def build_parser():
@@ -174,11 +153,7 @@ def run(cfg: DPOConfig, argv_for_record: list[str] | None = None, given: set[str
     """DPO as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError/PreferenceDataError.
     With cfg.resume, `given` names the settings given now (default: those that differ from the defaults)."""
     from rlhf_overlay.runtime.runs import has_cuda
-    resume_dir = None
-    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        cfg, resume_dir, changed = dschat_resume.resume_config(cfg, given, KIND)
-        if changed:
-            print(f"[{KIND}] resume: changed settings {', '.join(changed)}", flush=True)
+    cfg, resume_dir = dschat_resume.take_resume(cfg, given, KIND)   # RESUME=<run>: the run's settings
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)

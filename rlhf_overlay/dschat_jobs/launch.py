@@ -226,6 +226,33 @@ def cpu_adjust(r: dict, cfg, cuda: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- launching
+def step2_main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
+                       tensorboard_dir: Path, own: tuple[str, ...] = (), lora_own: tuple[str, ...] = ()) -> list[str]:
+    """Arguments of a step-2 main.py for resolved settings `r`: the reward model's, with a job's `own` arguments
+    after the seed and `lora_own` after the LoRA ones (DPO: --beta; the LoRA learning rate)."""
+    args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
+            "--model_name_or_path", model,
+            "--per_device_train_batch_size", str(r["batch_size"]),
+            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
+            "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
+            "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
+            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
+            "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]), *own,
+            "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
+            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
+            "--print_interval", str(r["print_interval"]),
+            "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
+    if r["gradient_checkpointing"]:
+        args.append("--gradient_checkpointing")
+    if r["offload"]:
+        args.append("--offload")
+    if r["lora_dim"]:
+        args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"], *lora_own]
+    if r["max_steps"]:
+        args += ["--max_steps", str(r["max_steps"])]
+    return args
+
+
 from rlhf_overlay.runtime.runs import free_port  # noqa: E402,F401  (entry modules and benchmarks import it here)
 
 

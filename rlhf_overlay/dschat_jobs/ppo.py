@@ -215,11 +215,7 @@ def run(cfg: PPOConfig, argv_for_record: list[str] | None = None, given: set[str
     """PPO as `cfg` says (training the tiny reward model first when no critic is given); returns the exit code.
     With cfg.resume, `given` names the settings given now (default: those that differ from the defaults)."""
     from rlhf_overlay.runtime.runs import has_cuda
-    resume_dir = None
-    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        cfg, resume_dir, changed = dschat_resume.resume_config(cfg, given, KIND)
-        if changed:
-            print(f"[{KIND}] resume: changed settings {', '.join(changed)}", flush=True)
+    cfg, resume_dir = dschat_resume.take_resume(cfg, given, KIND)   # RESUME=<run>: the run's settings
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)

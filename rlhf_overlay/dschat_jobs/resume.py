@@ -118,6 +118,17 @@ def check_models_unchanged(run_dir: Path, models: dict[str, str]) -> None:
                               f"the same; start a new run to use this one")
 
 
+def take_resume(cfg, given: set[str] | None, kind: str):
+    """The prologue of a job's run(): with cfg.resume, the run's settings (resume_config, a refused change raises) and
+    a line naming the settings that changed; returns (config, run folder or None)."""
+    if not cfg.resume:
+        return cfg, None
+    cfg, run_dir, changed = resume_config(cfg, given, kind)
+    if changed:
+        print(f"[{kind}] resume: changed settings {', '.join(changed)}", flush=True)
+    return cfg, run_dir
+
+
 def open_run(run_dir: Path) -> tuple[Path, str]:
     """Take the resumed run folder (refused while another process runs in it) and find its newest complete
     checkpoint (half-written ones are removed, and so are step-N folders without trainer_state.json). Returns (run

@@ -33,9 +33,9 @@ from functools import partial
 from pathlib import Path
 
 # Shared with the other DeepSpeed-Chat entry modules (ppo, dpo); re-exported here for callers and tests.
-from rlhf_overlay.dschat_jobs.launch import (health_flags, DTYPES, RECIPES, ConfigError, DSChatConfig, check_common,  # noqa: F401
+from rlhf_overlay.dschat_jobs.launch import (DTYPES, RECIPES, ConfigError, DSChatConfig, check_common,  # noqa: F401
                                         check_data_split, check_model_folder, check_upstream, cpu_adjust,
-                                        free_port, launch, launch_env, launcher_prefix, local_data_files,
+                                        health_flags, step2_main_py_args, free_port, launch, launch_env, launcher_prefix, local_data_files,
                                         looks_local, plan_run, tiny_paths, validate_local_data)
 from rlhf_overlay import settings
 from rlhf_overlay.dschat_jobs import tiny_scale
@@ -111,30 +111,7 @@ def resolve(cfg: RewardModelConfig, cuda: bool) -> dict:
     return tiny_scale.finish(KIND, r, cfg, cuda, LLAMA2_7B) if cfg.recipe_at_tiny_scale else r
 
 
-def main_py_args(r: dict, model: str, data: str, output_dir: Path, data_cache: str,
-                 tensorboard_dir: Path) -> list[str]:
-    """Arguments of step 2's main.py for resolved settings `r`."""
-    args = ["--data_path", data, "--data_split", r["data_split"], "--data_output_path", data_cache,
-            "--model_name_or_path", model,
-            "--per_device_train_batch_size", str(r["batch_size"]),
-            "--per_device_eval_batch_size", str(r["eval_batch_size"]),
-            "--max_seq_len", str(r["max_seq_len"]), "--learning_rate", str(r["learning_rate"]),
-            "--weight_decay", str(r["weight_decay"]), "--num_train_epochs", str(r["epochs"]),
-            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine",
-            "--num_warmup_steps", str(r["num_warmup_steps"]), "--seed", str(r["seed"]),
-            "--zero_stage", str(r["zero_stage"]), "--dtype", r["dtype"],
-            "--eval_interval", str(r["eval_interval"]), "--eval_iters", str(r["eval_iters"]),
-            "--print_interval", str(r["print_interval"]),
-            "--deepspeed", "--output_dir", str(output_dir), "--tensorboard_path", str(tensorboard_dir)]
-    if r["gradient_checkpointing"]:
-        args.append("--gradient_checkpointing")
-    if r["offload"]:
-        args.append("--offload")
-    if r["lora_dim"]:
-        args += ["--lora_dim", str(r["lora_dim"]), "--lora_module_name", r["lora_module_name"]]
-    if r["max_steps"]:
-        args += ["--max_steps", str(r["max_steps"])]
-    return args
+main_py_args = step2_main_py_args   # step 2's main.py takes exactly the shared step-2 arguments
 
 
 def build_parser():
@@ -150,11 +127,7 @@ def run(cfg: RewardModelConfig, argv_for_record: list[str] | None = None, given:
     """Train a reward model as `cfg` says; returns the launcher's exit code. Raises ConfigError/RunDirError.
     With cfg.resume, `given` names the settings given now (default: those that differ from the defaults)."""
     from rlhf_overlay.runtime.runs import has_cuda
-    resume_dir = None
-    if cfg.resume:  # RESUME=<run>: the run's settings; a change that matters is refused, naming the setting
-        cfg, resume_dir, changed = dschat_resume.resume_config(cfg, given, KIND)
-        if changed:
-            print(f"[{KIND}] resume: changed settings {', '.join(changed)}", flush=True)
+    cfg, resume_dir = dschat_resume.take_resume(cfg, given, KIND)   # RESUME=<run>: the run's settings
     cfg.validate()
     cuda = has_cuda()
     r = resolve(cfg, cuda)
