@@ -91,7 +91,7 @@ def test_deepspeed_shim_rewrites_only_what_cpu_and_offline_need():
             "--output_dir z3_he_false_offload_true_lora_true --offload --actor_lora_dim 128 "
             "--actor_lora_module_name decoder.layers. --enable_test_mode --test_stop_step 5").split()
     env = {"RLHF_DSCHAT_DATA": "/tiny/prompts", "RLHF_DSCHAT_MODEL": "opt", "RLHF_DSCHAT_ACTOR": "/tiny/llama"}
-    cmd, notes = upstream_tests.shim_command(argv, env, 4242)
+    cmd, notes = upstream_tests.shim_command(argv, env, 4242, health_guard=False)
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     launcher, args = cmd[3:cmd.index("main.py")], cmd[cmd.index("main.py") + 1:]
     assert launcher == ["--num_nodes=1", "--num_gpus", "2", "--master_port", "4242"]
@@ -100,12 +100,17 @@ def test_deepspeed_shim_rewrites_only_what_cpu_and_offline_need():
     assert args == expected + ["--data_output_path", "z3_he_false_offload_true_lora_true/data_cache"]
     assert len(notes) == 3 and any("Dahoas/rm-static -> /tiny/prompts" in n for n in notes)
     # the LLaMA row: actor, LoRA module names and padding follow the tiny LLaMA; ZeRO/offload/LoRA rank stay
-    cmd, notes = upstream_tests.shim_command(argv, dict(env, RLHF_DSCHAT_MODEL="llama"), 4242)
+    cmd, notes = upstream_tests.shim_command(argv, dict(env, RLHF_DSCHAT_MODEL="llama"), 4242, health_guard=False)
     args = cmd[cmd.index("main.py") + 1:]
     value = {a: b for a, b in zip(args, args[1:])}
     assert value["--actor_model_name_or_path"] == "/tiny/llama" and value["--actor_lora_module_name"] == "layers."
     assert value["--num_padding_at_beginning"] == "0" and value["--actor_lora_dim"] == "128"
     assert value["--actor_zero_stage"] == "3" and "--offload" in args and len(notes) == 6
+    # with our health guard in the tree: upstream's behaviour (warn, never stop) unless the command chose
+    cmd, notes = upstream_tests.shim_command(argv, env, 4242, health_guard=True)
+    assert cmd[-2:] == ["--on_unhealthy", "warn"] and len(notes) == 4 and "DSE patch 0024" in notes[-1]
+    cmd, _ = upstream_tests.shim_command(argv + ["--on_unhealthy", "stop"], env, 4242, health_guard=True)
+    assert cmd.count("--on_unhealthy") == 1 and cmd[cmd.index("--on_unhealthy") + 1] == "stop"
     with pytest.raises(upstream_tests.UpstreamTestsError, match="no main.py"):
         upstream_tests.shim_command(["--num_gpus", "2", "train.py"], env, 1)
 

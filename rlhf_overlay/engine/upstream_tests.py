@@ -27,7 +27,8 @@ output folder (dschat_shadow), so the cells' outputs never land in the upstream 
 that starts DeepSpeed's own launcher with 2 CPU ranks and says, in the cell's log, each argument it changed: the
 hub dataset Dahoas/rm-static -> the tiny prompt data (same prompt format; offline), a free rendezvous port instead
 of the fixed 12346, a tokenized-data cache inside the cell's output folder, and for dschat-llama the actor and
-LoRA module name of the tiny LLaMA. ZeRO stage, offload, LoRA rank, batch and sequence shapes, learning rates and
+LoRA module name of the tiny LLaMA, and `--on_unhealthy warn` while our step-3 health guard (DSE patch 0024) defaults
+to stopping (upstream's main.py never stops a run). ZeRO stage, offload, LoRA rank, batch and sequence shapes, learning rates and
 the 5 test steps are upstream's. The hybrid engine cells are skipped with the reason (upstream_tests_plugin).
 """
 from __future__ import annotations
@@ -191,7 +192,13 @@ def dschat_shadow(suite: Suite, out: Path) -> Path:
     return shadow / "tests"
 
 
-def shim_command(argv: list[str], env: dict, port: int) -> tuple[list[str], list[str]]:
+def has_health_guard() -> bool:
+    """Our step-3 health guard (DSE patch 0024: --on_unhealthy, default stop) is in the DeepSpeed-Chat tree."""
+    return (paths.dschat_dir() / "dschat" / "utils" / "health_guard.py").is_file()
+
+
+def shim_command(argv: list[str], env: dict, port: int,
+                 health_guard: bool | None = None) -> tuple[list[str], list[str]]:
     """`deepspeed [launcher args] main.py [args]` as run_single.sh calls it -> (DeepSpeed's launcher command with
     DSCHAT_RANKS CPU ranks, one note per argument changed, with the reason)."""
     if "main.py" not in argv:
@@ -227,6 +234,11 @@ def shim_command(argv: list[str], env: dict, port: int) -> tuple[list[str], list
         replace("--actor_lora_module_name", "decoder.layers.", "layers.",
                 "LLaMA's blocks are model.layers.N: decoder.layers. would match no module")
         replace("--num_padding_at_beginning", "1", "0", "LLaMA has no padding token at the beginning; OPT has one")
+    if (has_health_guard() if health_guard is None else health_guard) and "--on_unhealthy" not in args:
+        args += ["--on_unhealthy", "warn"]
+        notes.append("--on_unhealthy warn added (our step-3 health guard, DSE patch 0024, stops a run with degenerate "
+                     "answers by default; upstream's main.py has no such stop, and the random OPT stand-in answers "
+                     "degenerately by construction: warnings are printed, the run goes on as upstream's would)")
     return [sys.executable, "-m", "deepspeed.launcher.runner", *launcher, "main.py", *args], notes
 
 
