@@ -43,6 +43,24 @@ def fake_model(folder: Path, reward_model: bool = False) -> Path:
     return folder
 
 
+def assert_dschat_keeps_a_non_empty_output(main, tmp_path: Path, capsys) -> None:
+    """A DeepSpeed-Chat entry's main() refuses a non-empty OUTPUT without OVERWRITE=1 (one error: line, exit 2)
+    and leaves what is there untouched. Skips when upstream DeepSpeed-Chat is not set up (that check comes first)."""
+    import pytest
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", [GOOD] * 4)
+    model = fake_model(tmp_path / "model")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_text("an earlier model")
+    rc = main(["--model", str(model), "--data", str(data), "--output", str(out)])
+    err = capsys.readouterr().err
+    if rc == 2 and "not set up" in err:
+        pytest.skip("upstream DeepSpeed-Chat not set up: the output check comes after the upstream check")
+    assert rc == 2 and "is not empty" in err and "OVERWRITE=1" in err, err
+    assert (out / "pytorch_model.bin").read_text() == "an earlier model"
+
+
 def hub_cache_with(hf_home: Path, hub_id: str, folder: Path) -> Path:
     """Lay a local model folder out as the download of `hub_id` in a private HF cache (hub/models--org--name/
     {refs/main, snapshots/<rev>/}, as rlhf_overlay/engine/hub_standins.py does): with HF_HOME=hf_home and
