@@ -43,6 +43,16 @@ def fake_model(folder: Path, reward_model: bool = False) -> Path:
     return folder
 
 
+# settings every DeepSpeed-Chat job refuses alike (dschat_jobs.launch.DSChatConfig): (kwargs, the message's regex)
+DSCHAT_BAD_SETTINGS = [
+    (dict(recipe="huge"), r"recipe='huge': choose one of tiny, llama2-7b"),
+    (dict(dtype="fp8"), r"dtype='fp8': choose one of"),
+    (dict(zero_stage=4), r"zero_stage=4: ZeRO stages are 0, 1, 2 or 3"),
+    (dict(lora_dim=-1), r"lora_dim=-1: must be >= 0"),
+    (dict(batch_size=0), r"batch_size=0: must be >= 1"),
+]
+
+
 def assert_dschat_keeps_a_non_empty_output(main, tmp_path: Path, capsys) -> None:
     """A DeepSpeed-Chat entry's main() refuses a non-empty OUTPUT without OVERWRITE=1 (one error: line, exit 2)
     and leaves what is there untouched. Skips when upstream DeepSpeed-Chat is not set up (that check comes first)."""

@@ -21,8 +21,8 @@ from rlhf_overlay.dschat_jobs import dpo as dschat_dpo
 
 from rlhf_overlay.dschat_jobs import launch as dschat_launch
 from rlhf_overlay.dschat_jobs.launch import ConfigError
-from helpers import (GOOD, assert_dschat_keeps_a_non_empty_output, fake_model, heavy_imports, module_help, tb_scalars,
-                     write_jsonl)
+from helpers import (DSCHAT_BAD_SETTINGS, GOOD, assert_dschat_keeps_a_non_empty_output, fake_model, heavy_imports,
+                     module_help, tb_scalars, write_jsonl)
 
 
 def flat(args: list[str]) -> str:
@@ -39,11 +39,7 @@ def test_help_is_instant_and_shows_paste_able_commands():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(recipe="huge"), r"recipe='huge': choose one of tiny, llama2-7b"),
-    (dict(dtype="fp8"), r"dtype='fp8': choose one of"),
-    (dict(zero_stage=4), r"zero_stage=4: ZeRO stages are 0, 1, 2 or 3"),
-    (dict(lora_dim=-1), r"lora_dim=-1: must be >= 0"),
-    (dict(batch_size=0), r"batch_size=0: must be >= 1"),
+    *DSCHAT_BAD_SETTINGS,
     (dict(max_steps=-2), r"max_steps=-2: must be >= 0"),
     (dict(learning_rate=0.0), r"learning_rate=0.0: must be > 0"),
     (dict(lora_learning_rate=-1e-3), r"lora_learning_rate=-0.001: must be > 0"),

@@ -14,8 +14,8 @@ from rlhf_overlay.dschat_jobs import ppo as dschat_ppo
 
 from rlhf_overlay.dschat_jobs import reward_model as rm
 from rlhf_overlay.dschat_jobs.reward_model import ConfigError
-from helpers import (GOOD, assert_dschat_keeps_a_non_empty_output, fake_model, heavy_imports, module_help,
-                     write_jsonl)
+from helpers import (DSCHAT_BAD_SETTINGS, GOOD, assert_dschat_keeps_a_non_empty_output, fake_model, heavy_imports,
+                     module_help, write_jsonl)
 
 
 @pytest.mark.parametrize("module", ["rlhf_overlay.dschat_jobs.reward_model", "rlhf_overlay.dschat_jobs.ppo"])
@@ -26,11 +26,7 @@ def test_help_is_instant_and_shows_paste_able_commands(module):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(recipe="huge"), r"recipe='huge': choose one of tiny, llama2-7b"),
-    (dict(dtype="fp8"), r"dtype='fp8': choose one of"),
-    (dict(zero_stage=4), r"zero_stage=4: ZeRO stages are 0, 1, 2 or 3"),
-    (dict(lora_dim=-1), r"lora_dim=-1: must be >= 0"),
-    (dict(batch_size=0), r"batch_size=0: must be >= 1"),
+    *DSCHAT_BAD_SETTINGS,
     (dict(data_split="6,2"), r"data_split='6,2': give three non-negative shares"),
     (dict(hostfile="/nonexistent/hostfile"), r"hostfile='/nonexistent/hostfile': no such file"),
     (dict(model="/nonexistent/llama"), r"model='/nonexistent/llama': no such model folder"),
