@@ -29,6 +29,9 @@ PATH_FLAGS = {"--data_path", "--data_output_path", "--model_name_or_path", "--ac
               "--critic_model_name_or_path", "--output_dir", "--tensorboard_path", "--checkpoint_dir"}
 SCALED_FLAGS = {"--data_split", "--max_seq_len", "--max_prompt_seq_len", "--max_answer_seq_len", "--max_steps",
                 "--eval_iters", "--learning_rate"}
+# run plumbing our jobs add, not DeepSpeed or recipe settings: checkpoints and the health guards (ON_UNHEALTHY)
+RUN_FLAGS = {"--checkpoint_every", "--checkpoint_minutes", "--keep_checkpoints", "--on_unhealthy", "--max_kl_per_token",
+             "--max_degenerate", "--max_undecodable", "--max_reward_drop"}
 
 
 def flag_values(args: list[str]) -> dict[str, str | None]:
@@ -63,8 +66,7 @@ def assert_gpu_settings_launched(run: Path, gpu: dict[str, str | None]) -> None:
             assert flag not in tiny      # needs CUDA: the one setting left out
         else:
             assert flag in tiny and tiny[flag] == value, (flag, value, tiny.get(flag))
-    assert set(tiny) - set(gpu) - PATH_FLAGS - SCALED_FLAGS <= {"--checkpoint_every", "--checkpoint_minutes",
-                                                               "--keep_checkpoints"}, set(tiny) - set(gpu)
+    assert set(tiny) - set(gpu) - PATH_FLAGS - SCALED_FLAGS <= RUN_FLAGS, set(tiny) - set(gpu)
 
 
 def run_make(target: str, out: Path, **variables: str) -> Path:
